@@ -1,0 +1,67 @@
+"""What differs between tasks, behind one small interface used by `mtml.train.cohort_step`.
+
+A task says how to run a network on a batch (`outputs`), its supervised loss, the distillation
+loss between two networks' outputs (the target is detached), how to move and collate batches,
+and how to evaluate networks and their ensemble. Classification lives here; detection in
+`mtml.detection`.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from .losses import soft_kl
+
+
+class Task(Protocol):
+    name: str
+
+    def outputs(self, model: torch.nn.Module, batch: Any) -> Any: ...
+    def supervised_loss(self, out: Any, batch: Any) -> torch.Tensor: ...
+    def distill_loss(self, out: Any, target: Any, temperature: float) -> torch.Tensor: ...
+    def collate(self, items: list) -> Any: ...
+    def to_device(self, batch: Any, device: torch.device) -> Any: ...
+    def evaluate(self, networks: dict, data, batch_size: int = 64, **kw): ...
+
+
+class ClassificationTask:
+    """Batches are dicts with `image` (B, C, H, W) float and `label` (B,) long."""
+
+    name = "classification"
+    history_metrics = ("accuracy", "auroc")
+
+    def __init__(self, num_classes: int = 2, channels_last: bool = False):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.channels_last = channels_last
+
+    def outputs(self, model, batch):
+        return model(batch["image"])
+
+    def supervised_loss(self, out, batch):
+        return F.cross_entropy(out, batch["label"])
+
+    def distill_loss(self, out, target, temperature):
+        return soft_kl(out, target, temperature, kind="softmax")
+
+    def collate(self, items):
+        return default_collate(items)
+
+    def to_device(self, batch, device):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+               for k, v in batch.items()}
+        out["image"] = out["image"].contiguous(memory_format=fmt)
+        return out
+
+    def probabilities(self, out):
+        return out.float().softmax(-1)
+
+    def evaluate(self, networks, data, batch_size=64, **kw):
+        from .evaluate import evaluate_classification
+
+        return evaluate_classification(networks, data, self, batch_size=batch_size, **kw)

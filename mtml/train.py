@@ -1,0 +1,321 @@
+"""One cohort training step and the fit loop, for a teacher and N students, any task.
+
+Modes (which loss terms are on):
+    independent  students alone, cross-entropy only (no teacher)
+    kd           teacher -> students; the teacher trains at the same time on its own loss (online)
+    ml           students <-> students (deep mutual learning), no teacher
+    kd_ml        both (the method of Niyaz & Bathula 2022)
+    offline      KD from a frozen, pre-trained teacher (classic Hinton KD baseline)
+
+In one step every network runs its forward exactly once; the teacher's outputs are shared by all
+students; every distillation target is detached, so a student's loss never reaches the teacher
+or a peer. The losses of all networks are summed and back-propagated once; since the terms are
+isolated, this equals one backward per network.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .io import load_checkpoint, save_checkpoint
+from .losses import student_objective
+from .models import build_cohort_networks, check_version
+
+MODES = ("independent", "kd", "ml", "kd_ml", "offline")
+USES_TEACHER = ("kd", "kd_ml", "offline")
+USES_ML = ("ml", "kd_ml")
+
+
+@dataclass
+class CohortConfig:
+    """Every knob of a cohort run. Defaults are our choices, not the paper's (it does not give them)."""
+
+    mode: str = "kd_ml"
+    version: str = "tiny"
+    n_students: int = 2
+    num_classes: int = 2
+    temperature: float = 4.0   # one temperature for the KD and the ML terms
+    w_ce: float = 1.0          # student cross-entropy
+    w_kd: float = 1.0          # teacher -> student
+    w_ml: float = 1.0          # student <-> student, averaged over peers
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.05           # SGD, Nesterov momentum, cosine schedule over all steps
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    pretrained: bool = False   # ImageNet weights for torchvision networks
+    num_workers: int = 0
+
+    def validate(self) -> "CohortConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        check_version(self.version)
+        if self.n_students < 1:
+            raise ValueError(f"n_students must be >= 1, got {self.n_students}")
+        if self.mode in USES_ML and self.n_students < 2:
+            raise ValueError(f"mode {self.mode!r} needs n_students >= 2 (mutual learning needs "
+                             f"peers), got {self.n_students}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not self.temperature > 0:  # also catches NaN
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.mode in USES_TEACHER
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CohortConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, network: str, term: str, step: int, value: float):
+        self.network, self.term, self.step = network, term, step
+        super().__init__(f"non-finite loss at step {step}: {network} {term} = {value}. Lower the "
+                         "learning rate or the loss weights; the last good checkpoint is kept")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Cohort:
+    """A teacher (or None) and N students, with one optimizer holding a parameter group per
+    trainable network. `networks` maps names (teacher, student_1, ...) to modules."""
+
+    def __init__(self, cfg: CohortConfig, teacher: nn.Module | None, students: list[nn.Module],
+                 device="cpu"):
+        self.cfg = cfg.validate()
+        self.device = torch.device(device)
+        self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.students = [s.to(self.device) for s in students]
+        self.frozen_teacher = cfg.mode == "offline"
+        if self.frozen_teacher:
+            self.teacher.requires_grad_(False)
+        self.networks = {}
+        if self.teacher is not None:
+            self.networks["teacher"] = self.teacher
+        self.networks.update({f"student_{i + 1}": s for i, s in enumerate(self.students)})
+        trainable = [m for name, m in self.networks.items()
+                     if not (name == "teacher" and self.frozen_teacher)]
+        self.optimizer = torch.optim.SGD(
+            [{"params": list(m.parameters())} for m in trainable], lr=cfg.lr,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
+            foreach=True)
+        self.scheduler = None
+
+    @classmethod
+    def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
+              networks=build_cohort_networks) -> "Cohort":
+        """Builds the version's networks under `cfg.seed`. In `offline` mode pass the trained
+        `teacher` (see `pretrain_teacher`); `networks` can be swapped for another task's builder."""
+        cfg.validate()
+        if cfg.mode == "offline" and teacher is None:
+            raise ValueError("mode 'offline' needs a trained teacher: "
+                             "Cohort.build(cfg, teacher=pretrain_teacher(...))")
+        seed_everything(cfg.seed)
+        built_teacher, students = networks(cfg.version, cfg.n_students, cfg.num_classes,
+                                           pretrained=cfg.pretrained,
+                                           with_teacher=cfg.uses_teacher and teacher is None)
+        return cls(cfg, teacher if teacher is not None else built_teacher, students, device)
+
+    def train(self):
+        for name, m in self.networks.items():
+            m.train(not (name == "teacher" and self.frozen_teacher))
+
+    def state_dict(self) -> dict:
+        return {"networks": {k: m.state_dict() for k, m in self.networks.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.networks.items():
+            m.load_state_dict(state["networks"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.Tensor]:
+    """One optimisation step of the whole cohort on one batch. Returns detached loss terms."""
+    cfg = cohort.cfg
+    terms: dict[str, torch.Tensor] = {}
+    total = 0.0
+    teacher_out = None
+    if cohort.teacher is not None:
+        if cohort.frozen_teacher:
+            with torch.no_grad():
+                teacher_out = task.outputs(cohort.teacher, batch)
+        else:
+            teacher_out = task.outputs(cohort.teacher, batch)
+            terms["teacher/sup"] = task.supervised_loss(teacher_out, batch)
+            total = total + terms["teacher/sup"]
+    student_outs = [task.outputs(s, batch) for s in cohort.students]
+    for i, out in enumerate(student_outs):
+        name = f"student_{i + 1}"
+        sup = task.supervised_loss(out, batch)
+        kd = task.distill_loss(out, teacher_out, cfg.temperature) if teacher_out is not None else None
+        ml = None
+        if cfg.mode in USES_ML:
+            ml = torch.stack([task.distill_loss(out, peer, cfg.temperature)
+                              for j, peer in enumerate(student_outs) if j != i]).mean()
+        terms[f"{name}/sup"] = sup
+        if kd is not None:
+            terms[f"{name}/kd"] = kd
+        if ml is not None:
+            terms[f"{name}/ml"] = ml
+        loss = student_objective(sup, kd, ml, cfg.w_ce, cfg.w_kd, cfg.w_ml)
+        terms[f"{name}/loss"] = loss
+        total = total + loss
+    if not torch.isfinite(total):
+        for key, value in terms.items():
+            if not torch.isfinite(value):
+                network, term = key.split("/")
+                raise NonFiniteLossError(network, term, step, float(value))
+    cohort.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    cohort.optimizer.step()
+    if cohort.scheduler is not None:
+        cohort.scheduler.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_IDENTITY = ("mode", "version", "n_students", "num_classes")
+
+
+def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
+        resume: bool = False, checkpoint_every: int | None = None, progress: bool = True,
+        callback=None, eval_batch_size: int = 128) -> pd.DataFrame:
+    """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history.
+
+    The sample order of an epoch depends only on (seed, epoch) and augmentation draws from the
+    global RNG, which checkpoints carry, so a resumed run repeats an uninterrupted one exactly.
+    Checkpoints go to `checkpoint_dir/checkpoint.pt` at each epoch end and every
+    `checkpoint_every` steps. `callback(history)` runs after each epoch (live plots).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cohort.cfg
+    n = len(train_data)
+    if n == 0:
+        raise ValueError("the training dataset is empty: check the data folder or manifest")
+    drop_last = n > cfg.batch_size  # BatchNorm needs > 1 sample per batch
+    steps_per_epoch = n // cfg.batch_size if drop_last else 1
+    if cohort.scheduler is None:
+        cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            cohort.optimizer, T_max=cfg.epochs * steps_per_epoch)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    epoch, skip, history, sums = 0, 0, [], {}
+    if resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        stored = state["identity"]
+        diff = {k: (stored.get(k), getattr(cfg, k)) for k in _IDENTITY if stored.get(k) != getattr(cfg, k)}
+        if diff or state["task"] != task.name:
+            raise ValueError(f"{ckpt} was made for another cohort ({diff or state['task']}: "
+                             "checkpoint vs now); use another checkpoint_dir or resume=False")
+        cohort.load_state_dict(state["cohort"])
+        _set_rng_state(state["rng"])
+        epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
+        sums = {k: v for k, v in state["sums"].items()}
+
+    def save(epoch_, step_in_epoch, sums_):
+        if ckpt is None:
+            return
+        save_checkpoint(ckpt, {"identity": {k: getattr(cfg, k) for k in _IDENTITY},
+                               "task": task.name, "config": asdict(cfg),
+                               "cohort": cohort.state_dict(), "rng": _rng_state(),
+                               "epoch": epoch_, "step_in_epoch": step_in_epoch,
+                               "history": history, "sums": sums_})
+
+    while epoch < cfg.epochs:
+        start = time.perf_counter()
+        order = _epoch_order(n, cfg.seed, epoch)[skip * cfg.batch_size:]
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=order,
+                            collate_fn=task.collate, num_workers=cfg.num_workers,
+                            drop_last=drop_last, generator=torch.Generator().manual_seed(cfg.seed),
+                            persistent_workers=False)
+        cohort.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.mode}]",
+                   disable=not progress, leave=False)
+        for step_in_epoch, batch in enumerate(bar, start=skip):
+            batch = task.to_device(batch, cohort.device)
+            if augment is not None:
+                batch = augment(batch)
+            global_step = epoch * steps_per_epoch + step_in_epoch
+            terms = cohort_step(cohort, batch, task, step=global_step)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            sums["_steps"] = sums.get("_steps", 0) + 1
+            bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items() if k.endswith(("/loss", "teacher/sup"))})
+            if checkpoint_every and (global_step + 1) % checkpoint_every == 0:
+                save(epoch, step_in_epoch + 1, sums)
+        steps = max(sums.pop("_steps", 1), 1)
+        row = {"epoch": epoch + 1, "lr": cohort.optimizer.param_groups[0]["lr"],
+               **{f"train/{k}": v / steps for k, v in sums.items()}}
+        if val_data is not None:
+            metrics = task.evaluate(cohort.networks, val_data, batch_size=eval_batch_size)
+            for net, values in metrics.iterrows():
+                for m in getattr(task, "history_metrics", metrics.columns):
+                    row[f"val/{net}/{m}"] = float(values[m])
+        row["time_s"] = time.perf_counter() - start
+        history.append(row)
+        epoch, skip, sums = epoch + 1, 0, {}
+        save(epoch, 0, sums)
+        if callback is not None:
+            callback(pd.DataFrame(history))
+    return pd.DataFrame(history)
+
+
+def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
+                     networks=build_cohort_networks, **fit_kw) -> nn.Module:
+    """Trains the version's teacher alone on its supervised loss, for the `offline` baseline."""
+    solo = replace(cfg, mode="independent", n_students=1)
+    seed_everything(cfg.seed)
+    teacher, _ = networks(cfg.version, 0, cfg.num_classes, pretrained=cfg.pretrained,
+                          with_teacher=True)
+    cohort = Cohort(solo, None, [teacher], device)
+    fit(cohort, task, train_data, **fit_kw)
+    return teacher.eval()
