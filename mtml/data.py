@@ -1,8 +1,19 @@
-"""Small in-memory datasets: a seeded synthetic problem for tests and the first demo."""
+"""Small in-memory datasets (a seeded synthetic problem for tests) and where sample data lives."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+
+def shared_data_dir() -> Path | None:
+    """The real sample data beside the checkout (`$MTML_SHARED_DATA`, default `../shared/data`),
+    or None when absent. Only tests and tours use it; full datasets come from data_scripts/."""
+    path = Path(os.environ.get("MTML_SHARED_DATA",
+                               Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return path if path.is_dir() else None
 
 
 class TensorImageDataset(Dataset):

@@ -1,0 +1,90 @@
+"""Plots for the notebooks: live learning curves, ROC curves, confusion matrices, comparisons."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def learning_curves(history: pd.DataFrame, metric: str = "accuracy", axes=None):
+    """Training loss per network (left) and validation `metric` per network (right)."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    loss_cols = [c for c in history if c.endswith("/loss") or c == "train/teacher/sup"]
+    for c in loss_cols:
+        axes[0].plot(history["epoch"], history[c], marker="o", label=c.split("/")[1])
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
+    for c in [c for c in history if c.startswith("val/") and c.endswith(f"/{metric}")]:
+        name = c.split("/")[1]
+        axes[1].plot(history["epoch"], history[c], marker="o", label=name,
+                     lw=3 if name == "ensemble" else 1.5, ls="--" if name == "teacher" else "-")
+    axes[1].set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return axes
+
+
+class LiveCurves:
+    """A `fit(callback=...)` that redraws the learning curves after each epoch in a notebook."""
+
+    def __init__(self, metric: str = "accuracy", title: str = ""):
+        self.metric, self.title, self.handle = metric, title, None
+
+    def __call__(self, history: pd.DataFrame):
+        from IPython.display import display
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        learning_curves(history, self.metric, axes)
+        fig.suptitle(self.title)
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)
+
+
+def roc_curves(probs: dict, labels: np.ndarray, ax=None, title="ROC (tile level)"):
+    """One ROC curve per network for a binary task (positive class 1)."""
+    from torchmetrics.functional import roc
+    import torch
+
+    ax = ax or plt.subplots(figsize=(4.5, 4.5))[1]
+    y = torch.as_tensor(labels)
+    for name, p in probs.items():
+        fpr, tpr, _ = roc(torch.as_tensor(p[:, 1]), y, task="binary")
+        ax.plot(fpr, tpr, label=name, lw=3 if name == "ensemble" else 1.5)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def confusion_matrices(metrics: pd.DataFrame, class_names=("MSS", "MSI"), title_suffix=""):
+    """A row of confusion matrices, one per network in the metrics table."""
+    import seaborn as sns
+
+    names = list(metrics.index)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sns.heatmap(np.array(metrics.loc[name, "confusion"]), annot=True, fmt="d", cbar=False,
+                    xticklabels=class_names, yticklabels=class_names, cmap="Blues", ax=ax)
+        ax.set(title=f"{name}{title_suffix}", xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    return fig
+
+
+def comparison_figure(runs: pd.DataFrame, metric: str = "auroc", title: str = ""):
+    """Individual students vs the student ensemble, per mode, one point per seed (seaborn)."""
+    import seaborn as sns
+
+    from .report import long_metric
+
+    long = long_metric(runs, metric)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    sns.pointplot(data=long, x="mode", y=metric, hue="who", errorbar=("ci", 95), dodge=0.3,
+                  linestyle="none", capsize=0.1, ax=ax)
+    sns.stripplot(data=long, x="mode", y=metric, hue="who", dodge=True, alpha=0.35, legend=False,
+                  ax=ax)
+    ax.set_title(title or f"{metric}: students vs student ensemble (mean, 95% CI over seeds)")
+    return fig
