@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class CohortConfig:
     seed: int = 0
     pretrained: bool = False   # ImageNet weights for torchvision networks
     num_workers: int = 0
+    # speed options (OURS); the results do not depend on them beyond float rounding
+    channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
+    amp: bool = False          # bf16 autocast of forwards and losses (CPU and GPU)
+    compile: bool = False      # torch.compile each network on CUDA; ignored (with a warning) on CPU
 
     def validate(self) -> "CohortConfig":
         if self.mode not in MODES:
@@ -104,6 +109,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _speed_up(networks, cfg: CohortConfig, device: torch.device) -> None:
+    """Applies the speed options of `cfg` to the networks, in place (state_dict keys unchanged)."""
+    if cfg.compile and device.type != "cuda":
+        warnings.warn("compile=True is ignored on CPU (compiling costs more than it saves here)")
+    for m in networks:
+        if m is not None and cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if m is not None and cfg.compile and device.type == "cuda":
+            m.compile()
+
+
 class Cohort:
     """A teacher (or None) and N students, with one optimizer holding a parameter group per
     trainable network. `networks` maps names (teacher, student_1, ...) to modules."""
@@ -114,6 +130,7 @@ class Cohort:
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.students = [s.to(self.device) for s in students]
+        _speed_up([self.teacher, *self.students], cfg, self.device)
         self.frozen_teacher = cfg.mode == "offline"
         if self.frozen_teacher:
             self.teacher.requires_grad_(False)
@@ -161,8 +178,8 @@ class Cohort:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.Tensor]:
-    """One optimisation step of the whole cohort on one batch. Returns detached loss terms."""
+def _cohort_losses(cohort: Cohort, batch, task):
+    """The forwards and loss terms of one cohort step: (summed loss, {name: term})."""
     cfg = cohort.cfg
     terms: dict[str, torch.Tensor] = {}
     total = 0.0
@@ -192,6 +209,13 @@ def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.T
         loss = student_objective(sup, kd, ml, cfg.w_ce, cfg.w_kd, cfg.w_ml)
         terms[f"{name}/loss"] = loss
         total = total + loss
+    return total, terms
+
+
+def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.Tensor]:
+    """One optimisation step of the whole cohort on one batch. Returns detached loss terms."""
+    with torch.autocast(cohort.device.type, dtype=torch.bfloat16, enabled=cohort.cfg.amp):
+        total, terms = _cohort_losses(cohort, batch, task)
     if not torch.isfinite(total):
         for key, value in terms.items():
             if not torch.isfinite(value):
@@ -228,13 +252,15 @@ _IDENTITY = ("mode", "version", "n_students", "num_classes")
 
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
         resume: bool = False, checkpoint_every: int | None = None, progress: bool = True,
-        callback=None, eval_batch_size: int = 128) -> pd.DataFrame:
+        callback=None, eval_batch_size: int = 128, shard: tuple[int, int] | None = None) -> pd.DataFrame:
     """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history.
 
     The sample order of an epoch depends only on (seed, epoch) and augmentation draws from the
     global RNG, which checkpoints carry, so a resumed run repeats an uninterrupted one exactly.
     Checkpoints go to `checkpoint_dir/checkpoint.pt` at each epoch end and every
     `checkpoint_every` steps. `callback(history)` runs after each epoch (live plots).
+    `shard=(rank, world)`: this process trains on its slice of every global batch and only rank 0
+    writes checkpoints (used by `mtml.distributed`, which also syncs the networks).
     """
     from tqdm.auto import tqdm
 
@@ -262,7 +288,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         sums = {k: v for k, v in state["sums"].items()}
 
     def save(epoch_, step_in_epoch, sums_):
-        if ckpt is None:
+        if ckpt is None or (shard is not None and shard[0] != 0):
             return
         save_checkpoint(ckpt, {"identity": {k: getattr(cfg, k) for k in _IDENTITY},
                                "task": task.name, "config": asdict(cfg),
@@ -273,7 +299,11 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     while epoch < cfg.epochs:
         start = time.perf_counter()
         order = _epoch_order(n, cfg.seed, epoch)[skip * cfg.batch_size:]
-        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=order,
+        batch_size = cfg.batch_size
+        if shard is not None:
+            from .distributed import shard_order
+            order, batch_size = shard_order(order, cfg.batch_size, *shard)
+        loader = DataLoader(train_data, batch_size=batch_size, sampler=order,
                             collate_fn=task.collate, num_workers=cfg.num_workers,
                             drop_last=drop_last, generator=torch.Generator().manual_seed(cfg.seed),
                             persistent_workers=False)

@@ -1,0 +1,208 @@
+"""Scale-out: the same cohort step on K processes with DistributedDataParallel (DDP).
+
+    torchrun --nproc_per_node=2 -m mtml.distributed --version tiny --mode kd_ml --epochs 2
+    python -m mtml.distributed --help          (without torchrun: one process, plain `fit`)
+
+Every process builds the same cohort (same seed), wraps the teacher and the students in DDP and
+trains on its slice of every global batch (`fit(shard=(rank, world))`): `--batch-size` is the
+global batch, split evenly over the ranks, so K processes take the same steps as one process.
+DDP averages the gradients of the per-rank mean losses, which equals the gradient of the global
+mean loss. BatchNorm (OURS): per-rank batch statistics would differ from one process's, so BN
+layers are synchronised over the ranks (torch's SyncBatchNorm on GPUs, `GlobalBatchNorm2d` below
+on CPUs, where torch has none); K processes then compute what one process computes, up to float
+rounding (tests/test_distributed.py checks the final weights). Augmentation draws from each
+rank's own RNG, so augmented runs are equivalent in distribution only.
+Training losses in the history are averaged over the ranks; every rank evaluates the full
+validation set (the networks are identical); only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .train import Cohort, CohortConfig, MODES, fit
+
+
+def shard_order(order: list[int], batch_size: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's items of each full global batch of `order`: the rank-th of `world` equal,
+    contiguous slices. Returns (items, per-rank batch size). A last partial batch is dropped."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if batch_size % world:
+        raise ValueError(f"the global batch size {batch_size} must be divisible by the number of "
+                         f"processes {world}; pick a multiple of {world}")
+    if 0 < len(order) < batch_size:
+        raise ValueError(f"distributed training needs at least one full batch ({batch_size} items), "
+                         f"got {len(order)}; lower --batch-size")
+    per_rank = batch_size // world
+    starts = range(0, len(order) - batch_size + 1, batch_size)
+    return [i for b in starts for i in order[b + rank * per_rank: b + (rank + 1) * per_rank]], per_rank
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks, with
+    gradients flowing through them (differentiable all-reduce): what SyncBatchNorm does on GPUs,
+    for any backend. Without a process group (or in eval mode) it is plain BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _distributed()):
+            return super().forward(x)
+        from torch.distributed._functional_collectives import all_reduce as funcol_all_reduce
+
+        def all_reduce(t):  # a sum over the ranks that autograd differentiates (torch's advice)
+            return funcol_all_reduce(t, "sum", dist.group.WORLD)
+
+        dims, shape = [0, 2, 3], (1, -1, 1, 1)
+        sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])]))
+        count = sums[-1].detach()
+        mean = sums[:-1] / count                     # two passes (mean, then var): accurate
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Synchronises the BatchNorm2d layers of `model` over the ranks, in place (the parameters and
+    buffers stay the same objects, so optimizers and state_dict keys are unaffected)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d  # a subclass with no state of its own: only forward differs
+    return model
+
+
+def wrap_cohort(cohort: Cohort) -> Cohort:
+    """Wraps the trainable networks used by `cohort_step` in DDP, with BatchNorm synchronised.
+    `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
+    ids = [cohort.device.index or 0] if cohort.device.type == "cuda" else None
+
+    def wrap(m):  # synced BN keeps the buffers equal on all ranks: no buffer broadcasts needed
+        return DistributedDataParallel(sync_batchnorm(m, cohort.device), device_ids=ids,
+                                       forward_sync_buffers=False)
+
+    if cohort.teacher is not None and not cohort.frozen_teacher:
+        cohort.teacher = wrap(cohort.teacher)
+    cohort.students = [wrap(s) for s in cohort.students]
+    return cohort
+
+
+def reduce_history(history: pd.DataFrame) -> pd.DataFrame:
+    """Training losses averaged over the ranks, epoch times as the slowest rank's."""
+    if not _distributed():
+        return history
+    history = history.copy()
+    for columns, op in (([c for c in history if c.startswith("train/")], dist.ReduceOp.SUM),
+                        (["time_s"], dist.ReduceOp.MAX)):
+        values = torch.tensor(history[columns].to_numpy(dtype="float64"))
+        dist.all_reduce(values, op=op)
+        if op == dist.ReduceOp.SUM:
+            values /= dist.get_world_size()
+        history[columns] = values.numpy()
+    return history
+
+
+def fit_distributed(cohort: Cohort, task, train_data, val_data=None, **fit_kw) -> pd.DataFrame:
+    """`fit` on every rank of the current process group (plain `fit` without one): wraps the
+    cohort in DDP, shards each global batch, reduces the history; rank 0 writes checkpoints."""
+    if not _distributed():
+        return fit(cohort, task, train_data, val_data, **fit_kw)
+    rank = dist.get_rank()
+    fit_kw["progress"] = fit_kw.get("progress", True) and rank == 0
+    wrap_cohort(cohort)
+    history = fit(cohort, task, train_data, val_data, shard=(rank, dist.get_world_size()), **fit_kw)
+    return reduce_history(history)
+
+
+# -- command line ------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=K -m mtml.distributed",
+        description="Train a cohort (teacher + N students) on K processes with DDP. Without "
+                    "torchrun it runs in one process. Rank 0 writes OUT/checkpoint.pt, "
+                    "OUT/history.csv and OUT/config.json.")
+    p.add_argument("--version", default="tiny", help="tiny, v1, v2 or v3 (default tiny)")
+    p.add_argument("--mode", default="kd_ml", choices=MODES)
+    p.add_argument("--n-students", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (seeded separable problem) or a tile manifest CSV")
+    p.add_argument("--image-size", type=int, default=16, help="synthetic image / tile size")
+    p.add_argument("--n-train", type=int, default=256, help="synthetic training items")
+    p.add_argument("--cache", default=None, help="tile cache folder (manifest data only)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
+    p.add_argument("--out", default="runs/distributed", help="output folder (rank 0)")
+    return p
+
+
+def _datasets(args):
+    if args.data == "synthetic":
+        from .data import make_separable
+
+        return (make_separable(args.n_train, args.image_size, seed=args.seed),
+                make_separable(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
+    from .tiles import TileDataset
+
+    kw = dict(size=args.image_size, cache=args.cache)
+    return TileDataset(args.data, "train", **kw), TileDataset(args.data, "val", **kw)
+
+
+def main(argv=None) -> pd.DataFrame:
+    args = _parser().parse_args(argv)
+    from .io import write_csv, write_json
+    from .task import ClassificationTask
+
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available()
+    if torchrun and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    cfg = CohortConfig(mode=args.mode, version=args.version, n_students=args.n_students,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       num_workers=args.num_workers, amp=args.amp,
+                       channels_last=args.channels_last, compile=args.compile)
+    train_data, val_data = _datasets(args)
+    cohort = Cohort.build(cfg, device)
+    task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
+    try:
+        history = fit_distributed(cohort, task, train_data, val_data, checkpoint_dir=args.out)
+        if not _distributed() or dist.get_rank() == 0:
+            write_csv(Path(args.out) / "history.csv", history, index=False)
+            write_json(Path(args.out) / "config.json",
+                       {**asdict(cfg), "world_size": dist.get_world_size() if _distributed() else 1})
+            print(history.to_string(index=False))
+    finally:
+        if torchrun and dist.is_initialized():
+            dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
