@@ -58,7 +58,7 @@ class CohortConfig:
     num_workers: int = 0
     # speed options (OURS); the results do not depend on them beyond float rounding
     channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
-    amp: bool = False          # bf16 autocast of forwards and losses (CPU and GPU)
+    amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
     compile: bool = False      # torch.compile each network on CUDA; ignored (with a warning) on CPU
 
     def validate(self) -> "CohortConfig":
@@ -97,9 +97,12 @@ class CohortConfig:
 
 
 class NonFiniteLossError(RuntimeError):
+    """A loss term (or, checked before each checkpoint, a network's weights) is NaN or infinite."""
+
     def __init__(self, network: str, term: str, step: int, value: float):
         self.network, self.term, self.step = network, term, step
-        super().__init__(f"non-finite loss at step {step}: {network} {term} = {value}. Lower the "
+        what = "weights after the update" if term == "weights" else "loss"
+        super().__init__(f"non-finite {what} at step {step}: {network} {term} = {value}. Lower the "
                          "learning rate or the loss weights; the last good checkpoint is kept")
 
 
@@ -212,15 +215,38 @@ def _cohort_losses(cohort: Cohort, batch, task):
     return total, terms
 
 
+def _float32(x):
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    return type(x)(_float32(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class _AmpTask:
+    """`task` with its forwards under bf16 autocast; the losses get float32 outputs (a KL in
+    bf16 is too coarse)."""
+
+    def __init__(self, task, device: torch.device):
+        self.task, self.device = task, device
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def outputs(self, model, batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return _float32(self.task.outputs(model, batch))
+
+
 def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.Tensor]:
     """One optimisation step of the whole cohort on one batch. Returns detached loss terms."""
-    with torch.autocast(cohort.device.type, dtype=torch.bfloat16, enabled=cohort.cfg.amp):
-        total, terms = _cohort_losses(cohort, batch, task)
+    total, terms = _cohort_losses(cohort, batch, _AmpTask(task, cohort.device) if cohort.cfg.amp else task)
     if not torch.isfinite(total):
         for key, value in terms.items():
             if not torch.isfinite(value):
                 network, term = key.split("/")
-                raise NonFiniteLossError(network, term, step, float(value))
+                raise NonFiniteLossError(network, term, step, float(value.detach()))
+        raise NonFiniteLossError("cohort", "total", step, float(total.detach()))  # finite terms overflowed
     cohort.optimizer.zero_grad(set_to_none=True)
     total.backward()
     cohort.optimizer.step()
@@ -235,18 +261,49 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    """Every global RNG (torch CPU and CUDA, numpy, python), as plain data for weights_only loads."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(), "python": list(py_state[1]), "python_gauss": py_state[2],
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+            "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(s["python"]), s["python_gauss"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"],
+                         *s["numpy_gauss"]))
+    if s["cuda"] and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _check_finite_weights(cohort: Cohort, step: int) -> None:
+    """Called before each checkpoint, so that a checkpoint never holds NaN or infinite weights."""
+    for name, m in cohort.networks.items():
+        for value in m.state_dict().values():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteLossError(name, "weights", step, float(value[~torch.isfinite(value)][0]))
+
+
+def _check_checkpoint(state, cfg: CohortConfig, task_name: str, path: Path) -> None:
+    """ValueError unless `state` is a checkpoint of this format for this cohort and task."""
+    hint = "use another checkpoint_dir or resume=False"
+    if not isinstance(state, dict) or not {"identity", "cohort", "rng", "epoch"} <= set(state):
+        raise ValueError(f"{path} is not an mtml fit checkpoint (no identity, cohort, rng, epoch); {hint}")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state.get('format')}, this mtml reads format "
+                         f"{CHECKPOINT_FORMAT}; {hint}")
+    stored = state["identity"]
+    diff = {k: (stored.get(k), getattr(cfg, k)) for k in _IDENTITY if stored.get(k) != getattr(cfg, k)}
+    if state.get("task") != task_name:
+        diff["task"] = (state.get("task"), task_name)
+    if diff:
+        raise ValueError(f"{path} was made for another cohort ({diff}: checkpoint vs now); {hint}")
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 _IDENTITY = ("mode", "version", "n_students", "num_classes")
 
 
@@ -277,11 +334,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     epoch, skip, history, sums = 0, 0, [], {}
     if resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
-        stored = state["identity"]
-        diff = {k: (stored.get(k), getattr(cfg, k)) for k in _IDENTITY if stored.get(k) != getattr(cfg, k)}
-        if diff or state["task"] != task.name:
-            raise ValueError(f"{ckpt} was made for another cohort ({diff or state['task']}: "
-                             "checkpoint vs now); use another checkpoint_dir or resume=False")
+        _check_checkpoint(state, cfg, task.name, ckpt)
         cohort.load_state_dict(state["cohort"])
         _set_rng_state(state["rng"])
         epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
@@ -290,7 +343,8 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     def save(epoch_, step_in_epoch, sums_):
         if ckpt is None or (shard is not None and shard[0] != 0):
             return
-        save_checkpoint(ckpt, {"identity": {k: getattr(cfg, k) for k in _IDENTITY},
+        _check_finite_weights(cohort, epoch_ * steps_per_epoch + step_in_epoch - 1)
+        save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "identity": {k: getattr(cfg, k) for k in _IDENTITY},
                                "task": task.name, "config": asdict(cfg),
                                "cohort": cohort.state_dict(), "rng": _rng_state(),
                                "epoch": epoch_, "step_in_epoch": step_in_epoch,

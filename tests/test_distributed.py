@@ -1,0 +1,148 @@
+"""Scale-out (mtml.distributed) and the speed options of CohortConfig, on CPU.
+
+The main test runs the documented entry point under torchrun with 2 gloo processes and checks
+that it ends with the same weights and (rank-averaged) losses as one process with the same
+global batch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit
+from mtml.data import make_separable
+from mtml.distributed import GlobalBatchNorm2d, main, shard_order, sync_batchnorm
+from mtml.io import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--version", "tiny", "--mode", "kd_ml", "--epochs", "2", "--n-train", "64",
+        "--batch-size", "16", "--image-size", "16", "--lr", "0.01", "--seed", "3"]
+
+
+def test_shard_order_splits_each_global_batch_evenly():
+    order = list(range(100, 135))  # 35 items, global batch 8: 4 full batches, 3 items dropped
+    shards = [shard_order(order, 8, rank, 2) for rank in range(2)]
+    assert all(per_rank == 4 for _, per_rank in shards)
+    for b in range(4):
+        batch = shards[0][0][4 * b: 4 * b + 4] + shards[1][0][4 * b: 4 * b + 4]
+        assert batch == order[8 * b: 8 * b + 8]
+    assert len(shards[0][0]) == len(shards[1][0]) == 16
+
+
+@pytest.mark.parametrize("kw, match", [(dict(batch_size=9, rank=0, world=2), "divisible"),
+                                       (dict(batch_size=8, rank=2, world=2), "rank"),
+                                       (dict(batch_size=64, rank=0, world=2), "full batch")])
+def test_shard_order_rejects_impossible_splits(kw, match):
+    with pytest.raises(ValueError, match=match):
+        shard_order(list(range(20)), kw["batch_size"], kw["rank"], kw["world"])
+
+
+def test_global_batchnorm_without_process_group_is_batchnorm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    reference.load_state_dict(model.state_dict())
+    bn_weight = model[1].weight
+    sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], GlobalBatchNorm2d) and model[1].weight is bn_weight
+    x = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_fit_shard_trains_on_its_slice_and_only_rank_0_writes(tmp_path):
+    cfg = CohortConfig(mode="ml", n_students=2, epochs=1, batch_size=8, seed=1)
+    data = make_separable(32, 8, seed=1)
+    seen = []
+
+    class Recording(ClassificationTask):
+        def collate(self, items):
+            seen.extend(int(it["index"]) for it in items)
+            return super().collate(items)
+
+    history = fit(Cohort.build(cfg), Recording(), data, checkpoint_dir=tmp_path, progress=False,
+                  shard=(1, 2))
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(cfg.seed * 100_003)).tolist()
+    assert seen == [i for b in range(4) for i in order[8 * b + 4: 8 * b + 8]]
+    assert len(history) == 1 and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Same seed, same global batch: 2 gloo ranks (DDP + synced BatchNorm) end where 1 process ends."""
+    single = main(ARGS + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "mtml.distributed", *ARGS,
+                          "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["cohort"]["networks"]
+    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["cohort"]["networks"]
+    assert one.keys() == two.keys() == {"teacher", "student_1", "student_2"}
+    start = Cohort.build(CohortConfig(mode="kd_ml", seed=3)).state_dict()["networks"]
+    for net in one:
+        for key, value in one[net].items():
+            torch.testing.assert_close(two[net][key], value, rtol=1e-4, atol=1e-5, msg=f"{net} {key}")
+        assert not torch.equal(one[net]["fc.weight"], start[net]["fc.weight"])  # it did train
+    multi = pd.read_csv(tmp_path / "two" / "history.csv")
+    losses = [c for c in single if c.startswith("train/")]
+    torch.testing.assert_close(torch.tensor(multi[losses].to_numpy()),
+                               torch.tensor(single[losses].to_numpy()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def batch():
+    data = make_separable(16, 16, seed=2)
+    return ClassificationTask(2).collate([data[i] for i in range(16)])
+
+
+def _one_step(batch, channels_last=False, **kw):
+    """One kd_ml step; also returns the dtype of each network's output during the step."""
+    cfg = CohortConfig(mode="kd_ml", n_students=2, seed=5, channels_last=channels_last, **kw)
+    cohort = Cohort.build(cfg)
+    dtypes = {}
+    def record(name):
+        def hook(module, inputs, out):
+            dtypes[name] = out.dtype
+        return hook
+
+    for name, m in cohort.networks.items():
+        m.register_forward_hook(record(name))
+    task = ClassificationTask(2, channels_last=channels_last)
+    terms = cohort_step(cohort, task.to_device(batch, cohort.device), task)
+    return cohort, terms, dtypes
+
+
+def test_channels_last_converts_networks_and_keeps_the_step(batch):
+    _, plain_terms, _ = _one_step(batch)
+    nhwc, nhwc_terms, _ = _one_step(batch, channels_last=True)
+    conv = nhwc.students[0].features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for k, v in plain_terms.items():
+        torch.testing.assert_close(nhwc_terms[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_amp_runs_in_bfloat16_on_cpu_and_stays_close(batch):
+    _, fp32, fp32_dtypes = _one_step(batch)
+    _, bf16, bf16_dtypes = _one_step(batch, amp=True)
+    assert set(fp32_dtypes.values()) == {torch.float32}
+    assert bf16_dtypes.keys() == fp32_dtypes.keys() and set(bf16_dtypes.values()) == {torch.bfloat16}
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)  # really ran in lower precision
+    for k, v in fp32.items():  # the loss terms are computed in float32 from the bf16 outputs
+        torch.testing.assert_close(bf16[k], v, rtol=0.05, atol=0.01)
+
+
+def test_compile_is_ignored_on_cpu_with_a_warning(batch):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cohort, terms, _ = _one_step(batch, compile=True)
+    assert any("compile=True is ignored on CPU" in str(w.message) for w in caught)
+    assert not any(type(m).__name__ == "OptimizedModule" for m in cohort.networks.values())
+    assert all(torch.isfinite(v) for v in terms.values())
