@@ -74,4 +74,5 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # the unpickler refuses anything that is not plain data
         raise ValueError(f"{path} is not a valid mtml checkpoint (refused to load it safely: "
-                         f"{str(err).splitlines()[0]}); delete it to start over") from err
+                         f"{(str(err).splitlines() or [type(err).__name__])[0]}); delete it to "
+                         "start over") from err
