@@ -124,3 +124,66 @@ def test_data_dir_and_missing_dataset_error(monkeypatch, tmp_path):
     assert data_dir().name == "data"
     err = MissingDatasetError("MSI tiles", tmp_path, "python data_scripts/msi_mss.py --help")
     assert isinstance(err, FileNotFoundError) and "python data_scripts/msi_mss.py --help" in str(err)
+
+
+def test_msi_mss_cli_end_to_end(http_server, tmp_path, capsys):
+    """data_scripts/msi_mss.py against a fake Zenodo record served on 127.0.0.1."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    record = {"files": []}
+    archives = {"TRAIN": {"MSIMUT": range(0, 4), "MSS": range(4, 8)},
+                "TEST": {"MSIMUT": range(8, 10), "MSS": range(10, 12)}}
+    for official, labels in archives.items():
+        for label, patients in labels.items():
+            entries = {}
+            for p in patients:
+                for t in range(3):
+                    png = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(png, "PNG")
+                    tile = "".join(rng.choice(list("ABCDEFGHIJKLMNOP"), 12))
+                    entries[f"{label}/blk-{tile}-TCGA-ZZ-{p:04d}-01Z-00-DX1.png"] = png.getvalue()
+            body = make_zip(entries)
+            name = f"CRC_DX_{official}_{label}.zip"
+            http_server.files[f"/api/records/1/files/{name}/content"] = body
+            record["files"].append({"key": name, "checksum": f"md5:{hashlib.md5(body).hexdigest()}",
+                                    "links": {"self": http_server.url(f"/api/records/1/files/{name}/content")}})
+    http_server.files["/api/records/1"] = json.dumps(record).encode()
+    http_server.interrupt["/api/records/1/files/CRC_DX_TRAIN_MSS.zip/content"] = 1  # one dropped transfer
+
+    script = Path(__file__).resolve().parents[1] / "data_scripts" / "msi_mss.py"
+    cmd = [sys.executable, str(script), "--data-dir", str(tmp_path), "--no-progress",
+           "--record-url", http_server.url("/api/records/1"), "--seed", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    manifest = tmp_path / "msi_mss" / "CRC_DX" / "manifest.csv"
+    assert f"manifest: {manifest}" in run.stdout
+    frame = pd.read_csv(manifest)
+    assert len(frame) == 12 * 3
+    assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
+    assert ((frame["official_split"] == "TEST") == (frame["split"] == "test")).all()
+    for split in ("train", "val", "test"):
+        assert set(frame.loc[frame["split"] == split, "label"]) == {0, 1}
+    assert (frame["label"] == frame["path"].str.contains("MSIMUT").astype(int)).all()
+    assert all((manifest.parent / p).is_file() for p in frame["path"])
+    # a second run (in-process, to save a start-up) reuses the verified archives: no new requests
+    spec = importlib.util.spec_from_file_location("msi_mss", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    hits = dict(http_server.hits)
+    assert cli.main(cmd[2:]) == 0
+    assert {k: v for k, v in http_server.hits.items() if k.endswith(".zip/content")} == \
+        {k: v for k, v in hits.items() if k.endswith(".zip/content")}
+    assert pd.read_csv(manifest).equals(frame)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--record-url" in out and "2530835" in out
