@@ -13,13 +13,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
+	command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+	  echo "Debian's chromium is missing: tests/test_jupyterlab.py skips, or fails under CI"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mtml.demo
+	$(PY) -m mtml.reproduce --demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+	MTML_SMOKE=1 $(PY) -m pytest -q -ra --nbval-lax notebooks/
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

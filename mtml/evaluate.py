@@ -48,7 +48,8 @@ def student_ensemble(probs: dict) -> np.ndarray:
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     """accuracy, balanced accuracy, AUROC, F1 (of class 1 when binary, else macro), confusion."""
-    p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
+    p = torch.tensor(np.asarray(probs), dtype=torch.float32)
+    y = torch.tensor(np.asarray(labels), dtype=torch.long)
     c = p.shape[1]
     one_class = len(torch.unique(y)) < 2
     if c == 2:

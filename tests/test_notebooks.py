@@ -1,0 +1,75 @@
+"""The notebook contract, and the reproduction runner on a small grid (notebooks themselves run
+under nbval: `MTML_SMOKE=1 pytest --nbval-lax notebooks/`, part of `make test`)."""
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from mtml import reproduce
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_notebooks_exist_in_order():
+    names = [p.stem for p in NOTEBOOKS]
+    assert names[:5] == ["00_setup_and_data_tour", "01_kd_only", "02_ml_only", "03_kd_plus_ml",
+                         "04_classification_comparison"]
+    for task, runners in reproduce.RUNNERS.items():
+        for notebook in runners.values():
+            assert notebook in names, f"{task} runner {notebook} is missing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_contract(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), \
+        f"{path.name} has stored outputs: strip them before committing"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert "Runtime" in nb.cells[0].source
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] == 1, "the second cell is the one `parameters` cell"
+    params = nb.cells[1].source
+    assert 'SMOKE = os.environ.get("MTML_SMOKE") == "1"' in params
+    assert "OUT_DIR" in params
+    assert "if SMOKE" in nb.cells[2].source, "the third cell shrinks the run when SMOKE"
+    assert "metrics.json" in code[-1].source, "the last cell writes OUT_DIR/metrics.json"
+    for c in code:
+        assert "\ndef cohort_step" not in c.source and "class Cohort" not in c.source
+
+
+def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
+    """A 2 x 2 grid (modes x seeds) in smoke mode: one finite row per run; a second call
+    executes nothing."""
+    monkeypatch.setenv("MTML_SMOKE", "1")
+    argv = ["--task", "classification", "--modes", "kd", "ml", "--seeds", "0", "1",
+            "--runs-dir", str(tmp_path), "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
+    assert reproduce.main(argv) == 0
+    table = pd.read_csv(tmp_path / "classification_results.csv")
+    assert len(table) == 4
+    assert sorted(zip(table["mode"], table["seed"])) == [("kd", 0), ("kd", 1), ("ml", 0), ("ml", 1)]
+    metric_cols = [c for c in table if "/" in c]
+    assert table[metric_cols].notna().all().all() and len(metric_cols) > 10
+    assert (tmp_path / "classification_comparison.png").stat().st_size > 0
+    executed = sorted(tmp_path.rglob("*.ipynb"))
+    assert len(executed) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in executed}
+
+    calls = []
+    monkeypatch.setattr(reproduce, "execute", lambda *a, **k: calls.append(a))
+    assert reproduce.main(argv) == 0
+    assert calls == [], "finished runs must be skipped"
+    assert {p: p.stat().st_mtime_ns for p in executed} == stamps
+    assert len(pd.read_csv(tmp_path / "classification_results.csv")) == 4
+
+
+def test_reproduce_rejects_bad_grid(tmp_path):
+    with pytest.raises(ValueError, match="unknown mode"):
+        list(reproduce.grid_runs("classification", ["kdml"], ["tiny"], [0]))
+    with pytest.raises(ValueError, match="unknown task"):
+        list(reproduce.grid_runs("segmentation", ["kd"], ["tiny"], [0]))
+    with pytest.raises(SystemExit):
+        reproduce.main(["--param", "epochs=3", "--runs-dir", str(tmp_path)])
