@@ -1,0 +1,63 @@
+"""Shared helpers of the bench scripts: thread setting, timing, markdown tables and results."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 1)),
+                   help="torch CPU threads (default 1: the machine's 2 cores are shared)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller runs")
+    return p
+
+
+def setup(args) -> str:
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{device}, torch {torch.__version__}, {args.threads} CPU thread(s)"
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Seconds one call of `fn` takes (GPU work included)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, title: str, notes: str, rows: list[dict]) -> str:
+    """Writes results/<name>.json and returns the markdown section (title, notes, table)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "notes": notes, "rows": rows},
+                                                     indent=2) + "\n")
+    section = f"## {title}\n\n{notes}\n\n{markdown(rows) if rows else '(no rows)'}\n"
+    print(section, flush=True)
+    return section
