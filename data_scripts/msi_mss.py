@@ -27,7 +27,8 @@ from mtml.tiles import build_manifest  # noqa: E402
 
 RECORD_URL = "https://zenodo.org/api/records/2530835"
 ARCHIVES = {
-    "CRC": ["CRC_DX_TRAIN_MSIMUT.zip", "CRC_DX_TRAIN_MSS.zip", "CRC_DX_TEST_MSIMUT.zip", "CRC_DX_TEST_MSS.zip"],
+    "CRC": ["CRC_DX_TRAIN_MSIMUT.zip", "CRC_DX_TRAIN_MSS.zip",
+            "CRC_DX_TEST_MSIMUT.zip", "CRC_DX_TEST_MSS.zip"],
     "STAD": ["STAD_TRAIN_MSIMUT.zip", "STAD_TRAIN_MSS.zip", "STAD_TEST_MSIMUT.zip", "STAD_TEST_MSS.zip"],
 }
 FOLDERS = {"CRC": "CRC_DX", "STAD": "STAD"}
@@ -65,7 +66,8 @@ def prepare(cancer: str, record_url: str, root: Path, val_fraction: float, seed:
     downloads, tiles = root / "downloads" / "msi_mss", root / "msi_mss" / FOLDERS[cancer]
     for name in ARCHIVES[cancer]:
         print(f"{name}: downloading (md5 {files[name]['md5']})", flush=True)
-        archive = fetch(files[name]["url"], downloads, md5=files[name]["md5"], filename=name, progress=progress)
+        archive = fetch(files[name]["url"], downloads, md5=files[name]["md5"], filename=name,
+                        progress=progress)
         official, label = split_of(name)
         print(f"{name}: extracting to {tiles / official / label}", flush=True)
         safe_extract(archive, tiles / official / label)
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--cancer", choices=sorted(ARCHIVES), default="CRC", help="which archives (default CRC)")
+    parser.add_argument("--cancer", choices=sorted(ARCHIVES), default="CRC",
+                        help="which archives (default CRC)")
     parser.add_argument("--synthetic", action="store_true", help="generate the synthetic default instead")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: $MTML_DATA_DIR or ./data")
     parser.add_argument("--record-url", "--base-url", default=RECORD_URL,
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     import pandas as pd
 
     frame = pd.read_csv(manifest)
-    table = frame.groupby(["split", "label_name"]).agg(patients=("patient_id", "nunique"), tiles=("path", "size"))
+    table = frame.groupby(["split", "label_name"]).agg(patients=("patient_id", "nunique"),
+                                                       tiles=("path", "size"))
     print(table.to_string())
     print(f"manifest: {manifest}")
     return 0

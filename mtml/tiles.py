@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .download import MissingDatasetError
+from .download import MissingDatasetError, data_dir
 from .io import atomic_path, write_csv, write_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -184,6 +184,21 @@ def load_image(path, size: int | None = None) -> np.ndarray:
         return np.array(im, dtype=np.uint8)
 
 
+def _label_indices(labels: pd.Series) -> np.ndarray:
+    """Label column -> int64 class indices; accepts 0/1 or names (MSI, MSIMUT, MSS)."""
+    if pd.api.types.is_numeric_dtype(labels):
+        values = labels.to_numpy()
+        if not np.isin(values, list(LABEL_NAMES)).all():
+            odd = sorted(set(values) - set(LABEL_NAMES))
+            raise ValueError(f"labels must be 0 (MSS) or 1 (MSI); found {odd[:5]}")
+        return values.astype(np.int64)
+    names = labels.astype(str).str.upper()
+    unknown = sorted(set(names) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown labels {unknown[:5]} in the manifest; use {sorted(LABELS)} or 0/1")
+    return names.map(LABELS).to_numpy(np.int64)
+
+
 def read_manifest(manifest) -> tuple[pd.DataFrame, Path]:
     """A manifest CSV path or DataFrame -> (frame, folder its relative paths start from)."""
     if isinstance(manifest, pd.DataFrame):
@@ -201,7 +216,8 @@ class TileDataset(Dataset):
     `.patients[i]` is item i's patient (for patient-level AUROC). Every tile is decoded once in
     the main process when the dataset is built: unreadable ones (corrupt, truncated, zero-byte,
     not an image, too many pixels) are skipped and listed in `.report`, so DataLoader workers
-    never meet them. With `cache` (a folder, or True for `<manifest folder>/cache`), the decoded,
+    never meet them. With `cache` (a folder, or True: `<manifest folder>/cache`, or
+    `data_dir()/cache` for a DataFrame manifest), the decoded,
     resized tiles of the whole manifest go into a uint8 memmap plus a JSON sidecar naming the tiles
     it holds and the bad ones; later datasets (any split) reuse it and skip PNG decoding.
     """
@@ -215,30 +231,38 @@ class TileDataset(Dataset):
             raise ValueError(f"size must be >= 8, got {size}")
         self.size, self.progress = size, progress
         self.paths = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
+        in_split = np.ones(len(frame), bool) if split is None else (frame["split"] == split).to_numpy()
+        labels = _label_indices(frame["label"])
         self._mean = torch.tensor(mean).view(3, 1, 1)
         self._std = torch.tensor(std).view(3, 1, 1)
         if cache is True:
-            cache = base / "cache"
-        self.cache_file, bad = self._open_cache(Path(cache)) if cache else (None, self._decode_all())
-        keep = np.array([p not in bad for p in self.paths], dtype=bool)
-        if split is not None:
-            keep &= (frame["split"] == split).to_numpy()
-        self.rows = np.flatnonzero(keep)  # positions in the manifest (and the cache)
-        self.labels = torch.as_tensor(frame["label"].to_numpy()[self.rows].astype(np.int64))
+            cache = data_dir() / "cache" if isinstance(manifest, pd.DataFrame) else base / "cache"
+        # the cache holds the whole manifest (shared by all splits); without it, check this split only
+        self.cache_file, bad = self._open_cache(Path(cache)) if cache else (None, self._decode_all(in_split))
+        self.rows = np.flatnonzero(in_split & np.array([p not in bad for p in self.paths], dtype=bool))
+        self.labels = torch.as_tensor(labels[self.rows])
         self.patients = frame["patient_id"].astype(str).to_numpy()[self.rows].tolist()
-        self.tile_ids = frame["tile_id"].astype(str).to_numpy()[self.rows].tolist() \
-            if "tile_id" in frame else [Path(p).stem for p in np.array(self.paths)[self.rows]]
-        in_split = set(self.paths) if split is None else \
-            {p for p, s in zip(self.paths, frame["split"]) if s == split}
-        self.report = TileReport(n_ok=len(self.rows), bad={p: r for p, r in bad.items() if p in in_split})
+        stems = [Path(p).stem for p in self.paths]
+        self.tile_ids = [frame["tile_id"].iloc[r] if "tile_id" in frame else stems[r] for r in self.rows]
+        position = {p: i for i, p in enumerate(self.paths)} if bad else {}
+        self.report = TileReport(n_ok=len(self.rows),
+                                 bad={p: why for p, why in bad.items() if in_split[position[p]]})
+        from_file = isinstance(manifest, (str, os.PathLike))
+        sidecar = Path(manifest).with_suffix(".report.json") if from_file else None
+        if sidecar is not None and sidecar.is_file():  # what the manifest build skipped
+            scanned = json.loads(sidecar.read_text())
+            self.report.unlabelled, self.report.no_patient = scanned["unlabelled"], scanned["no_patient"]
         self._memmap = None
 
     # -- validation and cache -------------------------------------------------------------------
-    def _decode_all(self, sink=None) -> dict:
+    def _decode_all(self, wanted=None, sink=None) -> dict:
+        """Decodes the wanted tiles (default all) in this process; returns {path: why} of bad ones."""
         from tqdm.auto import tqdm
 
         bad = {}
-        for i, path in enumerate(tqdm(self.paths, desc="checking tiles", disable=not self.progress)):
+        rows = range(len(self.paths)) if wanted is None else np.flatnonzero(wanted)
+        for i in tqdm(rows, desc="checking tiles", disable=not self.progress):
+            path = self.paths[i]
             try:
                 tile = load_image(path, self.size)
             except Exception as err:  # any unreadable file is skipped and reported, never raised
@@ -265,7 +289,7 @@ class TileDataset(Dataset):
         shape = (max(len(self.paths), 1), self.size, self.size, 3)
         with atomic_path(data, suffix=".u8") as tmp:
             sink = np.memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            bad = self._decode_all(sink)
+            bad = self._decode_all(sink=sink)
             sink.flush()
             del sink
         write_json(sidecar, {"size": self.size, "paths": self.paths, "bad": bad,
@@ -284,10 +308,12 @@ class TileDataset(Dataset):
             try:
                 return load_image(self.paths[row], self.size)
             except Exception as err:
-                raise RuntimeError(f"tile {self.paths[row]} became unreadable after validation: {err}") from err
+                raise RuntimeError(f"tile {self.paths[row]} became unreadable after validation: {err}") \
+                    from err
         if self._memmap is None:
             n = max(len(self.paths), 1)
-            self._memmap = np.memmap(self.cache_file, mode="r", dtype=np.uint8, shape=(n, self.size, self.size, 3))
+            shape = (n, self.size, self.size, 3)
+            self._memmap = np.memmap(self.cache_file, mode="r", dtype=np.uint8, shape=shape)
         return np.array(self._memmap[row])
 
     def __getitem__(self, i):
@@ -316,7 +342,8 @@ def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1,
         if sel.any():
             out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
     rgb = out * s + m
-    gray = (rgb * torch.tensor([0.299, 0.587, 0.114], device=device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = torch.tensor([0.299, 0.587, 0.114], device=device, dtype=x.dtype).view(1, 3, 1, 1)
+    gray = (rgb * luma).sum(1, keepdim=True)
     rgb = gray + sat.to(device, x.dtype).view(b, 1, 1, 1) * (rgb - gray)
     rgb = (rgb * gain.to(device, x.dtype).view(b, 1, 1, 1)).clamp(0, 1)
     return {**batch, "image": (rgb - m) / s}

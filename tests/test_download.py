@@ -154,8 +154,9 @@ def test_msi_mss_cli_end_to_end(http_server, tmp_path, capsys):
             body = make_zip(entries)
             name = f"CRC_DX_{official}_{label}.zip"
             http_server.files[f"/api/records/1/files/{name}/content"] = body
+            link = http_server.url(f"/api/records/1/files/{name}/content")
             record["files"].append({"key": name, "checksum": f"md5:{hashlib.md5(body).hexdigest()}",
-                                    "links": {"self": http_server.url(f"/api/records/1/files/{name}/content")}})
+                                    "links": {"self": link}})
     http_server.files["/api/records/1"] = json.dumps(record).encode()
     http_server.interrupt["/api/records/1/files/CRC_DX_TRAIN_MSS.zip/content"] = 1  # one dropped transfer
 

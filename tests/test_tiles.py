@@ -56,7 +56,7 @@ def test_patient_split_of_real_tiles(real_tiles):
     split = patient_split(frame, val_fraction=0.2, test_fraction=0.25, seed=0)
     assigned = frame["patient_id"].map(split)
     assert assigned.notna().all()
-    assert (frame.groupby("patient_id")["patient_id"].transform(lambda p: assigned[p.index].nunique()) == 1).all()
+    assert (assigned.groupby(frame["patient_id"]).nunique() == 1).all()  # no patient in two splits
     official_test = frame.loc[frame["official_split"] == "TEST", "patient_id"].unique()
     assert (split[official_test] == "test").all()  # the official test split is kept
     for name in ("train", "val", "test"):
@@ -138,10 +138,24 @@ def test_bad_tiles_are_skipped_and_reported(small_tree):
     assert report.unlabelled == [f"TRAIN/OTHER/{good[0].name}"]
     for cache in (None, small_tree / "cache"):
         data = TileDataset(manifest, None, size=32, cache=cache)
-        assert sorted(Path(p).name.split("-")[1] for p in data.report.bad) == ["TEXTFILEAAAA", "TRUNCATEDAAA", "ZEROBYTEAAAA"]
+        bad_ids = sorted(Path(p).name.split("-")[1] for p in data.report.bad)
+        assert bad_ids == ["TEXTFILEAAAA", "TRUNCATEDAAA", "ZEROBYTEAAAA"]
         assert len(data) == SMALL.n_patients * SMALL.tiles_per_patient == data.report.n_ok
+        assert data.report.no_patient == report.no_patient and data.report.n_skipped == 5
         loader = DataLoader(data, batch_size=8, num_workers=2)  # workers never meet a bad tile
         assert sum(len(b["label"]) for b in loader) == len(data)
+
+
+def test_label_names_in_a_manifest(small_tree):
+    manifest, _ = build_manifest(small_tree, test_fraction=0.0)
+    frame = pd.read_csv(manifest)
+    frame["path"] = [str(small_tree / p) for p in frame["path"]]
+    named = frame.assign(label=frame["label"].map({1: "MSIMUT", 0: "mss"}))
+    assert torch.equal(TileDataset(named, "val", size=16).labels, TileDataset(frame, "val", size=16).labels)
+    with pytest.raises(ValueError, match="unknown labels"):
+        TileDataset(frame.assign(label="tumour"), "val", size=16)
+    with pytest.raises(ValueError, match="0 \\(MSS\\) or 1"):
+        TileDataset(frame.assign(label=2), "val", size=16)
 
 
 def test_missing_dataset_names_the_command(tmp_path):
