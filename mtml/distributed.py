@@ -167,6 +167,9 @@ def _datasets(args):
                 make_separable(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
     from .tiles import TileDataset
 
+    if not Path(args.data).is_file():
+        raise SystemExit(f"--data {args.data}: no such manifest CSV; pass 'synthetic' or a manifest "
+                         "built by data_scripts/msi_mss.py")
     kw = dict(size=args.image_size, cache=args.cache)
     return TileDataset(args.data, "train", **kw), TileDataset(args.data, "val", **kw)
 
