@@ -140,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                     "torchrun it runs in one process. Rank 0 writes OUT/checkpoint.pt, "
                     "OUT/history.csv and OUT/config.json.")
     p.add_argument("--version", default="tiny", help="tiny, v1, v2 or v3 (default tiny)")
-    p.add_argument("--mode", default="kd_ml", choices=MODES)
+    p.add_argument("--mode", default="kd_ml", choices=[m for m in MODES if m != "offline"],
+                   help="offline needs a pre-trained teacher: use fit_distributed from Python")
     p.add_argument("--n-students", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over processes")
