@@ -79,10 +79,15 @@ def fetch(url: str, dest_dir, sha256: str | None = None, md5: str | None = None,
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(f".{name}.part")
     downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=CHUNK_SIZE)
+    import requests  # pooch's own dependency
+
     for attempt in range(1, ATTEMPTS + 1):
         try:
             downloader(url, str(part), None)
             break
+        except requests.HTTPError as err:  # 404 and the like: retrying will not help
+            part.unlink(missing_ok=True)
+            raise ConnectionError(f"download of {url} failed: {err}") from err
         except OSError as err:  # requests' ConnectionError and ChunkedEncodingError are OSErrors
             part.unlink(missing_ok=True)
             if attempt == ATTEMPTS:

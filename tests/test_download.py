@@ -70,9 +70,9 @@ def test_interrupted_download_is_refetched(served_zip, tmp_path):
 
 
 def test_missing_url_raises(http_server, tmp_path):
-    with pytest.raises(Exception, match="404"):
+    with pytest.raises(ConnectionError, match="404"):
         fetch(http_server.url("/nope.zip"), tmp_path, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and http_server.hits["/nope.zip"] == 1  # not retried
 
 
 def test_safe_extract_zip_is_idempotent(tmp_path):
