@@ -19,6 +19,7 @@ over all locations of the batch, sum(w * l) / sum(w):
 
     classification  tau^2 KL_bin(sigma(z_t / tau) || sigma(z_s / tau)),  w = max(c_t, c_s)
     boxes           GIoU loss between the decoded boxes (or L1 on the regressions),  w = c_t
+                    (GIoU: target boxes of zero area do not count)
     centerness      KL_bin(sigma(ctr_t) || sigma(ctr_s)) at tau = 1,  w = c_t
 
 max(c_t, c_s) lets the student's own false positives count; a weighted mean keeps each term of
@@ -214,14 +215,18 @@ class DetectionTask:
         ctr = soft_kl(out["bbox_ctrness"].reshape(-1, 1), target["bbox_ctrness"].reshape(-1, 1), 1.0,
                       kind="sigmoid", weight=conf_t)
         s_reg, t_reg = out["bbox_regression"], target["bbox_regression"].detach()
+        w_box = conf_t
         if self.box_loss == "l1":
             per_loc = (s_reg - t_reg).abs().sum(-1)
         else:
             anchors = torch.stack(out["anchors"])
             coder = out["model"].box_coder
-            per_loc = generalized_box_iou_loss(coder.decode(s_reg, anchors).reshape(-1, 4),
-                                               coder.decode(t_reg, anchors).reshape(-1, 4), reduction="none")
-        box = (conf_t * per_loc.flatten()).sum() / conf_t.sum().clamp_min(1e-6)
+            t_box = coder.decode(t_reg, anchors).reshape(-1, 4)
+            per_loc = generalized_box_iou_loss(coder.decode(s_reg, anchors).reshape(-1, 4), t_box,
+                                               reduction="none")
+            # a target box of zero area has no GIoU (even with itself): it does not count
+            w_box = conf_t * ((t_box[:, 2] > t_box[:, 0]) & (t_box[:, 3] > t_box[:, 1]))
+        box = (w_box * per_loc.flatten()).sum() / w_box.sum().clamp_min(1e-6)
         return cls + box + ctr
 
     # inference ----------------------------------------------------------------------------
@@ -247,11 +252,11 @@ class DetectionTask:
                                   return_predictions=return_predictions, **kw)
 
 
-def weighted_box_fusion(dets: list[dict], iou: float = 0.55) -> dict:
+def weighted_box_fusion(dets: list[dict], iou: float = 0.55, max_detections: int = 100) -> dict:
     """Weighted box fusion (Solovyev et al. 2021, arXiv 1910.13302) of one image's detections
     from several models: boxes sorted by score join the first cluster whose fused box overlaps
     them by >= `iou`; a cluster's box is the score-weighted mean of its boxes and its score the
-    mean score times min(members, models) / models."""
+    mean score times min(members, models) / models; the `max_detections` best are kept."""
     boxes = torch.cat([d["boxes"] for d in dets]).float()
     scores = torch.cat([d["scores"] for d in dets]).float()
     clusters, fused = [], []
@@ -268,8 +273,9 @@ def weighted_box_fusion(dets: list[dict], iou: float = 0.55) -> dict:
         fused.append(boxes[i])
     n = len(dets)
     out_scores = torch.tensor([float(scores[c].mean()) * min(len(c), n) / n for c in clusters])
-    return {"boxes": torch.stack(fused) if fused else torch.zeros(0, 4), "scores": out_scores,
-            "labels": torch.ones(len(clusters), dtype=torch.int64)}
+    keep = out_scores.argsort(descending=True)[:max_detections]
+    return {"boxes": torch.stack(fused)[keep] if fused else torch.zeros(0, 4), "scores": out_scores[keep],
+            "labels": torch.ones(len(keep), dtype=torch.int64)}
 
 
 def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 0.5):
