@@ -53,6 +53,10 @@ class ClassificationTask:
 
     def to_device(self, batch, device):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        labels = batch["label"]  # checked on the host, before a GPU would hit a device-side assert
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f"labels {sorted(set(labels.tolist()))} outside 0..{self.num_classes - 1}: "
+                             "fix the dataset's labels or num_classes")
         out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                for k, v in batch.items()}
         out["image"] = out["image"].contiguous(memory_format=fmt)

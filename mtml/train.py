@@ -15,6 +15,7 @@ isolated, this equals one backward per network.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 import warnings
@@ -65,22 +66,20 @@ class CohortConfig:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         check_version(self.version)
-        if self.n_students < 1:
-            raise ValueError(f"n_students must be >= 1, got {self.n_students}")
+        for name, low in (("n_students", 1), ("num_classes", 2), ("epochs", 1), ("batch_size", 1),
+                          ("num_workers", 0)):
+            value = getattr(self, name)  # NaN, 2.5 or True would pass a plain comparison
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
         if self.mode in USES_ML and self.n_students < 2:
             raise ValueError(f"mode {self.mode!r} needs n_students >= 2 (mutual learning needs "
                              f"peers), got {self.n_students}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if not self.temperature > 0:  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not value >= 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
 
     @property
