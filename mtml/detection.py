@@ -130,10 +130,11 @@ def build_detection_networks(version: str, n_students: int, num_classes: int = 2
     return teacher, [build_detector(s_spec, **kw) for _ in range(n_students)]
 
 
-def detection_version_table(num_classes: int = 2) -> pd.DataFrame:
+def detection_version_table(num_classes: int = 2, versions=None) -> pd.DataFrame:
     """Parameters of teacher and student detectors per version, and the compression."""
     rows = []
-    for version, (t, s) in VERSIONS.items():
+    for version in versions or VERSIONS:
+        t, s = VERSIONS[version]
         teacher, (student,) = build_detection_networks(version, 1, num_classes)
         tp, sp = count_parameters(teacher), count_parameters(student)
         rows.append(dict(version=version, teacher=t.trunk, student=s.trunk, frame=FRAME_SIZE[version],

@@ -45,10 +45,14 @@ class PrepReport(Counter):
 
 # boxes -----------------------------------------------------------------------------------------
 def clean_boxes(boxes, width: int, height: int, report: PrepReport | None = None) -> np.ndarray:
-    """Clips xyxy boxes to the frame; drops (and counts) inverted ones (xmin > xmax or ymin > ymax)
-    and those with no area left after clipping."""
+    """Clips xyxy boxes to the frame; drops (and counts) non-finite ones, inverted ones (xmin > xmax
+    or ymin > ymax) and those with no area left after clipping."""
     report = report if report is not None else PrepReport()
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    finite = np.isfinite(boxes).all(1)  # json.loads accepts NaN and Infinity
+    if not finite.all():
+        report["boxes_dropped_nonfinite"] += int((~finite).sum())
+    boxes = boxes[finite]
     inverted = (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
     report["boxes_dropped_inverted"] += int(inverted.sum())
     boxes = boxes[~inverted]
@@ -125,10 +129,13 @@ def _find_dir(root: Path, names: tuple[str, ...]) -> Path | None:
 def _image_size(path: Path) -> tuple[int, int] | None:
     from PIL import Image
 
+    from .tiles import MAX_PIXELS
+
     try:
         with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:  # decompression-bomb guard
+                return None
+            im.load()  # a full decode: verify() lets truncated JPEGs through
             return im.size
     except Exception:  # PIL raises many types for corrupt files
         return None
@@ -320,13 +327,31 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
 
 def _kvasir_rows_in_memory(root: Path, seed: int) -> pd.DataFrame:
     """The Kvasir-SEG manifest of a read-only folder (e.g. ../shared/data), kept in memory."""
-    import tempfile
+    key = (str(Path(root).resolve()), seed)
+    if key not in _IN_MEMORY:
+        import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        frame, _ = prepare_kvasir(root, out_dir=tmp, seed=seed)
-    images_dir = _find_dir(root, ("images",))
-    frame["image"] = [str(images_dir / Path(p).name) for p in frame["image"]]
-    return frame
+        with tempfile.TemporaryDirectory() as tmp:
+            frame, _ = prepare_kvasir(root, out_dir=tmp, seed=seed)
+        images_dir = _find_dir(root, ("images",))
+        frame["image"] = [str(images_dir / Path(p).name) for p in frame["image"]]
+        _IN_MEMORY[key] = frame
+    return _IN_MEMORY[key].copy()
+
+
+_IN_MEMORY: dict = {}
+
+
+def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0):
+    """(train, val, test, description) for the notebooks: frames of `data_dir` (a prepared folder)
+    if given, else of `default_polyp_root()`, else SYNTHETIC polyps (256/64/64 frames unless
+    `limits` says otherwise; the same frames for every seed). `limits` caps each split."""
+    root, label = (Path(data_dir), f"polyp frames from {data_dir}") if data_dir else default_polyp_root()
+    if root is None:
+        counts = [lim or default for lim, default in zip(limits, (256, 64, 64))]
+        return (*(make_synthetic_polyps(n, size, seed=0, split=i) for i, n in enumerate(counts)), label)
+    return (*(load_polyp_dataset(root, split, size, limit=lim, seed=seed)
+              for split, lim in zip(("train", "val", "test"), limits)), label)
 
 
 def default_polyp_root() -> tuple[Path | None, str]:
