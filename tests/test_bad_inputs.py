@@ -3,6 +3,7 @@ error or is skipped and counted; none crashes the process or hangs a DataLoader 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -129,3 +130,66 @@ def test_nan_or_negative_arguments_give_a_clear_error(case):
     call, words = BAD_CALLS[case]
     with pytest.raises(ValueError, match=words):
         call()
+
+
+# -- polyp frames and boxes ---------------------------------------------------------------------
+BOX = {"label": "polyp", "xmin": 12, "ymin": 10, "xmax": 40, "ymax": 30}
+BAD_BOXES = {  # frame -> an extra box that must be dropped (or clipped) and counted
+    "good_1": ({**BOX, "xmin": 40, "xmax": 12}, "boxes_dropped_inverted"),
+    "grayscale": ({**BOX, "xmin": NAN}, "boxes_dropped_nonfinite"),
+    "rgba": ({**BOX, "xmin": -5, "xmax": 60}, "boxes_clipped"),
+}
+
+
+@pytest.fixture
+def kvasir_corpus(tmp_path):
+    """A Kvasir-SEG-like folder: every image case in images/, a mask for each, and a box json with
+    an inverted, a NaN, an out-of-frame and a malformed entry."""
+    from PIL import Image
+
+    root = tmp_path / "kvasir"
+    paths = write_image_corpus(root / "images")
+    (root / "masks").mkdir()
+    mask = torch.zeros(48, 48, dtype=torch.uint8)
+    mask[10:30, 12:40] = 255
+    entries = {}
+    for path in paths.values():
+        Image.fromarray(mask.numpy()).save(root / "masks" / path.name)
+        entries[path.stem] = {"height": 48, "width": 48, "bbox": [dict(BOX)]}
+    for frame, (box, _) in BAD_BOXES.items():
+        entries[frame]["bbox"].append(box)
+    entries["cmyk"] = {"width": 48, "bbox": "oops"}  # no height, boxes not a list
+    (root / "kavsir_bboxes.json").write_text(json.dumps(entries))
+    return root, paths
+
+
+def test_kvasir_preparation_skips_and_counts_bad_frames_and_boxes(kvasir_corpus, tmp_path):
+    from mtml.detection import DetectionTask
+    from mtml.polyp import load_polyp_dataset, prepare_kvasir
+
+    root, paths = kvasir_corpus
+    frame, report = prepare_kvasir(root, out_dir=tmp_path / "prepared")
+    readable = {Path(p).stem for c, p in paths.items() if c not in UNREADABLE}
+    assert set(frame["frame"]) == readable and report["images_unreadable"] == len(UNREADABLE)
+    assert report["json_entries_malformed"] == 1
+    for _, counter in BAD_BOXES.values():
+        assert report[counter] == 1, (counter, dict(report))
+    with time_limit(LIMIT):
+        data = load_polyp_dataset(tmp_path / "prepared", split=None, size=32)
+        batches = list(DataLoader(data, batch_size=2, num_workers=2, collate_fn=DetectionTask(size=32).collate))
+    assert sum(len(b["image"]) for b in batches) == len(readable)
+    boxes = torch.cat([t["boxes"] for b in batches for t in b["targets"]])
+    assert torch.isfinite(boxes).all() and (boxes >= 0).all() and (boxes <= 32).all()
+    # one box per frame: good_1 and grayscale lose their bad box, rgba keeps its clipped one as a
+    # second, cmyk (malformed entry) has none
+    assert len(boxes) == len(readable)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""], ids=["syntax", "list", "empty"])
+def test_an_unreadable_box_file_names_the_way_out(kvasir_corpus, tmp_path, content):
+    from mtml.polyp import prepare_kvasir
+
+    root, _ = kvasir_corpus
+    (root / "kavsir_bboxes.json").write_text(content)
+    with pytest.raises(ValueError, match="boxes='masks'"):
+        prepare_kvasir(root, out_dir=tmp_path / "prepared")
