@@ -57,6 +57,7 @@ class CohortConfig:
     seed: int = 0
     pretrained: bool = False   # ImageNet weights for torchvision networks
     num_workers: int = 0
+    clip_grad_norm: float = 5.0  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
     # speed options (OURS); the results do not depend on them beyond float rounding
     channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
     amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
@@ -74,9 +75,9 @@ class CohortConfig:
         if self.mode in USES_ML and self.n_students < 2:
             raise ValueError(f"mode {self.mode!r} needs n_students >= 2 (mutual learning needs "
                              f"peers), got {self.n_students}")
-        if not self.temperature > 0:  # also catches NaN
+        if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay"):
+        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
             if not value >= 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -129,13 +130,17 @@ class Cohort:
     def __init__(self, cfg: CohortConfig, teacher: nn.Module | None, students: list[nn.Module],
                  device="cpu"):
         self.cfg = cfg.validate()
+        if (teacher is not None) != cfg.uses_teacher or len(students) != cfg.n_students:
+            raise ValueError(f"mode {cfg.mode!r} with n_students={cfg.n_students} needs "
+                             f"{'a' if cfg.uses_teacher else 'no'} teacher and {cfg.n_students} "
+                             f"students, got teacher={teacher is not None}, {len(students)} students")
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.students = [s.to(self.device) for s in students]
         _speed_up([self.teacher, *self.students], cfg, self.device)
         self.frozen_teacher = cfg.mode == "offline"
         if self.frozen_teacher:
-            self.teacher.requires_grad_(False)
+            self.teacher.requires_grad_(False).eval()  # BN buffers stay as pre-trained
         self.networks = {}
         if self.teacher is not None:
             self.networks["teacher"] = self.teacher
@@ -248,6 +253,9 @@ def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.T
         raise NonFiniteLossError("cohort", "total", step, float(total.detach()))  # finite terms overflowed
     cohort.optimizer.zero_grad(set_to_none=True)
     total.backward()
+    if cohort.cfg.clip_grad_norm > 0:  # one param group per network
+        for group in cohort.optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], cohort.cfg.clip_grad_norm, foreach=True)
     cohort.optimizer.step()
     if cohort.scheduler is not None:
         cohort.scheduler.step()
@@ -324,6 +332,8 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     n = len(train_data)
     if n == 0:
         raise ValueError("the training dataset is empty: check the data folder or manifest")
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError("the validation dataset is empty: pass val_data=None or check its split")
     drop_last = n > cfg.batch_size  # BatchNorm needs > 1 sample per batch
     steps_per_epoch = n // cfg.batch_size if drop_last else 1
     if cohort.scheduler is None:

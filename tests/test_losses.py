@@ -1,0 +1,173 @@
+"""Unit tests of mtml.losses: golden values from float64 numpy formulas written here, and the
+properties the training step relies on (KL >= 0, tau^2 scaling, detached targets)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtml.losses import kd_loss, mutual_loss, soft_kl, student_objective
+
+STUDENT = np.array([[1.0, -0.5, 2.0], [0.3, 0.0, -1.2]])
+TEACHER = np.array([[0.5, 0.5, 3.0], [-1.0, 2.0, 0.0]])
+PEERS = [np.array([[0.0, 1.0, 0.0], [2.0, -2.0, 0.5]]), np.array([[-1.0, 0.2, 0.4], [0.0, 0.0, 0.0]])]
+
+
+def t64(a):
+    return torch.tensor(a, dtype=torch.float64)
+
+
+# ---- reference formulas (numpy, float64), written from the definitions ----
+def ref_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def ref_softmax_kl(student, target, tau):
+    """tau^2 * mean over rows of sum_k p_t log(p_t / p_s), p = softmax(z / tau)."""
+    ps, pt = ref_softmax(student / tau), ref_softmax(target / tau)
+    return tau ** 2 * (pt * np.log(pt / ps)).sum(-1).mean()
+
+
+def ref_bernoulli_kl(student, target, tau, weight=None):
+    """tau^2 * (weighted) mean over rows of the summed two-outcome KLs, p = sigmoid(z / tau)."""
+    ps, pt = 1 / (1 + np.exp(-student / tau)), 1 / (1 + np.exp(-target / tau))
+    kl = (pt * np.log(pt / ps) + (1 - pt) * np.log((1 - pt) / (1 - ps))).sum(-1)
+    per_row = kl.mean() if weight is None else (weight * kl).sum() / weight.sum()
+    return tau ** 2 * per_row
+
+
+# ---- golden values ----
+def test_softmax_kl_closed_form():
+    # p_T = (3/4, 1/4), p_S = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2)
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    got = soft_kl(t64([[0.0, 0.0]]), t64([[math.log(3.0), 0.0]]), temperature=1.0)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    # at tau = 2 with doubled logits the distributions are the same, the value is tau^2 times it
+    got2 = soft_kl(t64([[0.0, 0.0]]), t64([[2 * math.log(3.0), 0.0]]), temperature=2.0)
+    assert float(got2) == pytest.approx(4 * expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_soft_kl_softmax_golden(tau):
+    got = soft_kl(t64(STUDENT), t64(TEACHER), tau, kind="softmax")
+    assert float(got) == pytest.approx(ref_softmax_kl(STUDENT, TEACHER, tau), rel=1e-10)
+    got32 = soft_kl(torch.tensor(STUDENT, dtype=torch.float32), torch.tensor(TEACHER, dtype=torch.float32), tau)
+    assert float(got32) == pytest.approx(ref_softmax_kl(STUDENT, TEACHER, tau), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_soft_kl_sigmoid_golden(tau):
+    got = soft_kl(t64(STUDENT), t64(TEACHER), tau, kind="sigmoid")
+    assert float(got) == pytest.approx(ref_bernoulli_kl(STUDENT, TEACHER, tau), rel=1e-10)
+    weight = np.array([0.25, 2.0])
+    got_w = soft_kl(t64(STUDENT), t64(TEACHER), tau, kind="sigmoid", weight=t64(weight))
+    assert float(got_w) == pytest.approx(ref_bernoulli_kl(STUDENT, TEACHER, tau, weight), rel=1e-10)
+    # a zero weight removes its row entirely
+    only_first = soft_kl(t64(STUDENT), t64(TEACHER), tau, kind="sigmoid", weight=t64([1.0, 0.0]))
+    assert float(only_first) == pytest.approx(ref_bernoulli_kl(STUDENT[:1], TEACHER[:1], tau), rel=1e-10)
+
+
+def test_kd_loss_golden_default_temperature_is_4():
+    assert float(kd_loss(t64(STUDENT), t64(TEACHER))) == pytest.approx(
+        ref_softmax_kl(STUDENT, TEACHER, 4.0), rel=1e-10)
+    assert float(kd_loss(t64(STUDENT), t64(TEACHER), 2.0)) == pytest.approx(
+        ref_softmax_kl(STUDENT, TEACHER, 2.0), rel=1e-10)
+
+
+def test_mutual_loss_golden_is_mean_over_peers():
+    tau = 2.0
+    expected = np.mean([ref_softmax_kl(STUDENT, p, tau) for p in PEERS])
+    got = mutual_loss(t64(STUDENT), [t64(p) for p in PEERS], tau)
+    assert float(got) == pytest.approx(expected, rel=1e-10)
+    one = mutual_loss(t64(STUDENT), [t64(PEERS[0])], tau)
+    assert float(one) == pytest.approx(ref_softmax_kl(STUDENT, PEERS[0], tau), rel=1e-10)
+
+
+def test_student_objective_golden_and_terms_off():
+    ce, kd, ml = torch.tensor(0.7), torch.tensor(2.0), torch.tensor(0.3)
+    assert float(student_objective(ce, kd, ml, 0.5, 2.0, 3.0)) == pytest.approx(0.5 * 0.7 + 2 * 2.0 + 3 * 0.3)
+    # a term that is None is off, whatever its weight
+    assert float(student_objective(ce, None, None, 0.5, 100.0, 100.0)) == pytest.approx(0.35)
+    assert float(student_objective(ce, kd, None, 1.0, 2.0, 100.0)) == pytest.approx(0.7 + 4.0)
+    assert float(student_objective(ce, None, ml, 1.0, 100.0, 3.0)) == pytest.approx(0.7 + 0.9)
+
+
+# ---- properties ----
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_kl_nonnegative_and_zero_at_equality(kind):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+        t = 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+        assert float(soft_kl(s, t, 1.7, kind=kind)) >= 0.0
+        assert float(soft_kl(s, s.clone(), 1.7, kind=kind)) == 0.0
+    assert float(soft_kl(s, t, 1.7, kind=kind)) > 0.0  # not zero for different inputs
+
+
+def test_softmax_kl_ignores_a_constant_shift_of_the_logits():
+    s = t64(STUDENT)
+    assert float(soft_kl(s, s + 5.0, 2.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_tau_squared_factor_is_exact(kind):
+    # tau^2 KL(p_t^tau || p_s^tau) == tau^2 * [KL at tau = 1 of the logits divided by tau]
+    s, t = t64(STUDENT), t64(TEACHER)
+    for tau in (0.5, 2.0, 7.0):
+        assert float(soft_kl(s, t, tau, kind=kind)) == pytest.approx(
+            tau ** 2 * float(soft_kl(s / tau, t / tau, 1.0, kind=kind)), rel=1e-12)
+
+
+def test_gradient_is_tau_times_probability_gap():
+    """d/dz_s [tau^2 KL] = tau (p_s^tau - p_t^tau) / rows (Hinton et al. 2015, eq. 2 times tau^2)."""
+    for tau in (1.0, 4.0):
+        s = t64(STUDENT).requires_grad_(True)
+        soft_kl(s, t64(TEACHER), tau).backward()
+        expected = tau * (ref_softmax(STUDENT / tau) - ref_softmax(TEACHER / tau)) / len(STUDENT)
+        np.testing.assert_allclose(s.grad.numpy(), expected, rtol=1e-10, atol=1e-14)
+
+
+def test_tau_squared_keeps_the_gradient_scale_at_high_temperature():
+    """At high tau the gradient tends to (centred logit gap) / (classes * rows), whatever tau:
+    the tau^2 factor is what keeps it from shrinking like 1/tau^2."""
+    s0, t0 = STUDENT - STUDENT.mean(-1, keepdims=True), TEACHER - TEACHER.mean(-1, keepdims=True)
+    limit = (s0 - t0) / (STUDENT.shape[1] * len(STUDENT))
+    norms = {}
+    for tau in (20.0, 200.0):
+        s = t64(STUDENT).requires_grad_(True)
+        soft_kl(s, t64(TEACHER), tau).backward()
+        np.testing.assert_allclose(s.grad.numpy(), limit, atol=0.1 * np.abs(limit).max() * 20 / tau)
+        norms[tau] = float(s.grad.norm())
+    assert norms[200.0] / norms[20.0] == pytest.approx(1.0, abs=0.02)  # 1/100 without tau^2
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, t: soft_kl(s, t, 2.0),
+    lambda s, t: soft_kl(s, t, 2.0, kind="sigmoid"),
+    lambda s, t: kd_loss(s, t),
+    lambda s, t: mutual_loss(s, [t, 2 * t], 3.0),
+], ids=["soft_kl_softmax", "soft_kl_sigmoid", "kd_loss", "mutual_loss"])
+def test_target_is_detached(fn):
+    s = t64(STUDENT).requires_grad_(True)
+    t = t64(TEACHER).requires_grad_(True)
+    fn(s, t).backward()
+    assert t.grad is None
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_bad_temperature_raises(tau):
+    with pytest.raises(ValueError, match="temperature"):
+        soft_kl(t64(STUDENT), t64(TEACHER), tau)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="kind"):
+        soft_kl(t64(STUDENT), t64(TEACHER), 1.0, kind="gaussian")
+    with pytest.raises(ValueError, match="differ"):
+        soft_kl(t64(STUDENT), t64(TEACHER[:, :2]), 1.0)
+    with pytest.raises(ValueError, match="peer"):
+        mutual_loss(t64(STUDENT), [], 1.0)
