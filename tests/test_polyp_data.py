@@ -140,20 +140,32 @@ def test_prepare_kvasir_reports_and_trains_on_empty_frames(tmp_path):
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-def test_kvasir_cli_downloads_from_local_server(http_server, tmp_path):
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("polyp_script", REPO / "data_scripts" / "polyp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kvasir_cli_downloads_from_local_server(http_server, tmp_path, capsys):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in kvasir_files().items():
             zf.writestr(name, data)
     http_server.files["/downloads/kvasir-seg.zip"] = buf.getvalue()
-    run = subprocess.run([sys.executable, str(REPO / "data_scripts" / "polyp.py"), "kvasir", "--quiet",
-                          "--url", http_server.url("/downloads/kvasir-seg.zip"), "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    load_script().main(["kvasir", "--quiet", "--url", http_server.url("/downloads/kvasir-seg.zip"),
+                        "--data-dir", str(tmp_path)])
     manifest = pd.read_csv(tmp_path / "kvasir-seg" / "manifest.csv", dtype={"frame": str})
     assert sorted(manifest["frame"]) == ["f0", "f1", "f3", "f4", "f5"]
     assert (tmp_path / "kvasir-seg" / "raw" / "Kvasir-SEG" / "images" / "f5.jpg").is_file()
-    assert "images_unreadable: 1" in run.stdout and http_server.hits["/downloads/kvasir-seg.zip"] == 1
+    assert "images_unreadable: 1" in capsys.readouterr().out
+    assert http_server.hits["/downloads/kvasir-seg.zip"] == 1
+    # a second run reuses the verified download and the extracted files
+    load_script().main(["kvasir", "--quiet", "--url", http_server.url("/downloads/kvasir-seg.zip"),
+                        "--data-dir", str(tmp_path)])
+    assert http_server.hits["/downloads/kvasir-seg.zip"] == 1
 
 
 def test_cli_help_and_missing_source(tmp_path):
@@ -220,3 +232,18 @@ def test_flip_augment_moves_boxes_with_pixels():
         out = flip_augment(batch)
         x0, y0, x1, y1 = out["targets"][0]["boxes"][0].long().tolist()
         assert out["image"][0, 0, y0:y1, x0:x1].min() == 1 and out["image"][0, 0].sum() == 6 * 14
+
+
+def test_notebook_data_falls_back_to_labelled_synthetic(monkeypatch, tmp_path):
+    import mtml.polyp as polyp
+
+    monkeypatch.setattr(polyp, "default_polyp_root", lambda: (None, "SYNTHETIC polyps (test)"))
+    train, val, test, label = polyp.polyp_splits(None, size=64, limits=(8, 4, 4))
+    assert label.startswith("SYNTHETIC") and (len(train), len(val), len(test)) == (8, 4, 4)
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path))  # a prepared folder wins over the fallbacks
+    write_tree(tmp_path / "kvasir-seg" / "raw", kvasir_files())
+    prepare_kvasir(tmp_path / "kvasir-seg" / "raw", out_dir=tmp_path / "kvasir-seg")
+    monkeypatch.undo()
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path))
+    root, label = polyp.default_polyp_root()
+    assert root == tmp_path / "kvasir-seg" and "prepared" in label
