@@ -24,8 +24,9 @@ from mtml.train import CHECKPOINT_NAME
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT = 60  # seconds; a child that runs longer is killed and the test fails
 
-# The child trains the tiny cohort and prints one line per step (before the step runs); its
-# augmentation draws from the torch, numpy and python RNGs, which checkpoints must carry.
+# The child trains the tiny cohort; before each step it prints a line and waits for one on stdin
+# (so the parent kills it at a known step, however loaded the machine). Its augmentation draws
+# from the torch, numpy and python RNGs, which checkpoints must carry.
 TRAINER = r"""
 import random, sys
 import numpy as np, torch
@@ -45,6 +46,7 @@ def augment(batch):
     if random.random() < 0.5:
         image = image.flip(-2)
     print("step", flush=True)
+    sys.stdin.readline()
     return {**batch, "image": image}
 
 history = fit(cohort, ClassificationTask(2), make_separable(80, 16, seed=1),
@@ -63,13 +65,15 @@ def _env():
 def run_trainer(tmp: Path, name: str, ckpt_dir: Path, resume: bool, every: int) -> dict:
     out = tmp / f"{name}.pt"
     subprocess.run([sys.executable, "-c", TRAINER, str(out), str(ckpt_dir), str(int(resume)), str(every)],
-                   check=True, stdout=subprocess.DEVNULL, timeout=CHILD_TIMEOUT, env=_env(), cwd=tmp)
+                   check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=CHILD_TIMEOUT,
+                   env=_env(), cwd=tmp)
     return load_checkpoint(out)
 
 
 def kill_after_lines(args: list[str], n_lines: int, tmp: Path) -> int:
-    """Starts a child, SIGKILLs it as soon as it has printed `n_lines` lines; returns the count."""
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=_env(), cwd=tmp)
+    """Starts a child and answers each line it prints with one on its stdin, except line `n_lines`:
+    then it SIGKILLs the child. Returns the count of lines seen."""
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(), cwd=tmp)
     seen = 0
     try:
         with time_limit(CHILD_TIMEOUT):  # a silent child must not hang the test run
@@ -78,6 +82,8 @@ def kill_after_lines(args: list[str], n_lines: int, tmp: Path) -> int:
                 if seen == n_lines:
                     child.send_signal(signal.SIGKILL)
                     break
+                child.stdin.write("\n")
+                child.stdin.flush()
     finally:
         child.kill()
         child.wait(timeout=CHILD_TIMEOUT)
@@ -100,19 +106,17 @@ def assert_same_run(a: dict, b: dict, context: str):
 
 @pytest.mark.parametrize("every", [1, 0], ids=["mid-epoch-checkpoint", "epoch-end-checkpoint"])
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, every):
-    # a kill after `done` finished steps (the line of step done+1 is printed before it runs);
-    # with every=1 the child may finish one more step before the signal lands: both stay mid-epoch
-    mid_epoch = [d for d in range(1, STEPS_PER_EPOCH * EPOCHS - 1)
-                 if d % STEPS_PER_EPOCH not in (0, STEPS_PER_EPOCH - 1)]
-    done = random.choice(mid_epoch if every else range(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH * EPOCHS))
+    # killed after `done` finished steps, while waiting to start the next one
+    total = STEPS_PER_EPOCH * EPOCHS
+    mid_epoch = [d for d in range(1, total) if d % STEPS_PER_EPOCH]
+    done = random.choice(mid_epoch if every else range(STEPS_PER_EPOCH + 1, total))
     ckpt_dir = tmp_path / "ckpt"
     kill_after_lines([sys.executable, "-c", TRAINER, str(tmp_path / "killed.pt"), str(ckpt_dir), "0",
                       str(every)], done + 1, tmp_path)
     state = load_checkpoint(ckpt_dir / CHECKPOINT_NAME)
     context = f"killed after step {done}, checkpoint at epoch {state['epoch']} step {state['step_in_epoch']}"
     if every:
-        assert 0 < state["step_in_epoch"] < STEPS_PER_EPOCH, context
-        assert state["epoch"] * STEPS_PER_EPOCH + state["step_in_epoch"] in (done, done + 1), context
+        assert (state["epoch"], state["step_in_epoch"]) == divmod(done, STEPS_PER_EPOCH), context
     else:
         assert (state["epoch"], state["step_in_epoch"]) == (done // STEPS_PER_EPOCH, 0), context
         assert len(state["history"]) == state["epoch"], context
@@ -164,7 +168,7 @@ def test_an_unreadable_checkpoint_gives_a_clear_error(tmp_path, content):
 
 @pytest.mark.parametrize("change", [
     dict(mode="kd"), dict(n_students=3), dict(version="v1"), dict(format=0), dict(identity=None),
-    dict(model_only=True)])
+    dict(model_only=True)], ids=lambda change: "-".join(f"{k}={v}" for k, v in change.items()))
 def test_a_checkpoint_for_another_cohort_or_format_gives_a_clear_error(tmp_path, change):
     cohort, task, data = tiny_setup()
     fit(cohort, task, data, checkpoint_dir=tmp_path, progress=False)
