@@ -34,11 +34,17 @@ def sync():
 
 def timed(fn) -> float:
     """Seconds one call of `fn` takes (GPU work included)."""
+    return timed2(fn)[0]
+
+
+def timed2(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call of `fn`. With one thread, the CPU
+    time is what the call costs even while other processes share the cores."""
     sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def median(xs) -> float:
