@@ -47,7 +47,8 @@ def student_ensemble(probs: dict) -> np.ndarray:
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """accuracy, balanced accuracy, AUROC, F1 (of class 1 when binary, else macro), confusion."""
+    """accuracy, balanced accuracy, AUROC, F1 (of class 1 when binary, else macro), confusion.
+    Balanced accuracy and multiclass AUROC average over the classes present in `labels`."""
     p = torch.tensor(np.asarray(probs), dtype=torch.float32)
     y = torch.tensor(np.asarray(labels), dtype=torch.long)
     c = p.shape[1]
@@ -56,16 +57,18 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
         auroc = float("nan") if one_class else float(tmf.auroc(p[:, 1], y, task="binary"))
         f1 = float(tmf.f1_score(p.argmax(1), y, task="binary"))
     else:
+        present = torch.bincount(y, minlength=c) > 0
         auroc = float("nan") if one_class else float(
-            tmf.auroc(p, y, task="multiclass", num_classes=c))
+            tmf.auroc(p, y, task="multiclass", num_classes=c, average="none")[present].mean())
         f1 = float(tmf.f1_score(p, y, task="multiclass", num_classes=c, average="macro"))
+    confusion = tmf.confusion_matrix(p, y, task="multiclass", num_classes=c)  # rows: true class
+    support = confusion.sum(1)
     return {
         "accuracy": float(tmf.accuracy(p, y, task="multiclass", num_classes=c, average="micro")),
-        "balanced_accuracy": float(tmf.recall(p, y, task="multiclass", num_classes=c,
-                                              average="macro")),
+        "balanced_accuracy": float((confusion.diag()[support > 0] / support[support > 0]).mean()),
         "auroc": auroc,
         "f1": f1,
-        "confusion": tmf.confusion_matrix(p, y, task="multiclass", num_classes=c).tolist(),
+        "confusion": confusion.tolist(),
     }
 
 

@@ -27,18 +27,23 @@ def f1_per_class(m: np.ndarray) -> np.ndarray:
 
 
 def hand_metrics(probs, labels) -> dict:
-    """accuracy, balanced accuracy, AUROC (binary: of class 1; else macro one-vs-rest),
-    F1 (binary: of class 1; else macro), confusion; predictions by argmax."""
+    """accuracy, balanced accuracy (mean recall of the classes in `labels`), AUROC (binary: of
+    class 1; else the mean one-vs-rest AUROC of the classes in `labels`), F1 (binary: of class 1;
+    else the mean over classes labelled or predicted), confusion; predictions by argmax."""
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
     c = probs.shape[1]
     pred = probs.argmax(1)
     m = confusion(pred, labels, c)
-    recall = np.diag(m) / m.sum(1)
+    present = m.sum(1) > 0
+    recall = np.diag(m)[present] / m.sum(1)[present]
+    one_class = present.sum() < 2
     if c == 2:
-        auroc, f1 = binary_auroc(probs[:, 1], labels == 1), f1_per_class(m)[1]
+        auroc = np.nan if one_class else binary_auroc(probs[:, 1], labels == 1)
+        f1 = f1_per_class(m)[1]
     else:
-        auroc = np.mean([binary_auroc(probs[:, k], labels == k) for k in range(c)])
-        f1 = f1_per_class(m).mean()
+        auroc = np.nan if one_class else np.mean(
+            [binary_auroc(probs[:, k], labels == k) for k in range(c) if present[k]])
+        f1 = f1_per_class(m)[present | (m.sum(0) > 0)].mean()
     return {"accuracy": (pred == labels).mean(), "balanced_accuracy": recall.mean(),
             "auroc": auroc, "f1": f1, "confusion": m.tolist()}
 
@@ -46,5 +51,6 @@ def hand_metrics(probs, labels) -> dict:
 def assert_metrics_match(row, expected: dict, tol: float = 1e-5) -> None:
     """`row`: a row of `evaluate_classification`'s frame (or a dict) against `hand_metrics`."""
     for key in ("accuracy", "balanced_accuracy", "auroc", "f1"):
-        assert abs(float(row[key]) - expected[key]) <= tol, (key, float(row[key]), expected[key])
+        got, want = float(row[key]), float(expected[key])
+        assert (np.isnan(got) and np.isnan(want)) or abs(got - want) <= tol, (key, got, want)
     assert np.array_equal(np.asarray(row["confusion"]), np.asarray(expected["confusion"]))
