@@ -372,8 +372,9 @@ def make_synthetic_polyps(n: int = 64, size: int = 128, seed: int = 0, split: in
     """SYNTHETIC frames: a pinkish textured background with one or two reddish textured
     ellipses ("polyps"); their bounding boxes are the targets. About `empty_fraction` of the
     frames have none. `split` draws other frames of the same problem (0 train, 1 val, ...)."""
-    if n < 1 or size < 32:
-        raise ValueError("need n >= 1 and size >= 32")
+    if not (n >= 1 and size >= 32 and 0 <= empty_fraction <= 1):  # NaN fails every comparison
+        raise ValueError(f"need n >= 1 and size >= 32 and 0 <= empty_fraction <= 1, got {n}, {size}, "
+                         f"{empty_fraction}")
     g = torch.Generator().manual_seed(seed * 1000 + 7 + split)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images, boxes = [], []

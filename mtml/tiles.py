@@ -227,8 +227,8 @@ class TileDataset(Dataset):
         frame, base = read_manifest(manifest)
         if split is not None and (split not in SPLITS or "split" not in frame):
             raise ValueError(f"split must be one of {SPLITS} (with a 'split' column) or None, got {split!r}")
-        if size < 8:
-            raise ValueError(f"size must be >= 8, got {size}")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:  # NaN too
+            raise ValueError(f"size must be >= 8 (an integer), got {size!r}")
         self.size, self.progress = size, progress
         self.paths = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
         in_split = np.ones(len(frame), bool) if split is None else (frame["split"] == split).to_numpy()

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit, soft_kl
 from mtml.data import TensorImageDataset, make_separable
+from mtml.detection import DetectionTask
+from mtml.polyp import load_polyp_dataset, make_synthetic_polyps, prepare_kvasir, split_frames
 from mtml.tiles import MEAN, STD, TileDataset, patient_split, scan_tiles
 
 LIMIT = 60  # seconds for anything that runs DataLoader workers
@@ -122,6 +124,12 @@ BAD_CALLS = {
     "patient_split val_fraction=nan": (lambda: patient_split(TWO_PATIENTS, val_fraction=NAN), "fraction"),
     "patient_split test_fraction<0": (lambda: patient_split(TWO_PATIENTS, test_fraction=-0.1), "fraction"),
     "make_separable n=-1": (lambda: make_separable(-1), "n >= 1"),
+    "TileDataset size=nan": (lambda: TileDataset(EMPTY_MANIFEST, size=NAN), "size"),
+    "split_frames fractions=nan": (lambda: split_frames(["a", "b"], fractions=(NAN, 0.5, 0.5)), "fractions"),
+    "split_frames fraction<0": (lambda: split_frames(["a", "b"], fractions=(1.2, -0.2, 0)), "fractions"),
+    "make_synthetic_polyps n=-1": (lambda: make_synthetic_polyps(-1), "n >= 1"),
+    "make_synthetic_polyps empty_fraction=nan": (lambda: make_synthetic_polyps(2, empty_fraction=NAN), "empty_fraction"),
+    "DetectionTask size=nan": (lambda: DetectionTask(size=NAN), "size"),
 }
 
 
@@ -164,9 +172,6 @@ def kvasir_corpus(tmp_path):
 
 
 def test_kvasir_preparation_skips_and_counts_bad_frames_and_boxes(kvasir_corpus, tmp_path):
-    from mtml.detection import DetectionTask
-    from mtml.polyp import load_polyp_dataset, prepare_kvasir
-
     root, paths = kvasir_corpus
     frame, report = prepare_kvasir(root, out_dir=tmp_path / "prepared")
     readable = {Path(p).stem for c, p in paths.items() if c not in UNREADABLE}
@@ -187,8 +192,6 @@ def test_kvasir_preparation_skips_and_counts_bad_frames_and_boxes(kvasir_corpus,
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""], ids=["syntax", "list", "empty"])
 def test_an_unreadable_box_file_names_the_way_out(kvasir_corpus, tmp_path, content):
-    from mtml.polyp import prepare_kvasir
-
     root, _ = kvasir_corpus
     (root / "kavsir_bboxes.json").write_text(content)
     with pytest.raises(ValueError, match="boxes='masks'"):
