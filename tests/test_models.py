@@ -15,6 +15,14 @@ CLASSIFIER_IN = {"resnet18": 512, "resnet50": 2048, "densenet121": 1024, "mobile
                  "wide_resnet50_2": 2048, "shufflenet_v2_x1_0": 1024}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_count(widths, num_classes, in_channels=3):
     """Per stage two bias-free 3x3 convolutions and two BatchNorms (weight, bias), then a linear."""
     total, c = 0, in_channels
