@@ -7,7 +7,17 @@ the kit's own choices (the paper does not publish them) and are all parameters.
 from .losses import kd_loss, mutual_loss, soft_kl, student_objective
 from .train import MODES, Cohort, CohortConfig, NonFiniteLossError, cohort_step, fit, pretrain_teacher, seed_everything
 from .task import ClassificationTask
-from . import evaluate, experiment, models, plots, report  # noqa: E402  (mtml.plots etc. in notebooks)
+
+_SUBMODULES = {"data", "detection", "distributed", "download", "evaluate", "experiment", "io",
+               "models", "plots", "polyp", "report", "reproduce", "synthetic", "tiles", "widgets"}
+
+
+def __getattr__(name):  # `mtml.plots` etc. import on first use, keeping `import mtml` light
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mtml' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 __all__ = ["kd_loss", "mutual_loss", "soft_kl", "student_objective", "MODES", "Cohort",
