@@ -1,7 +1,9 @@
 """One cohort run end to end (build, train, evaluate), shared by notebooks and scripts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -42,3 +44,9 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     metrics = task.evaluate(cohort.networks, test if test is not None else val)
     return RunResult(cohort, history, metrics)
 
+
+def run_key(cfg: CohortConfig, **data) -> str:
+    """A folder name for one run's checkpoints: mode, version, seed and a hash of every setting
+    (plus `data`, e.g. tile size and manifest), so a changed parameter never resumes an old run."""
+    blob = json.dumps({**asdict(cfg), **data}, sort_keys=True, default=str)
+    return f"{cfg.mode}-{cfg.version}-seed{cfg.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"

@@ -307,11 +307,18 @@ def _check_checkpoint(state, cfg: CohortConfig, task_name: str, path: Path) -> N
         diff["task"] = (state.get("task"), task_name)
     if diff:
         raise ValueError(f"{path} was made for another cohort ({diff}: checkpoint vs now); {hint}")
+    stored_cfg = state.get("config", {})
+    changed = {k: (stored_cfg[k], v) for k, v in asdict(cfg).items()
+               if k in stored_cfg and k not in _RESUMABLE_CHANGES and stored_cfg[k] != v}
+    if changed:
+        raise ValueError(f"{path} was trained with other settings ({changed}: checkpoint vs now); "
+                         f"resuming would mix two runs; {hint}")
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 _IDENTITY = ("mode", "version", "n_students", "num_classes")
+_RESUMABLE_CHANGES = ("num_workers",)  # settings that do not change what is computed
 
 
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
