@@ -184,8 +184,10 @@ _READ_PAGE = """() => {
   const all = sel => [...document.querySelectorAll(panel + sel)];
   const code = all('.jp-CodeCell').filter(c => text(c.querySelector('.jp-InputArea-editor')) !== '');
   const outs = sel => all('.jp-OutputArea-output' + sel);
-  // A widget output (not nested in a widget) holds a view, or says "Loading/Error displaying widget".
-  const failed = o => /^(Error displaying|Loading) widget/.test(text(o));
+  // A widget output (not nested in a widget) holds a view, or says "Loading/Error displaying widget",
+  // or holds ipywidgets' error view (its JavaScript model or view failed), maybe nested in a box.
+  const failed = o => /^(Error displaying|Loading) widget/.test(text(o)) ||
+    o.querySelector('.jupyter-widgets-error-widget') !== null;
   const widgets = outs('').filter(o => !o.parentElement.closest('.jupyter-widgets') &&
     (o.classList.contains('jupyter-widgets') || o.querySelector(':scope > .jupyter-widgets') || failed(o)));
   const live = o => o.querySelector(':scope > .jupyter-widgets[class*="widget-"]') !== null && !failed(o);
@@ -268,8 +270,10 @@ def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout:
 
         def finished():  # every cell numbered, or nothing queued any more on an idle kernel (3 s)
             nonlocal idle_polls
-            seen = page.evaluate(_READ_PAGE)
-            if seen["busy"] or _kernel_state(server, name) != "idle":
+            state, seen = _kernel_state(server, name), page.evaluate(_READ_PAGE)
+            if state in (None, "dead"):  # the kernel is gone: report what ran
+                return True
+            if seen["busy"] or state != "idle":
                 idle_polls = 0
                 return False
             idle_polls += 1

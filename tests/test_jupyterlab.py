@@ -85,31 +85,32 @@ def lab(tmp_path_factory, pytestconfig):
 
 
 @pytest.mark.parametrize("name", notebooks_to_run())
-def test_notebook_runs_in_jupyterlab(name, lab, browser):
+def test_notebook_runs_in_jupyterlab(name, browser, lab):
     source = NOTEBOOKS / name
     assert source.is_file(), f"notebooks/{name} is missing"
     shot = SCREENSHOTS / f"{source.stem}.png"
     report = run_in_lab(browser, lab, f"notebooks/{name}", shot, RUN_TIMEOUT_S)
-    lab.shots.append(shot.name)
+    lab.shots.append(f"{shot.name} ({report.seconds:.0f} s)")
     where = (f"{name}: {report.seconds:.0f} s in the lab, kernel CPU {report.kernel_cpu_s:.0f} s; "
              f"screenshot {report.screenshot}; server log {lab.log}")
     print(where)
 
-    assert not report.dialogs, f"JupyterLab asked a question instead of running: {report.dialogs}; {where}"
+    assert not report.dialogs, f"JupyterLab showed a dialog: {report.dialogs}; {where}"
     # The kernel is this environment's interpreter (the .venv that `make test` uses).
     assert report.kernel_argv and Path(report.kernel_argv[0]) == Path(sys.executable), \
         f"kernel ran {report.kernel_argv[:1]}, expected {sys.executable}; {where}"
     assert report.prompts, f"no code cells seen; {where}"
     assert not report.unfinished, (
         f"code cells {report.unfinished} of {len(report.prompts)} never ran (prompts {report.prompts}); "
-        f"errors {report.saved_errors}; {where}")
+        f"errors {report.saved_errors}; dialogs {report.dialogs}; {where}")
     assert not report.saved_errors and not report.tracebacks, \
         f"errors: {report.saved_errors} {report.tracebacks}; {where}"
     if _mentions(source, WIDGET_MARKERS):
         assert report.widget_outputs, f"the kernel displayed no widget; {where}"
         assert not report.text_fallbacks, \
             f"widgets shown as text, not live views: {report.text_fallbacks}; {where}"
-        assert not report.widget_failures, f"widgets failed to render: {report.widget_failures}; {where}"
+        assert not report.widget_failures, \
+            f"widgets failed to render: {report.widget_failures}; console {report.console_errors}; {where}"
         assert report.live_widgets, f"no live widget view on the page; {where}"
     if _mentions(source, PLOT_MARKERS):
         assert report.image_outputs, f"the kernel sent no image; {where}"
