@@ -1,7 +1,8 @@
 """Polyp detection: FCOS detectors per version, the detection task, evaluation and drawing.
 
 Every network of a version is torchvision's FCOS (Tian et al. 2019, anchor-free, one point per
-location) on a ResNet-style trunk with an FPN. Teacher and students share the strides and frame
+location) on a ResNet-style trunk with an FPN; the box distances go through softplus instead of
+ReLU (ours, see `SoftplusRegressionHead`). Teacher and students share the strides and frame
 size, so their dense head outputs (classification logits, box regressions, centerness) line up
 location by location, which is what dense distillation and the mean ensemble need.
 
@@ -43,7 +44,7 @@ from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -87,6 +88,23 @@ class TinyTrunk(nn.Sequential):
         super().__init__(layers)
 
 
+class SoftplusRegressionHead(FCOSRegressionHead):
+    """torchvision's FCOS regression head with softplus instead of ReLU on the box distances
+    (**ours**). With ReLU, a distillation term that pushes the shared output bias below zero kills
+    the head for good (all-zero boxes, no gradient): in our tiny runs whole students died in kd and
+    ml modes while independent ones trained. Softplus is positive and never stops the gradient."""
+
+    def forward(self, x):
+        regressions, centerness = [], []
+        for features in x:
+            f = self.conv(features)
+            reg, ctr = F.softplus(self.bbox_reg(f)), self.bbox_ctrness(f)
+            n, _, h, w = reg.shape  # (N, 4, H, W) -> (N, HW, 4), one point per location
+            regressions.append(reg.view(n, 4, h, w).permute(0, 2, 3, 1).reshape(n, -1, 4))
+            centerness.append(ctr.view(n, 1, h, w).permute(0, 2, 3, 1).reshape(n, -1, 1))
+        return torch.cat(regressions, dim=1), torch.cat(centerness, dim=1)
+
+
 def _trunk(name: str, pretrained: bool):
     """A trunk with layer2..layer4 and their channel counts."""
     if name in TINY_WIDTHS:
@@ -115,6 +133,7 @@ def build_detector(spec: DetectorSpec, num_classes: int = 2, pretrained: bool = 
         backbone.fpn.extra_blocks = None  # BackboneWithFPN would add a max-pool level
     anchors = AnchorGenerator(tuple((8 * 2 ** i,) for i in range(levels)), ((1.0,),) * levels)
     head = FCOSHead(spec.channels, 1, num_classes, num_convs=spec.head_convs)
+    head.regression_head = SoftplusRegressionHead(spec.channels, 1, num_convs=spec.head_convs)
     return FCOS(backbone, num_classes, min_size=size, max_size=size, anchor_generator=anchors,
                 head=head, score_thresh=0.05)
 

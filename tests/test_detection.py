@@ -197,3 +197,15 @@ def test_short_fit_on_real_kvasir_frames(shared_data):
     for net in ("teacher", "student_1", "student_2", "ensemble"):
         values = history[f"val/{net}/map50"]
         assert values.notna().all() and ((values >= 0) & (values <= 1)).all()
+
+
+def test_box_head_cannot_die(batch):
+    """Distillation once pushed torchvision's ReLU box output below zero for good (all-zero
+    boxes, no gradient); the softplus head keeps boxes positive and gradients flowing."""
+    task = DetectionTask(size=SIZE)
+    _, (s,) = networks("tiny", 1)
+    torch.nn.init.constant_(s.head.regression_head.bbox_reg.bias, -10.0)
+    out = task.outputs(s, batch)
+    assert (out["bbox_regression"] > 0).all()
+    out["bbox_regression"].sum().backward()
+    assert s.head.regression_head.bbox_reg.bias.grad.abs().min() > 0
