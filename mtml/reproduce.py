@@ -56,8 +56,12 @@ def _finished(out_dir: Path) -> bool:
 
 def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool) -> Path:
     """Executes one notebook with papermill; the executed copy lands in `out_dir`."""
+    import logging
+
     import papermill
 
+    # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["MTML_SMOKE"] = "1" if smoke else "0"
     target = out_dir / f"{notebook}.ipynb"

@@ -1,7 +1,5 @@
 """The notebook contract, and the reproduction runner on a small grid (notebooks themselves run
 under nbval: `MTML_SMOKE=1 pytest --nbval-lax notebooks/`, part of `make test`)."""
-import json
-import os
 from pathlib import Path
 
 import nbformat
