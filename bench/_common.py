@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from mtml.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,8 +63,7 @@ def markdown(rows: list[dict]) -> str:
 def save(name: str, title: str, notes: str, rows: list[dict]) -> str:
     """Writes results/<name>.json and returns the markdown section (title, notes, table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "notes": notes, "rows": rows},
-                                                     indent=2) + "\n")
+    write_json(RESULTS / f"{name}.json", {"title": title, "notes": notes, "rows": rows})
     section = f"## {title}\n\n{notes}\n\n{markdown(rows) if rows else '(no rows)'}\n"
     print(section, flush=True)
     return section

@@ -20,6 +20,8 @@ import bench_data  # noqa: E402
 import bench_kdlib  # noqa: E402
 from _common import RESULTS, parser  # noqa: E402
 
+from mtml.io import write_text  # noqa: E402
+
 OURS = {"bench_cohort.py", "bench_kdlib.py", "bench_data.py"}
 
 
@@ -46,7 +48,7 @@ def main(argv=None) -> Path:
               f"{', quick run' if args.quick else ''}.\n")
     out = RESULTS / "bench.md"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([header, *sections]))
+    write_text(out, "\n".join([header, *sections]))
     print("\n" + out.read_text())
     print(f"written to {out}")
     return out
