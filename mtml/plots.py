@@ -50,9 +50,9 @@ def roc_curves(probs: dict, labels: np.ndarray, ax=None, title="ROC (tile level)
     import torch
 
     ax = ax or plt.subplots(figsize=(4.5, 4.5))[1]
-    y = torch.as_tensor(labels)
+    y = torch.tensor(np.array(labels))  # a copy: pandas may hand out read-only arrays
     for name, p in probs.items():
-        fpr, tpr, _ = roc(torch.as_tensor(p[:, 1]), y, task="binary")
+        fpr, tpr, _ = roc(torch.tensor(np.array(p[:, 1])), y, task="binary")
         ax.plot(fpr, tpr, label=name, lw=3 if name == "ensemble" else 1.5)
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
