@@ -75,16 +75,26 @@ def confusion_matrices(metrics: pd.DataFrame, class_names=("MSS", "MSI"), title_
 
 
 def comparison_figure(runs: pd.DataFrame, metric: str = "auroc", title: str = ""):
-    """Individual students vs the student ensemble, per mode, one point per seed (seaborn)."""
+    """Individual students vs the student ensemble, per mode: mean and Student-t 95% interval over
+    seeds (as in the tables), one faint point per run (seaborn)."""
     import seaborn as sns
 
     from .report import long_metric
 
     long = long_metric(runs, metric)
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    sns.pointplot(data=long, x="mode", y=metric, hue="who", errorbar=("ci", 95), dodge=0.3,
+    sns.pointplot(data=long, x="mode", y=metric, hue="who", errorbar=_t_interval, dodge=0.3,
                   linestyle="none", capsize=0.1, ax=ax)
     sns.stripplot(data=long, x="mode", y=metric, hue="who", dodge=True, alpha=0.35, legend=False,
                   ax=ax)
     ax.set_title(title or f"{metric}: students vs student ensemble (mean, 95% CI over seeds)")
     return fig
+
+
+def _t_interval(values):
+    """The Student-t 95% interval the tables use (seaborn's own "ci" would bootstrap)."""
+    from .report import mean_ci
+
+    mean, half, _ = mean_ci(values)
+    half = 0.0 if not np.isfinite(half) else half
+    return mean - half, mean + half
