@@ -15,12 +15,7 @@ CLASSIFIER_IN = {"resnet18": 512, "resnet50": 2048, "densenet121": 1024, "mobile
                  "wide_resnet50_2": 2048, "shufflenet_v2_x1_0": 1024}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # steadier on a shared 2-core machine
 
 
 def tiny_count(widths, num_classes, in_channels=3):

@@ -23,12 +23,7 @@ TERMS_ON = {"independent": (False, False, False), "kd": (True, True, False),
             "ml": (False, False, True), "kd_ml": (True, True, True), "offline": (False, True, False)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # steadier on a shared 2-core machine
 
 
 def make_batch(n: int = 16, seed: int = 0) -> dict:
