@@ -318,35 +318,24 @@ def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 
 @torch.no_grad()
 def predict_detections(networks: dict, data, task: DetectionTask, batch_size: int = 16, ensemble=None):
     """Runs every network once over `data`. Returns ({name: [detections per frame]}, [targets])."""
-    from torch.utils.data import DataLoader
+    from .evaluate import eval_batches
 
-    if len(data) == 0:
-        raise ValueError("the evaluation dataset is empty")
     kind = ensemble or task.ensemble_kind
-    device = next(next(iter(networks.values())).parameters()).device
-    modes = {k: m.training for k, m in networks.items()}
     preds = {k: [] for k in networks}
     students = [k for k in networks if k.startswith("student")]
     if students:
         preds[ENSEMBLE] = []
     targets = []
-    try:
-        for m in networks.values():
-            m.eval()
-        for batch in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=task.collate):
-            batch = task.to_device(batch, device)
-            outs = {k: task.outputs(m, batch) for k, m in networks.items()}
-            for k, out in outs.items():
-                preds[k].extend(task.detections(out))
-            if students and kind == "mean":
-                preds[ENSEMBLE].extend(task.detections(task.ensemble([outs[k] for k in students])))
-            elif students:
-                per_student = [preds[k][-len(batch["index"]):] for k in students]
-                preds[ENSEMBLE].extend(weighted_box_fusion(list(d), task.wbf_iou) for d in zip(*per_student))
-            targets.extend({k: v.cpu() for k, v in t.items()} for t in batch["targets"])
-    finally:
-        for k, m in networks.items():
-            m.train(modes[k])
+    for batch in eval_batches(networks, data, task, batch_size):
+        outs = {k: task.outputs(m, batch) for k, m in networks.items()}
+        for k, out in outs.items():
+            preds[k].extend(task.detections(out))
+        if students and kind == "mean":
+            preds[ENSEMBLE].extend(task.detections(task.ensemble([outs[k] for k in students])))
+        elif students:
+            per_student = [preds[k][-len(batch["index"]):] for k in students]
+            preds[ENSEMBLE].extend(weighted_box_fusion(list(d), task.wbf_iou) for d in zip(*per_student))
+        targets.extend({k: v.cpu() for k, v in t.items()} for t in batch["targets"])
     return preds, targets
 
 

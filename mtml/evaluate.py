@@ -15,27 +15,32 @@ from torchmetrics import functional as tmf
 ENSEMBLE = "ensemble"
 
 
-@torch.no_grad()
-def predict(networks: dict, data, task, batch_size: int = 128, device=None):
-    """Runs every network once over `data`. Returns ({name: probs (n, C)}, labels (n,))."""
+def eval_batches(networks: dict, data, task, batch_size: int):
+    """Sequential batches of `data` on the networks' device, the networks in eval mode meanwhile
+    (their modes are restored afterwards). Shared by classification and detection."""
     if len(data) == 0:
         raise ValueError("the evaluation dataset is empty")
-    device = device or next(iter(networks.values())).parameters().__next__().device
+    device = next(next(iter(networks.values())).parameters()).device
     modes = {k: m.training for k, m in networks.items()}
     for m in networks.values():
         m.eval()
-    probs = {k: [] for k in networks}
-    labels = []
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
     try:
-        for batch in loader:
-            batch = task.to_device(batch, device)
-            for k, m in networks.items():
-                probs[k].append(task.probabilities(task.outputs(m, batch)).cpu())
-            labels.append(batch["label"].cpu())
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=task.collate):
+            yield task.to_device(batch, device)
     finally:
         for k, m in networks.items():
             m.train(modes[k])
+
+
+@torch.no_grad()
+def predict(networks: dict, data, task, batch_size: int = 128):
+    """Runs every network once over `data`. Returns ({name: probs (n, C)}, labels (n,))."""
+    probs = {k: [] for k in networks}
+    labels = []
+    for batch in eval_batches(networks, data, task, batch_size):
+        for k, m in networks.items():
+            probs[k].append(task.probabilities(task.outputs(m, batch)).cpu())
+        labels.append(batch["label"].cpu())
     return {k: torch.cat(v).numpy() for k, v in probs.items()}, torch.cat(labels).numpy()
 
 

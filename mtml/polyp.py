@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .data import shared_data_dir
 from .io import write_csv, write_json
 
 CVC_SEQUENCE_ENDS = (25, 50, 67, 78, 103, 126, 151, 177, 199, 205, 227, 252, 277, 297, 317, 342, 363,
                      383, 408, 428, 447, 466, 478, 503, 528, 546, 571, 591, 612)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MANIFEST = "manifest.csv"
-SHARED_KVASIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir-seg"
 
 
 class PrepReport(Counter):
@@ -362,8 +362,9 @@ def default_polyp_root() -> tuple[Path | None, str]:
     prepared = data_dir() / "kvasir-seg"
     if (prepared / MANIFEST).is_file():
         return prepared, f"Kvasir-SEG prepared at {prepared}"
-    if (SHARED_KVASIR / "images").is_dir():
-        return SHARED_KVASIR, f"Kvasir-SEG real frames from {SHARED_KVASIR} (shared test data)"
+    shared = shared_data_dir()
+    if shared is not None and (shared / "kvasir-seg" / "images").is_dir():
+        return shared / "kvasir-seg", f"Kvasir-SEG real frames from {shared / 'kvasir-seg'} (shared test data)"
     return None, "SYNTHETIC polyps (no Kvasir-SEG found; run python data_scripts/polyp.py kvasir)"
 
 
