@@ -303,6 +303,8 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
     random subset. Unreadable frames were already skipped when the manifest was made."""
     from PIL import Image
 
+    from .tiles import load_image
+
     root = Path(root)
     if root.is_dir() and not (root / MANIFEST).is_file():
         frame = _kvasir_rows_in_memory(root, seed)
@@ -315,10 +317,9 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
         frame = frame.sample(n=limit, random_state=seed).sort_index()
     images, boxes = [], []
     for row in frame.itertuples():
-        with Image.open(root / row.image) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            im = im.resize((size, size), Image.BILINEAR)
+        full = load_image(root / row.image)  # RGB uint8 whatever the mode, bomb-guarded
+        h, w = full.shape[:2]
+        im = Image.fromarray(full).resize((size, size), Image.BILINEAR)
         images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous())
         b = torch.tensor(json.loads(row.boxes), dtype=torch.float32).reshape(-1, 4)
         boxes.append(b * torch.tensor([size / w, size / h, size / w, size / h]))
