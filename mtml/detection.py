@@ -189,6 +189,13 @@ class DetectionTask:
         self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
+    def test_units(self, preds, targets, data=None) -> pd.DataFrame:
+        return detection_units(preds, targets)
+
+    def settings(self):
+        return {"size": self.size, "box_loss": self.box_loss, "ensemble": self.ensemble_kind,
+                "score_threshold": self.score_threshold, "wbf_iou": self.wbf_iou}
+
     # batches ------------------------------------------------------------------------------
     def collate(self, items):
         images, targets = [], []
@@ -298,21 +305,40 @@ def weighted_box_fusion(dets: list[dict], iou: float = 0.55, max_detections: int
             "labels": torch.ones(len(keep), dtype=torch.int64)}
 
 
-def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 0.5):
-    """(true positives, predictions, ground-truth boxes) for one frame: predictions above the
-    threshold, by decreasing score, each matched to the best unmatched box with IoU >= `iou`."""
-    keep = pred["scores"] >= score_threshold
-    boxes, order = pred["boxes"][keep], pred["scores"][keep].argsort(descending=True)
+def match_flags(pred: dict, target: dict, iou: float = 0.5) -> torch.Tensor:
+    """True-positive flag of each prediction of one frame (in the given order): by decreasing
+    score, each prediction takes the best unmatched box with IoU >= `iou` (COCO's greedy rule)."""
+    flags = torch.zeros(len(pred["scores"]), dtype=torch.bool)
     gt = target["boxes"].cpu()
-    if len(boxes) == 0 or len(gt) == 0:
-        return 0, len(boxes), len(gt)
-    overlaps, used, tp = box_iou(boxes[order], gt), torch.zeros(len(gt), dtype=torch.bool), 0
-    for row in overlaps:
+    if len(flags) == 0 or len(gt) == 0:
+        return flags
+    order = pred["scores"].cpu().argsort(descending=True, stable=True)
+    overlaps, used = box_iou(pred["boxes"].cpu()[order], gt), torch.zeros(len(gt), dtype=torch.bool)
+    for k, row in zip(order.tolist(), overlaps):
         row = row.masked_fill(used, -1)
         j = int(row.argmax())
         if row[j] >= iou:
-            used[j], tp = True, tp + 1
-    return tp, len(boxes), len(gt)
+            used[j], flags[k] = True, True
+    return flags
+
+
+def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 0.5):
+    """(true positives, predictions, ground-truth boxes) for one frame, counting predictions with
+    score >= `score_threshold` (greedy matching by score, so a threshold never changes a match)."""
+    keep = pred["scores"].cpu() >= score_threshold
+    return int(match_flags(pred, target, iou)[keep].sum()), int(keep.sum()), len(target["boxes"])
+
+
+def detection_units(preds: dict, targets: list[dict], iou: float = 0.5) -> pd.DataFrame:
+    """Per frame and network: one row with the frame's box count (`n_gt`, `score` NaN) and one
+    row per detection with its score and true-positive flag at IoU `iou` (for bootstrap mAP)."""
+    rows = []
+    for network, frames in preds.items():
+        for f, (pred, target) in enumerate(zip(frames, targets)):
+            rows.append((f, network, np.nan, 0, len(target["boxes"])))
+            flags = match_flags(pred, target, iou).tolist()
+            rows.extend((f, network, float(sc), int(t), 0) for sc, t in zip(pred["scores"].tolist(), flags))
+    return pd.DataFrame(rows, columns=["unit", "network", "score", "tp", "n_gt"])
 
 
 @torch.no_grad()

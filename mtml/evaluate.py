@@ -86,6 +86,17 @@ def patient_level(probs: np.ndarray, labels: np.ndarray, patients) -> pd.DataFra
     return frame.groupby("patient").mean()
 
 
+def classification_units(probs: dict, labels: np.ndarray, patients=None) -> pd.DataFrame:
+    """One row per test tile: its unit of resampling (`patient`, or the tile itself), label, and
+    each network's probability of class 1 (binary tasks; bootstrap intervals use it)."""
+    n = len(labels)
+    frame = pd.DataFrame({"unit": np.asarray(patients) if patients is not None else np.arange(n),
+                          "label": np.asarray(labels), "item": np.arange(n)})
+    for name, p in probs.items():
+        frame[name] = np.asarray(p)[:, -1]
+    return frame
+
+
 def evaluate_classification(networks: dict, data, task, batch_size: int = 128,
                             return_predictions: bool = False):
     """DataFrame indexed by network (and `ensemble`) with tile-level metrics, plus

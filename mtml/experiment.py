@@ -1,15 +1,14 @@
 """One cohort run end to end (build, train, evaluate), shared by notebooks and scripts."""
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from .models import build_cohort_networks
 from .report import run_record
+from .spec import RunSpec, spec_of
 from .train import Cohort, CohortConfig, fit, pretrain_teacher
 
 
@@ -18,20 +17,38 @@ class RunResult:
     cohort: Cohort
     history: pd.DataFrame
     metrics: pd.DataFrame  # index: teacher, student_1..N, ensemble
+    spec: RunSpec
+    units: pd.DataFrame    # per test unit (tile or frame) predictions, for bootstrap intervals
 
     def record(self, **fields) -> dict:
-        cfg = self.cohort.cfg
-        return run_record(self.metrics, mode=cfg.mode, version=cfg.version, seed=cfg.seed,
-                          n_students=cfg.n_students, temperature=cfg.temperature, w_ce=cfg.w_ce,
-                          w_kd=cfg.w_kd, w_ml=cfg.w_ml, epochs=cfg.epochs, **fields)
+        """The run record for metrics.json: its spec hash, every setting of its spec, metrics."""
+        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(), **fields})
+
+    def save(self, out_dir, **fields) -> dict:
+        """Writes `metrics.json` (the record) and `test_units.csv.gz` into `out_dir`."""
+        from .io import write_csv, write_json
+
+        record = self.record(**fields)
+        write_csv(Path(out_dir) / UNITS_FILE, self.units, index=False)
+        write_json(Path(out_dir) / "metrics.json", record)
+        return record
+
+
+UNITS_FILE = "test_units.csv.gz"
 
 
 def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", augment=None,
                checkpoint_dir=None, resume: bool = False, progress: bool = True, callback=None,
-               networks=build_cohort_networks) -> RunResult:
+               networks=build_cohort_networks, spec: RunSpec | None = None) -> RunResult:
     """Trains a cohort in `cfg.mode` (pre-training the teacher first for `offline`), then
-    evaluates every network and the student ensemble on `test` (or `val`)."""
+    evaluates every network and the student ensemble on `test` (or `val`). `spec` is the run's
+    identity (default: the config, the task's settings and the training set's size); pass
+    `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only."""
     cfg.validate()
+    spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
+    if spec.config.get("mode") != cfg.mode or spec.task != task.name:
+        raise ValueError(f"the spec ({spec.task}, {spec.config.get('mode')}) is not this run's "
+                         f"({task.name}, {cfg.mode}); build both from the same parameters")
     fit_kw = dict(augment=augment, resume=resume, progress=progress)
     teacher = None
     if cfg.mode == "offline":
@@ -40,13 +57,7 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
                                    checkpoint_dir=teacher_dir, **fit_kw)
     cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks)
     history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback,
-                  **fit_kw)
-    metrics = task.evaluate(cohort.networks, test if test is not None else val)
-    return RunResult(cohort, history, metrics)
-
-
-def run_key(cfg: CohortConfig, **data) -> str:
-    """A folder name for one run's checkpoints: mode, version, seed and a hash of every setting
-    (plus `data`, e.g. tile size and manifest), so a changed parameter never resumes an old run."""
-    blob = json.dumps({**asdict(cfg), **data}, sort_keys=True, default=str)
-    return f"{cfg.mode}-{cfg.version}-seed{cfg.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+                  spec=spec, **fit_kw)
+    eval_data = test if test is not None else val
+    metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
+    return RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))

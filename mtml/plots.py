@@ -75,8 +75,8 @@ def confusion_matrices(metrics: pd.DataFrame, class_names=("MSS", "MSI"), title_
 
 
 def comparison_figure(runs: pd.DataFrame, metric: str = "auroc", title: str = ""):
-    """Individual students vs the student ensemble, per mode: mean and Student-t 95% interval over
-    seeds (as in the tables), one faint point per run (seaborn)."""
+    """The students' mean vs the student ensemble, per mode: mean and Student-t 95% interval over
+    seeds (as in the tables; one value per run, n = seeds), one faint point per run (seaborn)."""
     import seaborn as sns
 
     from .report import long_metric

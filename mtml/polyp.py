@@ -343,16 +343,44 @@ def _kvasir_rows_in_memory(root: Path, seed: int) -> pd.DataFrame:
 _IN_MEMORY: dict = {}
 
 
+def _polyp_source(data_dir):
+    """(root or None, description): `data_dir` if given, else `default_polyp_root()`."""
+    return (Path(data_dir), f"polyp frames from {data_dir}") if data_dir else default_polyp_root()
+
+
+SYNTHETIC_POLYP_COUNTS = (256, 64, 64)  # train, val, test frames of the synthetic default
+SYNTHETIC_POLYP_VERSION = 1             # bump when make_synthetic_polyps draws other frames
+
+
 def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0):
     """(train, val, test, description) for the notebooks: frames of `data_dir` (a prepared folder)
     if given, else of `default_polyp_root()`, else SYNTHETIC polyps (256/64/64 frames unless
     `limits` says otherwise; the same frames for every seed). `limits` caps each split."""
-    root, label = (Path(data_dir), f"polyp frames from {data_dir}") if data_dir else default_polyp_root()
+    root, label = _polyp_source(data_dir)
     if root is None:
-        counts = [lim or default for lim, default in zip(limits, (256, 64, 64))]
+        counts = [lim or default for lim, default in zip(limits, SYNTHETIC_POLYP_COUNTS)]
         return (*(make_synthetic_polyps(n, size, seed=0, split=i) for i, n in enumerate(counts)), label)
     return (*(load_polyp_dataset(root, split, size, limit=lim, seed=seed)
               for split, lim in zip(("train", "val", "test"), limits)), label)
+
+
+def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0) -> dict:
+    """What `polyp_splits` with these arguments loads, without decoding a frame: the source, a
+    hash of its manifest (frame ids, boxes and splits), the frame size, the caps and the seed
+    that draws capped subsets (and splits an unprepared Kvasir-SEG folder)."""
+    import hashlib
+
+    root, _ = _polyp_source(data_dir)
+    base = {"size": size, "limits": list(limits)}
+    if root is None:
+        return {**base, "kind": "SYNTHETIC", "generator_version": SYNTHETIC_POLYP_VERSION,
+                "counts": [lim or d for lim, d in zip(limits, SYNTHETIC_POLYP_COUNTS)]}
+    if root.is_dir() and not (root / MANIFEST).is_file():
+        frame = _kvasir_rows_in_memory(root, seed)
+    else:
+        frame = load_manifest(root)
+    content = frame[["frame", "split", "boxes"]].to_csv(index=False)
+    return {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "seed": seed}
 
 
 def default_polyp_root() -> tuple[Path | None, str]:
@@ -401,18 +429,18 @@ def make_synthetic_polyps(n: int = 64, size: int = 128, seed: int = 0, split: in
     return DetectionDataset(images, boxes, label="SYNTHETIC")
 
 
-def flip_augment(batch, p: float = 0.5):
-    """Random horizontal and vertical flips of a collated detection batch (boxes follow);
-    draws from the global torch RNG, which checkpoints carry."""
+def flip_augment(batch, p: float = 0.5, generator: torch.Generator | None = None):
+    """Random horizontal and vertical flips of a collated detection batch (boxes follow); draws
+    from `generator` (`mtml.fit` passes one per step), or torch's global RNG when None."""
     images = batch["image"].clone()
     height, width = images.shape[-2:]
     targets = []
     for i, t in enumerate(batch["targets"]):
         b = t["boxes"].clone()
-        if torch.rand(1) < p:
+        if torch.rand(1, generator=generator) < p:
             images[i] = images[i].flip(-1)
             b[:, [0, 2]] = width - b[:, [2, 0]]
-        if torch.rand(1) < p:
+        if torch.rand(1, generator=generator) < p:
             images[i] = images[i].flip(-2)
             b[:, [1, 3]] = height - b[:, [3, 1]]
         targets.append({**t, "boxes": b})

@@ -11,7 +11,9 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import stats as scipy_stats
+
+from . import stats
 
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "patient_auroc",
                   "patient_accuracy", "map50", "map", "recall", "precision")
@@ -38,12 +40,34 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
         return math.nan, math.nan, 0
     if n < 2:
         return float(v.mean()), math.nan, 1
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
+    half = scipy_stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
     return float(v.mean()), float(half), n
 
 
-def summarise(runs: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
-    """Per version and mode: mean and 95% CI over seeds of teacher, students, ensemble."""
+CELL = ["version", "mode", "seed"]
+
+
+def check_one_run_per_cell(runs: pd.DataFrame) -> None:
+    """ValueError naming both runs when two records share (version, mode, seed): two different
+    runs must never be averaged into one cell."""
+    cols = [c for c in CELL if c in runs]
+    dup = runs[runs.duplicated(cols, keep=False)]
+    if len(dup):
+        where = "path" if "path" in dup else "spec_hash" if "spec_hash" in dup else None
+        first = dup.groupby(cols, sort=False)
+        key, group = next(iter(first))
+        names = list(group[where]) if where else list(group.index)
+        raise ValueError(f"{len(group)} runs for version/mode/seed {key}: {names}; a table holds one run "
+                         "per cell: collect runs of one grid (one spec each), or remove the strays")
+
+
+def summarise(runs: pd.DataFrame, metric: str = "auroc", units: dict | None = None,
+              n_boot: int = stats.N_BOOT) -> pd.DataFrame:
+    """Per version and mode: mean and 95% t-interval over seeds (`*_ci95`, half-width) of the
+    teacher, the students' mean and the ensemble; with `units` ({(version, mode, seed): test
+    units}) also the bootstrap interval over test units of the ensemble's seed mean
+    (`ensemble_boot_lo/hi`)."""
+    check_one_run_per_cell(runs)
     rows = []
     for (version, mode), g in runs.groupby(["version", "mode"], sort=False):
         row = {"version": version, "mode": mode}
@@ -51,24 +75,56 @@ def summarise(runs: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
             col = f"{who}/{metric}"
             if col in g and g[col].notna().any():
                 row[f"{who}_mean"], row[f"{who}_ci95"], row["seeds"] = mean_ci(g[col])
+        if units is not None:
+            draws = _resampled(units, [(version, mode, s) for s in g["seed"]], metric, "ensemble", n_boot)
+            row["ensemble_boot_lo"], row["ensemble_boot_hi"] = stats.percentile_interval(draws.mean(0))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "ensemble"
-                       ) -> pd.DataFrame:
-    """For each pair of modes (same version, same seed): mean difference a - b with 95% CI and a
-    paired t-test p-value (NaN with fewer than two seeds)."""
+def _resampled(units: dict, keys, metric: str, who: str, n_boot: int) -> np.ndarray:
+    """(runs, n_boot) metric of `who` in each run of `keys` under one shared resampling of the
+    test units (all runs must share one test set). Missing runs give NaN rows."""
+    present = [units[k] for k in keys if k in units and units[k] is not None]
+    if not present or metric not in stats.BOOTSTRAP_METRICS:
+        return np.full((len(keys), n_boot), np.nan)
+    ids = stats.unit_ids(present[0])
+    for u in present[1:]:
+        if not np.array_equal(stats.unit_ids(u), ids):
+            raise ValueError("runs of one comparison were tested on different test units; "
+                             "compare runs of one dataset and split")
+    counts = stats.bootstrap_counts(len(ids), n_boot)
+    return np.stack([stats.unit_metric(units[k], metric, who, counts, ids)
+                     if k in units and units[k] is not None else np.full(n_boot, np.nan) for k in keys])
+
+
+def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "ensemble",
+                       units: dict | None = None, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
+    """For each pair of modes (same version, same seed): mean difference a - b, its 95%
+    t-interval over seeds (`ci95`, half-width), the paired t-test p-value and its Holm adjustment
+    over all pairs of the version (`p_holm`), and with `units` the 95% bootstrap interval over
+    test units (`boot_lo`, `boot_hi`)."""
+    check_one_run_per_cell(runs)
     col = f"{who}/{metric}"
     rows = []
     for version, g in runs.groupby("version", sort=False):
-        wide = g.pivot_table(index="seed", columns="mode", values=col)
+        wide = g.pivot(index="seed", columns="mode", values=col)
+        family = []
         for a, b in itertools.combinations(wide.columns, 2):
             d = (wide[a] - wide[b]).dropna()
             mean, half, n = mean_ci(d)
-            p = float(stats.ttest_1samp(d, 0.0).pvalue) if n >= 2 and d.std() > 0 else math.nan
-            rows.append({"version": version, "a": a, "b": b, f"mean({who} a-b)": mean,
-                         "ci95": half, "p_value": p, "seeds": n})
+            p = float(scipy_stats.ttest_1samp(d, 0.0).pvalue) if n >= 2 and d.std() > 0 else math.nan
+            row = {"version": version, "a": a, "b": b, f"mean({who} a-b)": mean, "ci95": half,
+                   "p_value": p, "seeds": n}
+            if units is not None:
+                seeds = list(d.index)
+                diff = (_resampled(units, [(version, a, s) for s in seeds], metric, who, n_boot)
+                        - _resampled(units, [(version, b, s) for s in seeds], metric, who, n_boot))
+                row["boot_lo"], row["boot_hi"] = stats.percentile_interval(diff.mean(0))
+            family.append(row)
+        for row, adjusted in zip(family, stats.holm([r["p_value"] for r in family])):
+            row["p_holm"] = adjusted
+        rows.extend(family)
     return pd.DataFrame(rows)
 
 
@@ -94,12 +150,12 @@ def paper_table(runs: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
 
 
 def long_metric(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per (run, who): who is `student` (each individual student) or `ensemble`."""
+    """One row per (run, who), who being `students (mean)` or `ensemble`: one value per run, so
+    an interval over these rows has n = seeds (students of one run are not independent)."""
     rows = []
     for _, r in runs.iterrows():
-        for col in r.index:
-            if col.endswith(f"/{metric}") and col.split("/")[0].startswith(("student_", "ensemble")):
-                who = "ensemble" if col.startswith("ensemble") else "student"
+        for col, who in ((f"students_mean/{metric}", "students (mean)"), (f"ensemble/{metric}", "ensemble")):
+            if col in r and np.isfinite(r[col]):
                 rows.append({"mode": r["mode"], "version": r.get("version"), "seed": r["seed"],
                              "who": who, metric: r[col]})
     return pd.DataFrame(rows)

@@ -4,10 +4,15 @@
     python -m mtml.reproduce --grid grid.yaml          # the same keys in YAML (lists or scalars)
     python -m mtml.reproduce --demo                    # every notebook once, as `make demo` does
 
-Each run executes the mode's notebook into `runs/<task>/<version>/<mode>/seed<k>/` with its
-`metrics.json`. A run whose metrics.json exists is skipped, and an unfinished run resumes from its
-checkpoint, so running the same command again only does what is missing. All records go to
-`runs/<task>_results.csv`, the comparison figure to `runs/<task>_comparison.png`.
+Every run of the grid gets its spec (`mtml.spec`: every setting that changes what it computes,
+and a fingerprint of its data) before anything runs; it executes the mode's notebook into
+`runs/<task>/<version>/<mode>/seed<k>/<spec hash>/`. A run whose metrics.json carries that hash
+is skipped; an unfinished one resumes from its checkpoint; a changed parameter is a new run in its
+own folder. The tables hold exactly the runs of the grid given (never stray records):
+`runs/<task>_results.csv` (one row per run, with its spec hash and settings), `<task>_paired.csv`
+(paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
+`runs/<task>_comparison.png`. A failed run does not stop the others; they are listed at the end
+and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from .io import save_figure, write_csv
+from .parameters import notebook_defaults, smoke_parameters, spec_from_parameters
+from .spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -36,6 +44,23 @@ RUNNERS = {
 METRIC = {"classification": "auroc", "detection": "map50"}
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a grid: its notebook, every parameter it gets, and its spec."""
+    notebook: str
+    parameters: dict
+    spec: RunSpec
+
+    @property
+    def cell(self) -> tuple:
+        c = self.spec.config
+        return c["version"], c["mode"], c["seed"]
+
+    def out_dir(self, runs_dir: Path) -> Path:
+        version, mode, seed = self.cell
+        return Path(runs_dir) / self.spec.task / version / mode / f"seed{seed}" / self.spec.hash
+
+
 def grid_runs(task: str, modes, versions, seeds):
     if task not in RUNNERS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(RUNNERS)}")
@@ -47,68 +72,91 @@ def grid_runs(task: str, modes, versions, seeds):
                 yield dict(task=task, mode=mode, version=version, seed=int(seed))
 
 
-def _finished(out_dir: Path) -> bool:
+def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: bool = False) -> list[PlannedRun]:
+    """The grid's runs with every parameter resolved (the notebook's defaults, then `params`, then
+    mode/version/seed, then the smoke caps) and their specs."""
+    runs = []
+    for run in grid_runs(task, modes, versions, seeds):
+        notebook = RUNNERS[task][run["mode"]]
+        resolved = {**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **(params or {}),
+                    "MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"], "RESUME": True}
+        for key in ("SMOKE", "OUT_DIR"):
+            resolved.pop(key, None)
+        if smoke:
+            resolved = smoke_parameters(task, resolved)
+        runs.append(PlannedRun(notebook, resolved, spec_from_parameters(task, resolved)))
+    return runs
+
+
+def _record(out_dir: Path) -> dict | None:
     try:
-        return bool(json.loads((out_dir / "metrics.json").read_text()))
+        return json.loads((out_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool) -> Path:
-    """Executes one notebook with papermill; the executed copy lands in `out_dir`."""
-    import logging
-
-    import papermill
-
-    # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
-    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["MTML_SMOKE"] = "1" if smoke else "0"
-    target = out_dir / f"{notebook}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(target),
-                               parameters={**parameters, "OUT_DIR": str(out_dir)},
-                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    return target
-
-
-def run_grid(runs, runs_dir: Path, smoke: bool = False, extra: dict | None = None) -> list[Path]:
-    done = []
+def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False) -> list[tuple[PlannedRun, str]]:
+    """Executes the runs not finished yet; returns the failed ones with their messages."""
+    failed = []
     for run in runs:
-        out_dir = runs_dir / run["task"] / run["version"] / run["mode"] / f"seed{run['seed']}"
-        if _finished(out_dir):
+        out_dir = run.out_dir(runs_dir)
+        if (_record(out_dir) or {}).get("spec_hash") == run.spec.hash:
             print(f"skip (finished): {out_dir}")
-        else:
-            start = time.perf_counter()
-            params = {"MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"],
-                      "RESUME": True, **(extra or {})}
-            execute(RUNNERS[run["task"]][run["mode"]], out_dir, params, smoke)
-            print(f"done in {time.perf_counter() - start:.0f} s: {out_dir}")
-        done.append(out_dir)
-    return done
+            continue
+        start = time.perf_counter()
+        try:
+            execute(run.notebook, out_dir, run.parameters, smoke)
+            written = (_record(out_dir) or {}).get("spec_hash")
+            if written != run.spec.hash:
+                raise RuntimeError(f"{run.notebook} wrote spec {written}, the runner expected "
+                                   f"{run.spec.hash}: notebook and runner disagree on its parameters")
+        except Exception as err:  # one failed run never stops the grid
+            failed.append((run, f"{type(err).__name__}: {err}"))
+            print(f"FAILED after {time.perf_counter() - start:.0f} s: {out_dir}\n  {err}", file=sys.stderr)
+            continue
+        print(f"done in {time.perf_counter() - start:.0f} s: {out_dir}")
+    return failed
 
 
-def collect(runs_dir: Path, task: str) -> pd.DataFrame:
-    """Every run record of `task` found under `runs_dir`, as one table."""
-    records = []
-    for path in sorted(runs_dir.rglob("metrics.json")):
-        record = json.loads(path.read_text())
-        if record.get("kind") == "run" and record.get("task") == task:
-            records.append({**record, "path": str(path.parent)})
-    return pd.DataFrame(records)
+def collect(runs: list[PlannedRun], runs_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """The records of exactly these runs (finished ones), one row each with its folder, and
+    their test units {(version, mode, seed): DataFrame} for bootstrap intervals."""
+    from .experiment import UNITS_FILE
+    from .report import check_one_run_per_cell
+
+    records, units = [], {}
+    for run in runs:
+        out_dir = run.out_dir(runs_dir)
+        record = _record(out_dir)
+        if record is None or record.get("spec_hash") != run.spec.hash:
+            continue
+        records.append({**record, "path": str(out_dir)})
+        if (out_dir / UNITS_FILE).is_file():
+            units[run.cell] = pd.read_csv(out_dir / UNITS_FILE)
+    table = pd.DataFrame(records)
+    if len(table):
+        check_one_run_per_cell(table)
+    return table, units
 
 
-def report(runs_dir: Path, task: str) -> tuple[Path, Path | None]:
+def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Path | None]:
+    """Writes the grid's tables and figure; prints the paper-shaped and the paired tables."""
     from .plots import comparison_figure
-    from .report import paper_table
+    from .report import paired_differences, paper_table
 
-    table = collect(runs_dir, task)
+    table, units = collect(runs, runs_dir)
     csv = write_csv(runs_dir / f"{task}_results.csv", table, index=False)
     figure = None
     if len(table):
         metric = METRIC[task]
-        fig = comparison_figure(table, metric, f"{task}: {metric} per mode (our runs)")
+        fig = comparison_figure(table, metric, f"{task}: {metric} per mode (our runs; mean, 95% CI over seeds)")
         figure = save_figure(fig, runs_dir / f"{task}_comparison.png", dpi=120)
         print(paper_table(table, metric).to_string())
+        paired = paired_differences(table, metric, units=units or None)
+        write_csv(runs_dir / f"{task}_paired.csv", paired, index=False)
+        print("\npaired differences of the student ensemble (ci95: t over seeds, half-width; "
+              "boot_lo/hi: bootstrap over test units; p_holm: Holm-adjusted over the pairs):")
+        print(paired.round(4).to_string(index=False))
     return csv, figure
 
 
@@ -126,9 +174,6 @@ def demo(runs_dir: Path, smoke: bool) -> None:
         start = time.perf_counter()
         target = execute(name, out / name, {}, smoke)
         print(f"{name}: {time.perf_counter() - start:.0f} s -> {target}")
-    for task in RUNNERS:
-        csv, figure = report(out, task)
-        print(f"{task}: results {csv}, figure {figure}")
     print(f"\nexecuted notebooks: {out}/*/*.ipynb")
     for name in ("04_classification_comparison", "08_detection_comparison"):
         for f in sorted((out / name).glob("*.csv")) + sorted((out / name).glob("*.png")):
@@ -170,13 +215,19 @@ def main(argv=None) -> int:
             p.error(f"--param expects KEY=VALUE with an UPPER_CASE key, got {item!r}")
         extra[key] = yaml.safe_load(value)
     grid = _load_grid(args.grid) if args.grid else {}
-    tasks = grid.get("task", [args.task])
-    for task in tasks:
-        runs = list(grid_runs(task, grid.get("modes", args.modes),
-                              grid.get("versions", args.versions), grid.get("seeds", args.seeds)))
-        run_grid(runs, runs_dir, smoke, {**grid.get("params", [{}])[0], **extra})
-        csv, figure = report(runs_dir, task)
+    failed = []
+    for task in grid.get("task", [args.task]):
+        runs = plan(task, grid.get("modes", args.modes), grid.get("versions", args.versions),
+                    grid.get("seeds", args.seeds), {**grid.get("params", [{}])[0], **extra}, smoke)
+        failed += run_grid(runs, runs_dir, smoke)
+        csv, figure = report(runs, runs_dir, task)
         print(f"results: {csv}\nfigure: {figure}")
+    if failed:
+        print(f"\n{len(failed)} run(s) failed (the tables leave them out); run the same command "
+              "again to retry them, finished runs are skipped:", file=sys.stderr)
+        for run, message in failed:
+            print(f"  {run.out_dir(runs_dir)}: {message.splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,6 +25,8 @@ class Task(Protocol):
     def collate(self, items: list) -> Any: ...
     def to_device(self, batch: Any, device: torch.device) -> Any: ...
     def evaluate(self, networks: dict, data, batch_size: int = 64, **kw): ...
+    def settings(self) -> dict: ...                      # what changes results (part of the run spec)
+    def test_units(self, *predictions, data=None) -> Any: ...  # per test unit, for bootstrap intervals
 
 
 class ClassificationTask:
@@ -61,6 +63,14 @@ class ClassificationTask:
                for k, v in batch.items()}
         out["image"] = out["image"].contiguous(memory_format=fmt)
         return out
+
+    def settings(self):
+        return {"num_classes": self.num_classes}
+
+    def test_units(self, probs, labels, data=None):
+        from .evaluate import classification_units
+
+        return classification_units(probs, labels, getattr(data, "patients", None))
 
     def probabilities(self, out):
         return out.float().softmax(-1)

@@ -322,17 +322,18 @@ class TileDataset(Dataset):
 
 
 def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1,
-                  mean=MEAN, std=STD) -> dict:
+                  mean=MEAN, std=STD, generator: torch.Generator | None = None) -> dict:
     """Histology batch augmentation on a collated batch (any device): random horizontal flips,
-    90-degree rotations, and light brightness/saturation jitter (OURS). Draws only from torch's
-    global CPU RNG, which `mtml.fit` checkpoints, so resumed runs repeat exactly."""
-    x = batch["image"]
+    90-degree rotations, and light brightness/saturation jitter (OURS). Draws only from the CPU
+    `generator` (`mtml.fit` passes one per step, equal across modes, so resumed runs repeat
+    exactly); None draws from torch's global RNG."""
+    x, g = batch["image"], generator
     b, device = x.shape[0], x.device
-    flip = torch.rand(b) < 0.5
+    flip = torch.rand(b, generator=g) < 0.5
     square = x.shape[-1] == x.shape[-2]  # non-square batches only turn by 0 or 180 degrees
-    turns = torch.randint(0, 4, (b,)) if square else torch.randint(0, 2, (b,)) * 2
-    gain = 1 + (torch.rand(b) * 2 - 1) * brightness
-    sat = 1 + (torch.rand(b) * 2 - 1) * saturation
+    turns = torch.randint(0, 4, (b,), generator=g) if square else torch.randint(0, 2, (b,), generator=g) * 2
+    gain = 1 + (torch.rand(b, generator=g) * 2 - 1) * brightness
+    sat = 1 + (torch.rand(b, generator=g) * 2 - 1) * saturation
     m = torch.tensor(mean, device=device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device, dtype=x.dtype).view(1, 3, 1, 1)
     x = torch.where(flip.to(device).view(b, 1, 1, 1), x.flip(-1), x)

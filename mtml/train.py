@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from .io import load_checkpoint, save_checkpoint
 from .losses import student_objective
 from .models import build_cohort_networks, check_version
+from .spec import RunSpec, differences, spec_of
 
 MODES = ("independent", "kd", "ml", "kd_ml", "offline")
 USES_TEACHER = ("kd", "kd_ml", "offline")
@@ -113,6 +114,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Paired runs (OURS): for one seed every mode starts from the same students and sees the same data
+# order and augmentation draws. Students and teacher are built from their own seeded streams, so
+# whether a teacher exists (or was pre-trained) never shifts the students' initial weights.
+def students_seed(seed: int) -> int:
+    return seed * 7_919 + 1
+
+
+def teacher_seed(seed: int) -> int:
+    return seed * 7_919 + 2
+
+
+def augmentation_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's augmentation draws: a function of (seed, global step) only,
+    so it is equal across modes and a resumed run repeats an uninterrupted one exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def _speed_up(networks, cfg: CohortConfig, device: torch.device) -> None:
     """Applies the speed options of `cfg` to the networks, in place (state_dict keys unchanged)."""
     if cfg.compile and device.type != "cuda":
@@ -157,17 +175,21 @@ class Cohort:
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
               networks=build_cohort_networks) -> "Cohort":
-        """Builds the version's networks under `cfg.seed`. In `offline` mode pass the trained
-        `teacher` (see `pretrain_teacher`); `networks` can be swapped for another task's builder."""
+        """Builds the version's networks: students from `students_seed(cfg.seed)`, the teacher
+        from `teacher_seed(cfg.seed)`, so a seed gives the same students in every mode. In
+        `offline` mode pass the trained `teacher` (see `pretrain_teacher`); `networks` can be
+        swapped for another task's builder."""
         cfg.validate()
         if cfg.mode == "offline" and teacher is None:
             raise ValueError("mode 'offline' needs a trained teacher: "
                              "Cohort.build(cfg, teacher=pretrain_teacher(...))")
-        seed_everything(cfg.seed)
-        built_teacher, students = networks(cfg.version, cfg.n_students, cfg.num_classes,
-                                           pretrained=cfg.pretrained,
-                                           with_teacher=cfg.uses_teacher and teacher is None)
-        return cls(cfg, teacher if teacher is not None else built_teacher, students, device)
+        seed_everything(students_seed(cfg.seed))
+        _, students = networks(cfg.version, cfg.n_students, cfg.num_classes,
+                               pretrained=cfg.pretrained, with_teacher=False)
+        if cfg.uses_teacher and teacher is None:
+            teacher = build_teacher(cfg, networks)
+        seed_everything(cfg.seed)  # dropout etc. draw the same stream in every mode
+        return cls(cfg, teacher, students, device)
 
     def train(self):
         for name, m in self.networks.items():
@@ -309,37 +331,29 @@ def _check_finite_weights(cohort: Cohort, step: int) -> None:
                 raise NonFiniteLossError(name, "weights", step, float(value[~torch.isfinite(value)][0]))
 
 
-def _check_checkpoint(state, cfg: CohortConfig, task_name: str, path: Path) -> None:
-    """ValueError unless `state` is a checkpoint of this format for this cohort and task."""
+def _check_checkpoint(state, spec: RunSpec, path: Path) -> None:
+    """ValueError unless `state` is a checkpoint of this format for the run `spec` identifies."""
     hint = "use another checkpoint_dir or resume=False"
-    if not isinstance(state, dict) or not {"identity", "cohort", "rng", "epoch"} <= set(state):
-        raise ValueError(f"{path} is not an mtml fit checkpoint (no identity, cohort, rng, epoch); {hint}")
+    if not isinstance(state, dict) or not {"spec", "spec_hash", "cohort", "rng", "epoch"} <= set(state):
+        raise ValueError(f"{path} is not an mtml fit checkpoint of this format (no spec, cohort, rng, "
+                         f"epoch); {hint}")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state.get('format')}, this mtml reads format "
                          f"{CHECKPOINT_FORMAT}; {hint}")
-    stored = state["identity"]
-    diff = {k: (stored.get(k), getattr(cfg, k)) for k in _IDENTITY if stored.get(k) != getattr(cfg, k)}
-    if state.get("task") != task_name:
-        diff["task"] = (state.get("task"), task_name)
-    if diff:
-        raise ValueError(f"{path} was made for another cohort ({diff}: checkpoint vs now); {hint}")
-    stored_cfg = state.get("config", {})
-    changed = {k: (stored_cfg[k], v) for k, v in asdict(cfg).items()
-               if k in stored_cfg and k not in _RESUMABLE_CHANGES and stored_cfg[k] != v}
-    if changed:
-        raise ValueError(f"{path} was trained with other settings ({changed}: checkpoint vs now); "
-                         f"resuming would mix two runs; {hint}")
+    if state["spec_hash"] != spec.hash:
+        diff = differences(state["spec"], spec.as_dict())
+        raise ValueError(f"{path} belongs to another run (spec {state['spec_hash']}, this run {spec.hash}; "
+                         f"differences checkpoint vs now: {diff}); resuming would mix two runs; {hint}")
 
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
-_IDENTITY = ("mode", "version", "n_students", "num_classes")
-_RESUMABLE_CHANGES = ("num_workers",)  # settings that do not change what is computed
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes
 
 
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
         resume: bool = False, checkpoint_every: int | None = None, progress: bool = True,
-        callback=None, eval_batch_size: int = 128, shard: tuple[int, int] | None = None) -> pd.DataFrame:
+        callback=None, eval_batch_size: int = 128, shard: tuple[int, int] | None = None,
+        spec: RunSpec | None = None) -> pd.DataFrame:
     """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history.
 
     The sample order of an epoch depends only on (seed, epoch) and augmentation draws from the
@@ -348,11 +362,15 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     `checkpoint_every` steps. `callback(history)` runs after each epoch (live plots).
     `shard=(rank, world)`: this process trains on its slice of every global batch and only rank 0
     writes checkpoints (used by `mtml.distributed`, which also syncs the networks).
+    `spec` is the run's identity (`mtml.spec`); a checkpoint resumes only under the same spec
+    hash. Without it the spec is the config, the task's settings and the training set's size.
+    `augment(batch, generator=g)` draws only from `g`, a function of (seed, step).
     """
     from tqdm.auto import tqdm
 
     cfg = cohort.cfg
     n = len(train_data)
+    spec = spec if spec is not None else spec_of(cfg, task, {"train_items": n})
     if n == 0:
         raise ValueError("the training dataset is empty: check the data folder or manifest")
     if val_data is not None and len(val_data) == 0:
@@ -366,7 +384,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     epoch, skip, history, sums = 0, 0, [], {}
     if resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
-        _check_checkpoint(state, cfg, task.name, ckpt)
+        _check_checkpoint(state, spec, ckpt)
         cohort.load_state_dict(state["cohort"])
         _set_rng_state(state["rng"])
         epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
@@ -376,9 +394,8 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         if ckpt is None or (shard is not None and shard[0] != 0):
             return
         _check_finite_weights(cohort, epoch_ * steps_per_epoch + step_in_epoch - 1)
-        save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "identity": {k: getattr(cfg, k) for k in _IDENTITY},
-                               "task": task.name, "config": asdict(cfg),
-                               "cohort": cohort.state_dict(), "rng": _rng_state(),
+        save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "spec": spec.as_dict(), "spec_hash": spec.hash,
+                               "config": asdict(cfg), "cohort": cohort.state_dict(), "rng": _rng_state(),
                                "epoch": epoch_, "step_in_epoch": step_in_epoch,
                                "history": history, "sums": sums_})
 
@@ -398,9 +415,9 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
                    disable=not progress, leave=False)
         for step_in_epoch, batch in enumerate(bar, start=skip):
             batch = task.to_device(batch, cohort.device)
-            if augment is not None:
-                batch = augment(batch)
             global_step = epoch * steps_per_epoch + step_in_epoch
+            if augment is not None:
+                batch = augment(batch, generator=augmentation_generator(cfg.seed, global_step))
             terms = cohort_step(cohort, batch, task, step=global_step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -425,13 +442,21 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     return pd.DataFrame(history)
 
 
-def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
-                     networks=build_cohort_networks, **fit_kw) -> nn.Module:
-    """Trains the version's teacher alone on its supervised loss, for the `offline` baseline."""
-    solo = replace(cfg, mode="independent", n_students=1)
-    seed_everything(cfg.seed)
+def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Module:
+    """The version's teacher, initialised from `teacher_seed(cfg.seed)` (the same in every mode)."""
+    seed_everything(teacher_seed(cfg.seed))
     teacher, _ = networks(cfg.version, 0, cfg.num_classes, pretrained=cfg.pretrained,
                           with_teacher=True)
+    return teacher
+
+
+def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
+                     networks=build_cohort_networks, **fit_kw) -> nn.Module:
+    """Trains the version's teacher alone on its supervised loss, for the `offline` baseline.
+    It starts from the same weights as the online teacher of kd and kd_ml."""
+    solo = replace(cfg, mode="independent", n_students=1)
+    teacher = build_teacher(cfg, networks)
+    seed_everything(cfg.seed)
     cohort = Cohort(solo, None, [teacher], device)
     fit(cohort, task, train_data, **fit_kw)
     return teacher.eval()

@@ -26,7 +26,7 @@ CHILD_TIMEOUT = 60  # seconds; a child that runs longer is killed and the test f
 
 # The child trains the tiny cohort; before each step it prints a line and waits for one on stdin
 # (so the parent kills it at a known step, however loaded the machine). Its augmentation draws
-# from the torch, numpy and python RNGs, which checkpoints must carry.
+# from fit's per-step generator and from the global numpy and python RNGs, which checkpoints must carry.
 TRAINER = r"""
 import random, sys
 import numpy as np, torch
@@ -39,8 +39,8 @@ out, ckpt_dir, resume, every = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int
 cfg = CohortConfig(mode="kd_ml", n_students=2, epochs=3, batch_size=16, lr=0.05, seed=3)
 cohort = Cohort.build(cfg)
 
-def augment(batch):
-    image = batch["image"] + 0.1 * torch.randn_like(batch["image"])
+def augment(batch, generator=None):
+    image = batch["image"] + 0.1 * torch.randn(batch["image"].shape, generator=generator)
     if np.random.rand() < 0.5:
         image = image.flip(-1)
     if random.random() < 0.5:
@@ -145,7 +145,7 @@ def tiny_setup(**overrides):
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "ckpt" / CHECKPOINT_NAME
-    save_checkpoint(ckpt, {"identity": SideEffect(marker), "epoch": 0})
+    save_checkpoint(ckpt, {"spec": SideEffect(marker), "epoch": 0})
     torch.load(ckpt, weights_only=False)  # control: a plain unpickling does run the payload
     assert marker.is_dir()
     marker.rmdir()
@@ -167,7 +167,7 @@ def test_an_unreadable_checkpoint_gives_a_clear_error(tmp_path, content):
 
 
 @pytest.mark.parametrize("change", [
-    dict(mode="kd"), dict(n_students=3), dict(version="v1"), dict(format=0), dict(identity=None),
+    dict(mode="kd"), dict(n_students=3), dict(version="v1"), dict(format=0), dict(spec=None),
     dict(model_only=True)], ids=lambda change: "-".join(f"{k}={v}" for k, v in change.items()))
 def test_a_checkpoint_for_another_cohort_or_format_gives_a_clear_error(tmp_path, change):
     cohort, task, data = tiny_setup()
@@ -175,11 +175,11 @@ def test_a_checkpoint_for_another_cohort_or_format_gives_a_clear_error(tmp_path,
     ckpt = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(ckpt)
     if "version" in change:  # building a v1 cohort is slow on CPU: relabel the checkpoint instead
-        state["identity"]["version"] = "v1"
+        state["spec"]["config"]["version"], state["spec_hash"] = "v1", "0" * 16
     elif "format" in change:
         state["format"] = 0
-    elif "identity" in change:
-        del state["identity"]
+    elif "spec" in change:
+        del state["spec"]
     elif "model_only" in change:  # a bare state_dict saved by hand
         state = cohort.students[0].state_dict()
     save_checkpoint(ckpt, state)
@@ -242,7 +242,7 @@ class Recorder:
     def __init__(self, ckpt: Path, poison: int | None = None):
         self.ckpt, self.poison, self.hashes = ckpt, poison, []
 
-    def __call__(self, batch):
+    def __call__(self, batch, generator=None):
         self.hashes.append(hashlib.sha256(self.ckpt.read_bytes()).hexdigest() if self.ckpt.exists() else None)
         if len(self.hashes) - 1 == self.poison:
             batch = {**batch, "image": batch["image"].clone()}

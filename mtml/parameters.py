@@ -1,0 +1,108 @@
+"""Notebook parameters (the UPPER_CASE knobs of a `parameters` cell) -> a run's spec.
+
+The notebooks and `mtml.reproduce` both call `spec_from_parameters`, so a run's identity is known
+before it starts: the runner skips a finished run without executing anything.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+from .spec import RunSpec, spec_of
+from .train import CohortConfig
+
+# notebook parameter -> CohortConfig field
+CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_students",
+                     "TEMPERATURE": "temperature", "W_CE": "w_ce", "W_KD": "w_kd", "W_ML": "w_ml",
+                     "EPOCHS": "epochs", "BATCH_SIZE": "batch_size", "LR": "lr", "SEED": "seed",
+                     "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm"}
+# what a notebook's `if SMOKE:` cell caps (the runner applies the same caps before hashing;
+# tests/test_runspec.py checks that every notebook's smoke cell agrees)
+SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
+              "detection": {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}}
+
+
+def config_from_parameters(params: dict) -> CohortConfig:
+    """A validated CohortConfig from notebook parameters (missing ones keep the defaults)."""
+    return CohortConfig(**{CONFIG_PARAMETERS[k]: v for k, v in params.items()
+                           if k in CONFIG_PARAMETERS}).validate()
+
+
+def task_from_parameters(task: str, params: dict):
+    if task == "classification":
+        from .task import ClassificationTask
+
+        return ClassificationTask(num_classes=2)
+    if task == "detection":
+        from .detection import DetectionTask
+
+        kw = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
+              "score_threshold": "SCORE_THRESHOLD"}
+        return DetectionTask(**{k: params[p] for k, p in kw.items() if p in params})
+    raise ValueError(f"unknown task {task!r}; choose classification or detection")
+
+
+def classification_manifest(data_dir) -> tuple[Path, str]:
+    """(manifest path, 'real' or 'SYNTHETIC') for a classification DATA_DIR (None: synthetic)."""
+    if data_dir:
+        return Path(data_dir) / "manifest.csv", "real"
+    from .synthetic import ensure_synthetic_default
+
+    return ensure_synthetic_default(), "SYNTHETIC"
+
+
+def file_fingerprint(path) -> str:
+    from .download import MissingDatasetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDatasetError("manifest", path, "python data_scripts/msi_mss.py --help (or polyp.py)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def data_fingerprint(task: str, params: dict) -> dict:
+    """What data a run sees: source, content hash and sizes (no image is decoded)."""
+    if task == "classification":
+        manifest, kind = classification_manifest(params.get("DATA_DIR"))
+        return {"kind": kind, "manifest_sha256": file_fingerprint(manifest),
+                "tile_size": params.get("TILE_SIZE", 224)}
+    from .polyp import polyp_fingerprint
+
+    limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
+    return polyp_fingerprint(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
+                             seed=params.get("SEED", 0))
+
+
+def spec_from_parameters(task: str, params: dict) -> RunSpec:
+    """The run spec of a notebook's parameters: `spec_from_parameters("detection", globals())`
+    in a notebook, or the runner's resolved parameters; UPPER_CASE keys are read, others ignored."""
+    params = {k: v for k, v in params.items() if k.isupper()}
+    return spec_of(config_from_parameters(params), task_from_parameters(task, params),
+                   data_fingerprint(task, params))
+
+
+def smoke_parameters(task: str, params: dict) -> dict:
+    """`params` shrunk as the notebooks' `if SMOKE:` cell shrinks them."""
+    out = dict(params)
+    for key, cap in SMOKE_CAPS[task].items():
+        out[key] = cap if out.get(key) is None else min(out[key], cap)
+    return out
+
+
+def notebook_defaults(path) -> dict:
+    """The literal defaults of a notebook's `parameters` cell (expressions such as SMOKE skipped)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
