@@ -29,7 +29,7 @@ class RunResult:
         from .io import write_csv, write_json
 
         record = self.record(**fields)
-        write_csv(Path(out_dir) / UNITS_FILE, self.units, index=False)
+        write_csv(Path(out_dir) / UNITS_FILE, self.units, index=False, compression="gzip")
         write_json(Path(out_dir) / "metrics.json", record)
         return record
 

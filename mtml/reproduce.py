@@ -95,6 +95,23 @@ def _record(out_dir: Path) -> dict | None:
         return None
 
 
+def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool) -> Path:
+    """Executes one notebook with papermill; the executed copy lands in `out_dir`."""
+    import logging
+
+    import papermill
+
+    # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["MTML_SMOKE"] = "1" if smoke else "0"
+    target = out_dir / f"{notebook}.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(target),
+                               parameters={**parameters, "OUT_DIR": str(out_dir)},
+                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+    return target
+
+
 def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False) -> list[tuple[PlannedRun, str]]:
     """Executes the runs not finished yet; returns the failed ones with their messages."""
     failed = []

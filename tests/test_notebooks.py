@@ -57,6 +57,9 @@ def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
     assert np.isfinite(table.loc[uses_teacher, teacher_cols].to_numpy()).all()
     assert table.loc[~uses_teacher, teacher_cols].isna().all().all()
     assert (tmp_path / "classification_comparison.png").stat().st_size > 0
+    paired = pd.read_csv(tmp_path / "classification_paired.csv")  # kd vs ml: seed and test-patient intervals
+    assert len(paired) == 1 and paired["seeds"].item() == 2
+    assert paired["boot_lo"].item() <= paired["mean(ensemble a-b)"].item() <= paired["boot_hi"].item()
     executed = sorted(tmp_path.rglob("*.ipynb"))
     assert len(executed) == 4
     stamps = {p: p.stat().st_mtime_ns for p in executed}

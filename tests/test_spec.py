@@ -1,0 +1,238 @@
+"""One run identity: spec hashes, resume and skip decided by them, the runner's own grid only,
+paired runs (same students, data order and augmentation in every mode of a seed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mtml import ClassificationTask, Cohort, CohortConfig, fit, reproduce
+from mtml.data import make_separable
+from mtml.parameters import SMOKE_CAPS, notebook_defaults, smoke_parameters, spec_from_parameters
+from mtml.report import check_one_run_per_cell, paired_differences
+from mtml.spec import spec_of
+from mtml.train import MODES, build_teacher
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+DETECTION_NOTEBOOK = NOTEBOOKS / "05_detection_kd_only.ipynb"
+
+
+# -- the spec ------------------------------------------------------------------------------------
+
+def test_spec_hash_is_stable_and_changes_with_every_setting():
+    task = ClassificationTask()
+    base = spec_of(CohortConfig(mode="kd"), task, {"manifest_sha256": "abc"})
+    assert base.hash == spec_of(CohortConfig(mode="kd"), ClassificationTask(), {"manifest_sha256": "abc"}).hash
+    assert base.hash != spec_of(CohortConfig(mode="kd", w_kd=0.5), task, {"manifest_sha256": "abc"}).hash
+    assert base.hash != spec_of(CohortConfig(mode="kd"), task, {"manifest_sha256": "abd"}).hash
+    assert base.hash != spec_of(CohortConfig(mode="kd"), ClassificationTask(num_classes=3),
+                                {"manifest_sha256": "abc"}).hash
+    # speed-only settings never change what a run computes
+    assert base.hash == spec_of(CohortConfig(mode="kd", num_workers=2), task, {"manifest_sha256": "abc"}).hash
+
+
+@pytest.mark.parametrize("change", [{"BOX_LOSS": "l1"}, {"TRAIN_FRAMES": 12}, {"FRAME_SIZE": 64},
+                                    {"SCORE_THRESHOLD": 0.5}, {"DATA_DIR": "synthetic"}],
+                         ids=lambda c: next(iter(c)))
+def test_detection_notebook_settings_and_data_change_the_spec(change, tmp_path, monkeypatch):
+    """The defect of notebook 05: BOX_LOSS, TRAIN_FRAMES or DATA_DIR changes reused old weights."""
+    monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # synthetic default: fast
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    params = smoke_parameters("detection", notebook_defaults(DETECTION_NOTEBOOK))
+    if change.get("DATA_DIR"):  # a prepared folder (only its manifest is read for the spec)
+        (tmp_path / "frames").mkdir()
+        pd.DataFrame({"frame": ["a", "b"], "split": ["train", "test"], "image": ["a.jpg", "b.jpg"],
+                      "boxes": ["[[1, 1, 9, 9]]", "[]"]}).to_csv(tmp_path / "frames" / "manifest.csv", index=False)
+        change = {"DATA_DIR": str(tmp_path / "frames")}
+    before, after = spec_from_parameters("detection", params), spec_from_parameters("detection", {**params, **change})
+    assert before.hash != after.hash
+
+
+def test_every_runner_notebook_shrinks_as_the_runner_expects():
+    """The runner hashes the smoke caps of `SMOKE_CAPS`; each runner notebook's `if SMOKE:` cell
+    must shrink to exactly those values, or the runner would never find its runs."""
+    for task, runners in reproduce.RUNNERS.items():
+        for name in set(runners.values()):
+            nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+            namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True)
+            exec(nb.cells[2].source, namespace)  # the notebook's own smoke cell
+            expected = smoke_parameters(task, notebook_defaults(NOTEBOOKS / f"{name}.ipynb"))
+            assert {k: namespace[k] for k in SMOKE_CAPS[task]} == {k: expected[k] for k in SMOKE_CAPS[task]}, name
+
+
+def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
+    data = make_separable(64, 16, seed=0)
+    cfg = CohortConfig(mode="kd", epochs=1, batch_size=32)
+    task = ClassificationTask()
+    fit(Cohort.build(cfg), task, data, progress=False, checkpoint_dir=tmp_path,
+        spec=spec_of(cfg, task, {"box_loss": "giou"}))
+    with pytest.raises(ValueError, match=r"another run.*data\.box_loss"):
+        fit(Cohort.build(cfg), task, data, progress=False, checkpoint_dir=tmp_path, resume=True,
+            spec=spec_of(cfg, task, {"box_loss": "l1"}))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["spec_hash"] == spec_of(cfg, task, {"box_loss": "giou"}).hash
+
+
+# -- paired runs ----------------------------------------------------------------------------------
+
+def _students(mode, networks=None, seed=4):
+    from mtml.models import build_cohort_networks
+
+    networks = networks or build_cohort_networks
+    cfg = CohortConfig(mode=mode, seed=seed)
+    teacher = build_teacher(cfg, networks) if mode == "offline" else None
+    return [s.state_dict() for s in Cohort.build(cfg, teacher=teacher, networks=networks).students]
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_a_seed_starts_every_mode_from_the_same_students(task):
+    from functools import partial
+
+    from mtml.detection import build_detection_networks
+
+    networks = partial(build_detection_networks, size=64) if task == "detection" else None
+    first = _students("independent", networks)
+    for mode in MODES[1:]:
+        assert _same_weights(first, _students(mode, networks)), mode
+    assert not _same_weights(first, _students("independent", networks, seed=5))
+
+
+def test_every_mode_sees_the_same_data_order_and_augmentation_draws():
+    data = make_separable(48, 8, seed=0)
+    seen = {}
+    for mode in ("independent", "kd", "ml", "kd_ml"):
+        draws = []
+
+        def augment(batch, generator=None):
+            draws.append((batch["index"].tolist(), torch.rand(3, generator=generator).tolist()))
+            return batch
+
+        fit(Cohort.build(CohortConfig(mode=mode, epochs=2, batch_size=16, seed=2)), ClassificationTask(),
+            data, augment=augment, progress=False)
+        seen[mode] = draws
+    assert all(draws == seen["independent"] for draws in seen.values())
+    assert len({tuple(d[1]) for d in seen["kd"]}) == len(seen["kd"])  # a fresh draw every step
+
+
+# -- tables hold one run per cell ---------------------------------------------------------------
+
+def test_duplicate_cells_are_an_error_naming_both_runs():
+    runs = pd.DataFrame({"version": ["tiny"] * 3, "mode": ["kd", "kd", "ml"], "seed": [0, 0, 0],
+                         "ensemble/auroc": [0.7, 0.9, 0.8], "path": ["runs/a", "runs/b", "runs/c"]})
+    with pytest.raises(ValueError, match=r"runs/a.*runs/b"):
+        check_one_run_per_cell(runs)
+    with pytest.raises(ValueError, match="one run per cell"):
+        paired_differences(runs, "auroc")
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+KD_ML_MINUS_KD = {0: -0.015, 1: -0.025, 2: -0.020}  # a true mean difference of -0.020
+
+
+def fake_execute(calls):
+    """Stands in for papermill: writes the record the notebook would write for its parameters."""
+    def execute(notebook, out_dir, parameters, smoke):
+        calls.append((notebook, parameters))
+        spec = spec_from_parameters("classification", parameters)
+        value = 0.80 + 0.01 * parameters["SEED"] + (KD_ML_MINUS_KD[parameters["SEED"]]
+                                                     if parameters["MODE"] == "kd_ml" else 0.0)
+        record = {"kind": "run", "spec_hash": spec.hash, **spec.flat(), "ensemble/auroc": value,
+                  "students_mean/auroc": value - 0.01}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(record))
+    return execute
+
+
+def write_stray(folder: Path, mode: str, seed: int, value: float):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "kind": "run", "task": "classification", "mode": mode, "version": "tiny", "seed": seed,
+        "smoke": True, "ensemble/auroc": value, "students_mean/auroc": value}))
+
+
+def test_runner_reports_only_its_grid_and_reruns_a_changed_parameter(tmp_path, monkeypatch, capsys):
+    """The defects: stray smoke/demo records entered the table and were averaged into cells; a
+    changed --param was skipped by path and reported the old numbers."""
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    calls = []
+    monkeypatch.setattr(reproduce, "execute", fake_execute(calls))
+    write_stray(tmp_path / "runs" / "notebooks" / "03_kd_plus_ml", "kd_ml", 0, 0.99)
+    write_stray(tmp_path / "runs" / "classification" / "tiny" / "kd" / "seed0", "kd", 0, 0.50)
+    argv = ["--modes", "kd", "kd_ml", "--seeds", "0", "1", "2", "--runs-dir", str(tmp_path / "runs"),
+            "--param", "EPOCHS=1"]
+    assert reproduce.main(argv) == 0
+    assert len(calls) == 6
+    table = pd.read_csv(tmp_path / "runs" / "classification_results.csv")
+    assert len(table) == 6 and table["spec_hash"].nunique() == 6 and (table["epochs"] == 1).all()
+    paired = pd.read_csv(tmp_path / "runs" / "classification_paired.csv")
+    row = paired.iloc[0]
+    sign = 1 if row["a"] == "kd_ml" else -1
+    assert row["seeds"] == 3 and sign * row["mean(ensemble a-b)"] == pytest.approx(-0.020)
+
+    assert reproduce.main(argv) == 0 and len(calls) == 6, "finished runs of the same spec are skipped"
+    assert reproduce.main(argv[:-1] + ["EPOCHS=2"]) == 0
+    assert len(calls) == 12, "a changed parameter is a new run"
+    table = pd.read_csv(tmp_path / "runs" / "classification_results.csv")
+    assert len(table) == 6 and (table["epochs"] == 2).all()
+
+
+def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    calls = []
+    good = fake_execute(calls)
+
+    def flaky(notebook, out_dir, parameters, smoke):
+        if parameters["SEED"] == 1:
+            raise RuntimeError("cell 12 timed out")
+        good(notebook, out_dir, parameters, smoke)
+
+    monkeypatch.setattr(reproduce, "execute", flaky)
+    argv = ["--modes", "kd", "--seeds", "0", "1", "2", "--runs-dir", str(tmp_path / "runs")]
+    assert reproduce.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and "seed1" in err and "cell 12 timed out" in err
+    assert len(pd.read_csv(tmp_path / "runs" / "classification_results.csv")) == 2
+
+
+def test_runner_refuses_a_notebook_that_disagrees_on_the_spec(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    calls = []
+    good = fake_execute(calls)
+
+    def drifting(notebook, out_dir, parameters, smoke):
+        good(notebook, out_dir, {**parameters, "EPOCHS": parameters["EPOCHS"] + 1}, smoke)
+
+    monkeypatch.setattr(reproduce, "execute", drifting)
+    assert reproduce.main(["--modes", "kd", "--seeds", "0", "--runs-dir", str(tmp_path / "runs")]) == 1
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypatch):
+    """Notebook 05 executed twice into one folder, GIoU then L1 box distillation (its own "Things
+    to try"): the second run must train new weights, not reload the first."""
+    monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # synthetic polyps: fast
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "nb05"
+    records = []
+    for box_loss in ("giou", "l1"):
+        reproduce.execute("05_detection_kd_only", out, {"BOX_LOSS": box_loss, "EPOCHS": 1}, smoke=True)
+        records.append(json.loads((out / "metrics.json").read_text()))
+    assert [r["task.box_loss"] for r in records] == ["giou", "l1"]
+    assert records[0]["spec_hash"] != records[1]["spec_hash"]
+    folders = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert folders == sorted(r["spec_hash"] for r in records)
+    weights = [torch.load(out / "checkpoints" / h / "checkpoint.pt", weights_only=True)["cohort"]["networks"]
+               for h in folders]
+    student = [w["student_1"] for w in weights]
+    assert any(not torch.equal(student[0][k], student[1][k]) for k in student[0])
+    assert np.isfinite(records[1]["ensemble/map50"])
