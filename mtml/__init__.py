@@ -8,8 +8,9 @@ from .losses import kd_loss, mutual_loss, soft_kl, student_objective
 from .train import MODES, Cohort, CohortConfig, NonFiniteLossError, cohort_step, fit, pretrain_teacher, seed_everything
 from .task import ClassificationTask
 
-_SUBMODULES = {"data", "detection", "distributed", "download", "evaluate", "experiment", "io",
-               "models", "plots", "polyp", "report", "reproduce", "synthetic", "tiles", "widgets"}
+_SUBMODULES = {"data", "detection", "distributed", "download", "evaluate", "execution", "experiment", "io",
+               "models", "parameters", "plots", "polyp", "report", "reproduce", "spec", "stats", "synthetic",
+               "tiles", "widgets"}
 
 
 def __getattr__(name):  # `mtml.plots` etc. import on first use, keeping `import mtml` light
