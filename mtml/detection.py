@@ -14,18 +14,8 @@ Versions (**ours**; the paper does not publish its detectors):
     v2       ResNet-101 (256, 4)                 ResNet-34 (128, 4)        P3-P7   512 px
     v3       WideResNet-50-2 (256, 4)            ResNet-18 (128, 2)        P3-P7   512 px
 
-Distillation between two networks' dense outputs (**ours**): with c_t = max_k sigmoid(z_t,k) the
-target's confidence at a location and c_s the (detached) student's, each term is a weighted mean
-over all locations of the batch, sum(w * l) / sum(w):
-
-    classification  tau^2 KL_bin(sigma(z_t / tau) || sigma(z_s / tau)),  w = max(c_t, c_s)
-    boxes           GIoU loss between the decoded boxes (or L1 on the regressions),  w = c_t
-                    (GIoU: target boxes of zero area do not count)
-    centerness      KL_bin(sigma(ctr_t) || sigma(ctr_s)) at tau = 1,  w = c_t
-
-max(c_t, c_s) lets the student's own false positives count; a weighted mean keeps each term of
-order one whatever the number of locations (a sum over locations / positives, as FCOS does for
-its focal loss, made the tempered KL of the many background points blow up in our runs).
+Distillation between two networks' dense outputs (**ours**) is `mtml.dense_distill`: class maps,
+boxes and centerness, each with its own weight, with a foreground-focused weighting by default.
 
 The student ensemble averages the students' sigmoid probabilities, box regressions and
 centerness at each location and runs FCOS's postprocess (score threshold, NMS) once; weighted box
@@ -46,10 +36,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .losses import soft_kl
+from .dense_distill import DenseDistillation
 from .models import build_network, check_version, count_parameters
 
 ENSEMBLE = "ensemble"
@@ -179,13 +169,13 @@ class DetectionTask:
     history_metrics = ("map50",)
 
     def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
-                 score_threshold: float = 0.3, wbf_iou: float = 0.55):
-        if box_loss not in ("giou", "l1"):
-            raise ValueError(f"box_loss must be 'giou' or 'l1', got {box_loss!r}")
+                 score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",
+                 w_distill_cls: float = 1.0, w_distill_box: float = 1.0, w_distill_ctr: float = 1.0):
         if ensemble not in ("mean", "wbf"):
             raise ValueError(f"ensemble must be 'mean' or 'wbf', got {ensemble!r}")
         if size < 32 or size % 32:
             raise ValueError(f"size must be a multiple of 32 (the FPN's coarsest stride), got {size}")
+        self.distill = DenseDistillation(distill_weighting, box_loss, w_distill_cls, w_distill_box, w_distill_ctr)
         self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
@@ -193,8 +183,8 @@ class DetectionTask:
         return detection_units(preds, targets)
 
     def settings(self):
-        return {"size": self.size, "box_loss": self.box_loss, "ensemble": self.ensemble_kind,
-                "score_threshold": self.score_threshold, "wbf_iou": self.wbf_iou}
+        return {"size": self.size, "ensemble": self.ensemble_kind, "score_threshold": self.score_threshold,
+                "wbf_iou": self.wbf_iou, **self.distill.settings()}
 
     # batches ------------------------------------------------------------------------------
     def collate(self, items):
@@ -222,7 +212,7 @@ class DetectionTask:
         image_list = ImageList(images, [tuple(images.shape[-2:])] * len(images))
         return {**head, "anchors": model.anchor_generator(image_list, features),
                 "per_level": [f.shape[-2] * f.shape[-1] for f in features], "model": model,
-                "image_sizes": image_list.image_sizes}
+                "image_sizes": image_list.image_sizes, "targets": batch["targets"]}
 
     def supervised_loss(self, out, batch):
         """FCOS's own losses: focal classification + GIoU boxes + centerness BCE, summed."""
@@ -230,31 +220,8 @@ class DetectionTask:
         return sum(losses.values())
 
     def distill_loss(self, out, target, temperature):
-        s_cls, t_cls = out["cls_logits"], target["cls_logits"].detach()
-        if s_cls.shape != t_cls.shape:
-            raise ValueError(f"dense outputs do not line up: {tuple(s_cls.shape)} vs {tuple(t_cls.shape)}; "
-                             "teacher and students need the same version (strides) and frame size")
-        classes = s_cls.shape[-1]
-        conf_t = torch.sigmoid(t_cls).amax(-1).flatten()
-        conf_s = torch.sigmoid(s_cls.detach()).amax(-1).flatten()
-        cls = soft_kl(s_cls.reshape(-1, classes), t_cls.reshape(-1, classes), temperature,
-                      kind="sigmoid", weight=torch.maximum(conf_t, conf_s))
-        ctr = soft_kl(out["bbox_ctrness"].reshape(-1, 1), target["bbox_ctrness"].reshape(-1, 1), 1.0,
-                      kind="sigmoid", weight=conf_t)
-        s_reg, t_reg = out["bbox_regression"], target["bbox_regression"].detach()
-        w_box = conf_t
-        if self.box_loss == "l1":
-            per_loc = (s_reg - t_reg).abs().sum(-1)
-        else:
-            anchors = torch.stack(out["anchors"])
-            coder = out["model"].box_coder
-            t_box = coder.decode(t_reg, anchors).reshape(-1, 4)
-            per_loc = generalized_box_iou_loss(coder.decode(s_reg, anchors).reshape(-1, 4), t_box,
-                                               reduction="none")
-            # a target box of zero area has no GIoU (even with itself): it does not count
-            w_box = conf_t * ((t_box[:, 2] > t_box[:, 0]) & (t_box[:, 3] > t_box[:, 1]))
-        box = (w_box * per_loc.flatten()).sum() / w_box.sum().clamp_min(1e-6)
-        return cls + box + ctr
+        """`mtml.dense_distill.DenseDistillation` with this task's settings; `target` is detached."""
+        return self.distill(out, target, temperature)
 
     # inference ----------------------------------------------------------------------------
     def ensemble(self, outs):

@@ -16,7 +16,8 @@ from .train import CohortConfig
 CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_students",
                      "TEMPERATURE": "temperature", "W_CE": "w_ce", "W_KD": "w_kd", "W_ML": "w_ml",
                      "EPOCHS": "epochs", "BATCH_SIZE": "batch_size", "LR": "lr", "SEED": "seed",
-                     "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm"}
+                     "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm",
+                     "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs"}
 # what a notebook's `if SMOKE:` cell caps (the runner applies the same caps before hashing;
 # tests/test_runspec.py checks that every notebook's smoke cell agrees)
 SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
@@ -38,7 +39,8 @@ def task_from_parameters(task: str, params: dict):
         from .detection import DetectionTask
 
         kw = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
-              "score_threshold": "SCORE_THRESHOLD"}
+              "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
+              "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}
         return DetectionTask(**{k: params[p] for k, p in kw.items() if p in params})
     raise ValueError(f"unknown task {task!r}; choose classification or detection")
 

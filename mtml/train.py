@@ -60,6 +60,7 @@ class CohortConfig:
     pretrained: bool = False   # ImageNet weights for torchvision networks
     num_workers: int = 0
     clip_grad_norm: float = 5.0  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
+    distill_warmup_epochs: float = 0.0  # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
     # speed options (OURS); the results do not depend on them beyond float rounding
     channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
     amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
@@ -79,7 +80,8 @@ class CohortConfig:
                              f"peers), got {self.n_students}")
         if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay", "clip_grad_norm"):
+        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay", "clip_grad_norm",
+                     "distill_warmup_epochs"):
             value = getattr(self, name)
             if not value >= 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -106,6 +108,17 @@ class NonFiniteLossError(RuntimeError):
         what = "weights after the update" if term == "weights" else "loss"
         super().__init__(f"non-finite {what} at step {step}: {network} {term} = {value}. Lower the "
                          "learning rate or the loss weights; the last good checkpoint is kept")
+
+
+def distill_ramp(epochs_done: float, warmup_epochs: float) -> float:
+    """The factor on w_kd and w_ml after `epochs_done` epochs (fractional): the sigmoid-shaped
+    ramp exp(-5 (1 - t/T)^2) of Laine & Aila (2017), used by ONE (Lan et al. 2018) and OKDDip
+    (Chen et al. 2020) for online distillation, shifted and rescaled (OURS) so that it is exactly
+    0 at the first step (random teacher and peers teach nothing) and 1 from T on. T = 0: always 1."""
+    if warmup_epochs <= 0 or epochs_done >= warmup_epochs:
+        return 1.0
+    floor = math.exp(-5.0)
+    return (math.exp(-5.0 * (1.0 - epochs_done / warmup_epochs) ** 2) - floor) / (1.0 - floor)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,6 +184,7 @@ class Cohort:
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
             foreach=True)
         self.scheduler = None
+        self.steps_per_epoch: int | None = None  # set by fit; the distillation warm-up needs it
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
@@ -216,6 +230,12 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
     terms: dict[str, torch.Tensor] = {}
     total = 0.0
     teacher_out = None
+    ramp = 1.0
+    if cfg.distill_warmup_epochs > 0:
+        if not cohort.steps_per_epoch:
+            raise ValueError("distill_warmup_epochs > 0 needs cohort.steps_per_epoch (fit sets it)")
+        ramp = distill_ramp(step / cohort.steps_per_epoch, cfg.distill_warmup_epochs)
+        terms["cohort/distill_ramp"] = torch.tensor(ramp)
     if cohort.teacher is not None:
         if cohort.frozen_teacher:
             with torch.no_grad():
@@ -240,7 +260,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
             terms[f"{name}/kd"] = kd
         if ml is not None:
             terms[f"{name}/ml"] = ml
-        loss = student_objective(sup, kd, ml, cfg.w_ce, cfg.w_kd, cfg.w_ml)
+        loss = student_objective(sup, kd, ml, cfg.w_ce, ramp * cfg.w_kd, ramp * cfg.w_ml)
         terms[f"{name}/loss"] = loss
         total = total + loss
     return total, terms
@@ -377,6 +397,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         raise ValueError("the validation dataset is empty: pass val_data=None or check its split")
     drop_last = n > cfg.batch_size  # BatchNorm needs > 1 sample per batch
     steps_per_epoch = n // cfg.batch_size if drop_last else 1
+    cohort.steps_per_epoch = steps_per_epoch
     if cohort.scheduler is None:
         cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             cohort.optimizer, T_max=cfg.epochs * steps_per_epoch)
