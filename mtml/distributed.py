@@ -31,22 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 from .train import Cohort, CohortConfig, MODES, fit
 
 
-def shard_order(order: list[int], batch_size: int, rank: int, world: int) -> tuple[list[int], int]:
-    """This rank's items of each full global batch of `order`: the rank-th of `world` equal,
-    contiguous slices. Returns (items, per-rank batch size). A last partial batch is dropped."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    if batch_size % world:
-        raise ValueError(f"the global batch size {batch_size} must be divisible by the number of "
-                         f"processes {world}; pick a multiple of {world}")
-    if 0 < len(order) < batch_size:
-        raise ValueError(f"distributed training needs at least one full batch ({batch_size} items), "
-                         f"got {len(order)}; lower --batch-size")
-    per_rank = batch_size // world
-    starts = range(0, len(order) - batch_size + 1, batch_size)
-    return [i for b in starts for i in order[b + rank * per_rank: b + (rank + 1) * per_rank]], per_rank
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -139,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a cohort (teacher + N students) on K processes with DDP. Without "
                     "torchrun it runs in one process. Rank 0 writes OUT/checkpoint.pt, "
                     "OUT/history.csv and OUT/config.json.")
+    p.add_argument("--task", default="classification", choices=["classification", "detection"],
+                   help="detection trains FCOS detectors on SYNTHETIC polyps (--image-size: a multiple of 32)")
     p.add_argument("--version", default="tiny", help="tiny, v1, v2 or v3 (default tiny)")
     p.add_argument("--mode", default="kd_ml", choices=[m for m in MODES if m != "offline"],
                    help="offline needs a pre-trained teacher: use fit_distributed from Python")
@@ -161,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _datasets(args):
+    if args.task == "detection":
+        from .polyp import make_synthetic_polyps
+
+        if args.data != "synthetic":
+            raise SystemExit("--task detection takes --data synthetic here; train on real frames with "
+                             "the notebooks or mtml.experiment.run_cohort")
+        return (make_synthetic_polyps(args.n_train, args.image_size, seed=args.seed),
+                make_synthetic_polyps(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
     if args.data == "synthetic":
         from .data import make_separable
 
@@ -193,14 +187,23 @@ def main(argv=None) -> pd.DataFrame:
                        num_workers=args.num_workers, amp=args.amp,
                        channels_last=args.channels_last, compile=args.compile)
     train_data, val_data = _datasets(args)
-    cohort = Cohort.build(cfg, device)
-    task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
+    if args.task == "detection":
+        from functools import partial
+
+        from .detection import DetectionTask
+        from .detectors import build_detection_networks
+
+        cohort = Cohort.build(cfg, device, networks=partial(build_detection_networks, size=args.image_size))
+        task = DetectionTask(size=args.image_size)
+    else:
+        cohort = Cohort.build(cfg, device)
+        task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
     try:
         history = fit_distributed(cohort, task, train_data, val_data, checkpoint_dir=args.out)
         if not _distributed() or dist.get_rank() == 0:
             write_csv(Path(args.out) / "history.csv", history, index=False)
             write_json(Path(args.out) / "config.json",
-                       {**asdict(cfg), "world_size": dist.get_world_size() if _distributed() else 1})
+                       {**asdict(cfg), "task": args.task, "world_size": dist.get_world_size() if _distributed() else 1})
             print(history.to_string(index=False))
     finally:
         if torchrun and dist.is_initialized():

@@ -98,3 +98,35 @@ def _t_interval(values):
     mean, half, _ = mean_ci(values)
     half = 0.0 if not np.isfinite(half) else half
     return mean - half, mean + half
+
+
+def draw_detections(data, preds: dict, targets: list[dict], frames=(0, 1, 2), score_threshold=0.3,
+                    task=None):
+    """A grid: one row per frame, one column per network; ground truth green, predictions red
+    with their score. `preds`, `targets` come from `evaluate(..., return_predictions=True)`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from .detection import DetectionTask
+
+    task = task or DetectionTask()
+    names = list(preds)
+    fig, axes = plt.subplots(len(frames), len(names), figsize=(2.4 * len(names), 2.4 * len(frames)),
+                             squeeze=False)
+    for r, i in enumerate(frames):
+        image = task.collate([data[i]])["image"][0].permute(1, 2, 0).clamp(0, 1).numpy()
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            ax.imshow(image)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            for x0, y0, x1, y1 in targets[i]["boxes"].tolist():
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
+            p = preds[name][i]
+            for (x0, y0, x1, y1), s in zip(p["boxes"].tolist(), p["scores"].tolist()):
+                if s >= score_threshold:
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1.2))
+                    ax.text(x0, y0, f"{s:.2f}", color="white", fontsize=6, backgroundcolor="red")
+    fig.tight_layout()
+    return fig

@@ -95,21 +95,12 @@ def _record(out_dir: Path) -> dict | None:
         return None
 
 
-def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool) -> Path:
-    """Executes one notebook with papermill; the executed copy lands in `out_dir`."""
-    import logging
+def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool, resume_hint: str = "") -> Path:
+    """Executes one notebook headlessly into `out_dir` (`mtml.execution.run_notebook`: a per-cell
+    time limit, dead-kernel detection); raises NotebookRunError naming the cell that stopped it."""
+    from .execution import run_notebook
 
-    import papermill
-
-    # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
-    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["MTML_SMOKE"] = "1" if smoke else "0"
-    target = out_dir / f"{notebook}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(target),
-                               parameters={**parameters, "OUT_DIR": str(out_dir)},
-                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    return target
+    return run_notebook(notebook, out_dir, parameters, smoke, resume_hint=resume_hint)
 
 
 def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False) -> list[tuple[PlannedRun, str]]:
@@ -183,18 +174,38 @@ DEMO_ORDER = ("00_setup_and_data_tour", "01_kd_only", "02_ml_only", "03_kd_plus_
 
 
 def demo(runs_dir: Path, smoke: bool) -> None:
-    """Every notebook once with its defaults, in order."""
-    out = runs_dir / "demo"
-    for name in DEMO_ORDER:
-        if not (NOTEBOOKS / f"{name}.ipynb").exists():
+    """Every notebook once with its defaults, in order, into runs/demo (runs/demo-smoke when smoke).
+    A notebook finished by an earlier demo (its executed copy ran clean and wrote metrics.json)
+    is skipped; an unfinished one runs again and resumes from its checkpoints. A failed or stuck
+    notebook stops the demo with a message naming its cell, and exit status 1."""
+    from .execution import NotebookRunError, cell_limit, ran_clean
+
+    out = runs_dir / ("demo-smoke" if smoke else "demo")
+    names = [name for name in DEMO_ORDER if (NOTEBOOKS / f"{name}.ipynb").exists()]
+    resume = "make demo" if not smoke else "MTML_SMOKE=1 make demo"
+    print(f"demo: {len(names)} notebooks, {'smoke' if smoke else 'default'} runs, into {out}", flush=True)
+    for k, name in enumerate(names, 1):
+        folder, step = out / name, f"[{k}/{len(names)}] {name}"
+        if ran_clean(folder / f"{name}.ipynb") and (folder / "metrics.json").is_file():
+            print(f"{step}: finished by an earlier demo, skipped", flush=True)
             continue
+        print(f"{step}: started (per-cell limit {cell_limit(name, smoke)} s)", flush=True)
         start = time.perf_counter()
-        target = execute(name, out / name, {}, smoke)
-        print(f"{name}: {time.perf_counter() - start:.0f} s -> {target}")
-    print(f"\nexecuted notebooks: {out}/*/*.ipynb")
-    for name in ("04_classification_comparison", "08_detection_comparison"):
-        for f in sorted((out / name).glob("*.csv")) + sorted((out / name).glob("*.png")):
-            print(f"comparison output: {f}")
+        try:
+            execute(name, folder, {}, smoke, resume_hint=resume)
+        except NotebookRunError as err:
+            print(f"{step}: STOPPED after {time.perf_counter() - start:.0f} s\n{err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+    print(f"\nexecuted notebooks: {out}/<notebook>/<notebook>.ipynb (open them in JupyterLab)")
+    for name, title in (("04_classification_comparison", "classification"), ("08_detection_comparison", "detection")):
+        table = out / name / "paper_table.csv"
+        if table.is_file():
+            print(f"\n{title} comparison ({table}):\n{pd.read_csv(table).to_string(index=False)}")
+    for kind, pattern in (("tables", "*/*.csv"), ("figures", "*/*.png")):
+        paths = sorted(out.glob(pattern))
+        print(f"\n{kind}:" if paths else f"\n{kind}: none written", *paths, sep="\n  ")
 
 
 def _load_grid(path) -> dict:

@@ -17,7 +17,9 @@ from .losses import soft_kl
 
 
 class Task(Protocol):
+    """What `mtml.train`, `mtml.experiment` and the evaluators use of a task."""
     name: str
+    history_metrics: tuple[str, ...]                     # validation metrics kept per epoch
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> Any: ...
     def supervised_loss(self, out: Any, batch: Any) -> torch.Tensor: ...

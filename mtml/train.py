@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from .io import load_checkpoint, save_checkpoint
 from .losses import student_objective
 from .models import build_cohort_networks, check_version
+from .sampling import epoch_order, shard_order
 from .spec import RunSpec, differences, spec_of
 
 MODES = ("independent", "kd", "ml", "kd_ml", "offline")
@@ -320,11 +321,6 @@ def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.T
     return {k: v.detach() for k, v in terms.items()}
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def _rng_state() -> dict:
     """Every global RNG (torch CPU and CUDA, numpy, python), as plain data for weights_only loads."""
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -422,10 +418,9 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
 
     while epoch < cfg.epochs:
         start = time.perf_counter()
-        order = _epoch_order(n, cfg.seed, epoch)[skip * cfg.batch_size:]
+        order = epoch_order(n, cfg.seed, epoch)[skip * cfg.batch_size:]
         batch_size = cfg.batch_size
         if shard is not None:
-            from .distributed import shard_order
             order, batch_size = shard_order(order, cfg.batch_size, *shard)
         loader = DataLoader(train_data, batch_size=batch_size, sampler=order,
                             collate_fn=task.collate, num_workers=cfg.num_workers,

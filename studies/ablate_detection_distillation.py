@@ -34,12 +34,12 @@ VARIANTS = {  # name -> changes to BASE, in the order they run (most informative
     "base": {},
     "old weighting": {"DISTILL_WEIGHTING": "confidence"},
     "warm-up 2 ep": {"DISTILL_WARMUP_EPOCHS": 2.0},
-    "warm-up 4 ep": {"DISTILL_WARMUP_EPOCHS": 4.0},
-    "tau 1": {"TEMPERATURE": 1.0},
     "tau 2": {"TEMPERATURE": 2.0},
-    "no class maps": {"W_DISTILL_CLS": 0.0},
     "no boxes": {"W_DISTILL_BOX": 0.0},
+    "no class maps": {"W_DISTILL_CLS": 0.0},
     "no centerness": {"W_DISTILL_CTR": 0.0},
+    "tau 1": {"TEMPERATURE": 1.0},
+    "warm-up 4 ep": {"DISTILL_WARMUP_EPOCHS": 4.0},
 }
 MODES = ("kd", "ml", "kd_ml")
 
@@ -71,7 +71,7 @@ def append(row: dict) -> None:
 def run_one(variant: str, params: dict) -> dict:
     import torch
 
-    from mtml.detection import build_detection_networks
+    from mtml.detectors import build_detection_networks
     from mtml.experiment import run_cohort
     from mtml.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
     from mtml.polyp import default_polyp_root, flip_augment, load_polyp_dataset

@@ -131,7 +131,8 @@ def test_prepare_kvasir_reports_and_trains_on_empty_frames(tmp_path):
     f3 = data[data.frames.index("f3")]["boxes"]  # 80 x 63 frame -> 64 x 64: boxes scale with it
     assert torch.allclose(f3, torch.tensor([[16.0, 10 * 64 / 63, 40.0, 31 * 64 / 63]]))
     from mtml import Cohort, CohortConfig, cohort_step
-    from mtml.detection import DetectionTask, build_detection_networks
+    from mtml.detection import DetectionTask
+    from mtml.detectors import build_detection_networks
 
     task = DetectionTask(size=64)
     cohort = Cohort.build(CohortConfig(mode="kd_ml", batch_size=5, lr=0.01),

@@ -97,7 +97,7 @@ def _same_weights(a, b):
 def test_a_seed_starts_every_mode_from_the_same_students(task):
     from functools import partial
 
-    from mtml.detection import build_detection_networks
+    from mtml.detectors import build_detection_networks
 
     networks = partial(build_detection_networks, size=64) if task == "detection" else None
     first = _students("independent", networks)

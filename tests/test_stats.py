@@ -9,7 +9,7 @@ import torch
 from hand_metrics import binary_auroc
 
 from mtml import stats
-from mtml.detection import detection_metrics, detection_units
+from mtml.detection_eval import detection_metrics, detection_units
 from mtml.evaluate import classification_units
 from mtml.report import long_metric, paired_differences, summarise
 

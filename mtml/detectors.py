@@ -1,0 +1,180 @@
+"""Polyp detectors: FCOS teacher and students per version, with one forward for dense outputs.
+
+Every network of a version is torchvision's FCOS (Tian et al. 2019, anchor-free, one point per
+location) on a ResNet-style trunk with an FPN; the box distances go through softplus instead of
+ReLU (ours, see `SoftplusRegressionHead`). Teacher and students share the strides and frame
+size, so their dense head outputs (classification logits, box regressions, centerness) line up
+location by location, which is what dense distillation and the mean ensemble need.
+
+Versions (**ours**; the paper does not publish its detectors):
+
+    version  teacher (FPN/head ch, head convs)   student                 levels  frames
+    tiny     TinyTrunk 32-256 (64, 2)            TinyTrunk 16-128 (32, 1)  P3-P5   160 px
+    v1       ResNet-50 (256, 4)                  ResNet-18 (256, 4)        P3-P7   512 px
+    v2       ResNet-101 (256, 4)                 ResNet-34 (128, 4)        P3-P7   512 px
+    v3       WideResNet-50-2 (256, 4)            ResNet-18 (128, 2)        P3-P7   512 px
+
+`DenseFCOS.forward(images)` returns the dense head outputs (normalise, backbone and head once),
+so a detector can be wrapped by DistributedDataParallel or compiled like any module; FCOS's own
+losses, box coder and postprocess stay available on the module.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from .models import build_network, check_version, count_parameters
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    trunk: str          # torchvision ResNet name, or tiny_teacher / tiny_student
+    channels: int       # FPN and head width
+    head_convs: int     # conv layers in each head branch
+
+
+VERSIONS = {
+    "tiny": (DetectorSpec("tiny_teacher", 64, 2), DetectorSpec("tiny_student", 32, 1)),
+    "v1": (DetectorSpec("resnet50", 256, 4), DetectorSpec("resnet18", 256, 4)),
+    "v2": (DetectorSpec("resnet101", 256, 4), DetectorSpec("resnet34", 128, 4)),
+    "v3": (DetectorSpec("wide_resnet50_2", 256, 4), DetectorSpec("resnet18", 128, 2)),
+}
+FRAME_SIZE = {"tiny": 160, "v1": 512, "v2": 512, "v3": 512}
+TINY_WIDTHS = {"tiny_teacher": (32, 64, 128, 256), "tiny_student": (16, 32, 64, 128)}
+
+
+def _conv(c_in, c_out, stride):
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class TinyTrunk(nn.Sequential):
+    """Four stages of two 3x3 conv-BN-ReLU (the first with stride 2, after a stride-2 stem):
+    `layer2..layer4` have strides 8, 16, 32 like a ResNet's, so an FPN sits on top unchanged."""
+
+    def __init__(self, widths):
+        layers, c = OrderedDict(stem=nn.Sequential(*_conv(3, widths[0], 2))), widths[0]
+        for i, w in enumerate(widths):
+            layers[f"layer{i + 1}"] = nn.Sequential(*_conv(c, w, 2), *_conv(w, w, 1))
+            c = w
+        super().__init__(layers)
+
+
+class SoftplusRegressionHead(FCOSRegressionHead):
+    """torchvision's FCOS regression head with softplus instead of ReLU on the box distances
+    (**ours**). With ReLU, a distillation term that pushes the shared output bias below zero kills
+    the head for good (all-zero boxes, no gradient): in our tiny runs whole students died in kd and
+    ml modes while independent ones trained. Softplus is positive and never stops the gradient."""
+
+    def forward(self, x):
+        regressions, centerness = [], []
+        for features in x:
+            f = self.conv(features)
+            reg, ctr = F.softplus(self.bbox_reg(f)), self.bbox_ctrness(f)
+            n, _, h, w = reg.shape  # (N, 4, H, W) -> (N, HW, 4), one point per location
+            regressions.append(reg.view(n, 4, h, w).permute(0, 2, 3, 1).reshape(n, -1, 4))
+            centerness.append(ctr.view(n, 1, h, w).permute(0, 2, 3, 1).reshape(n, -1, 1))
+        return torch.cat(regressions, dim=1), torch.cat(centerness, dim=1)
+
+
+def _trunk(name: str, pretrained: bool):
+    """A trunk with layer2..layer4 and their channel counts."""
+    if name in TINY_WIDTHS:
+        if pretrained:
+            raise ValueError("the tiny version has no pretrained weights; use pretrained=False")
+        w = TINY_WIDTHS[name]
+        return TinyTrunk(w), list(w[1:])
+    trunk = build_network(name, 2, pretrained)  # ImageNet weights, clear error when offline
+    expansion = type(trunk.layer4[-1]).expansion
+    return trunk, [128 * expansion, 256 * expansion, 512 * expansion]
+
+
+class GlobalCountFCOSHead(FCOSHead):
+    """torchvision's FCOS head whose losses are normalised by the number of positive locations of
+    the GLOBAL batch: FCOS divides by the count of its batch, and under DDP each rank would divide
+    by its own count, so K processes would not compute what one process computes. With a process
+    group of K > 1 ranks the count is summed over the ranks (and the loss scaled by K, since DDP
+    averages gradients); otherwise it is torchvision's loss unchanged."""
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return losses
+        local = sum(int((m >= 0).sum()) for m in matched_idxs)
+        device = head_outputs["cls_logits"].device
+        total = torch.tensor([float(local)], device=device)
+        dist.all_reduce(total)
+        scale = max(1.0, local) * dist.get_world_size() / max(1.0, float(total))
+        return {k: v * scale for k, v in losses.items()}
+
+
+class DenseFCOS(FCOS):
+    """torchvision's FCOS whose `forward(images)` returns the dense outputs used for training,
+    distillation and the mean ensemble: `cls_logits` (B, L, C), `bbox_regression` (B, L, 4),
+    `bbox_ctrness` (B, L, 1), `anchors` (B x (L, 4)), `per_level` (locations per level) and
+    `image_sizes`. Images are (B, 3, S, S) floats in [0, 1], already S x S (no resizing).
+    Its parameters and state_dict keys are FCOS's."""
+
+    def forward(self, images):
+        images = self.transform.normalize(images)
+        features = list(self.backbone(images).values())
+        head = self.head(features)
+        image_list = ImageList(images, [tuple(images.shape[-2:])] * len(images))
+        return {**head, "anchors": self.anchor_generator(image_list, features),
+                "per_level": [f.shape[-2] * f.shape[-1] for f in features],
+                "image_sizes": image_list.image_sizes}
+
+
+def build_detector(spec: DetectorSpec, num_classes: int = 2, pretrained: bool = False,
+                   size: int = 160, levels: int = 5) -> "DenseFCOS":
+    """FCOS with one point per location, strides 8 .. 8 * 2^(levels-1), frames `size` px.
+    `score_thresh` is 0.05 (torchvision's default 0.2) so that mAP sees the low-score tail."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background + polyp), got {num_classes}")
+    if levels not in (3, 5):
+        raise ValueError(f"levels must be 3 (P3-P5) or 5 (P3-P7), got {levels}")
+    trunk, in_channels = _trunk(spec.trunk, pretrained)
+    extra = LastLevelP6P7(spec.channels, spec.channels) if levels == 5 else None
+    backbone = BackboneWithFPN(trunk, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels,
+                               spec.channels, extra_blocks=extra)
+    if extra is None:
+        backbone.fpn.extra_blocks = None  # BackboneWithFPN would add a max-pool level
+    anchors = AnchorGenerator(tuple((8 * 2 ** i,) for i in range(levels)), ((1.0,),) * levels)
+    head = GlobalCountFCOSHead(spec.channels, 1, num_classes, num_convs=spec.head_convs)
+    head.regression_head = SoftplusRegressionHead(spec.channels, 1, num_convs=spec.head_convs)
+    return DenseFCOS(backbone, num_classes, min_size=size, max_size=size, anchor_generator=anchors,
+                     head=head, score_thresh=0.05)
+
+
+def build_detection_networks(version: str, n_students: int, num_classes: int = 2,
+                             pretrained: bool = False, with_teacher: bool = True, size: int | None = None):
+    """(teacher or None, [students]) for a version; `Cohort.build(cfg, networks=...)` calls it."""
+    check_version(version)
+    t_spec, s_spec = VERSIONS[version]
+    kw = dict(num_classes=num_classes, pretrained=pretrained, size=size or FRAME_SIZE[version],
+              levels=3 if version == "tiny" else 5)
+    teacher = build_detector(t_spec, **kw) if with_teacher else None
+    return teacher, [build_detector(s_spec, **kw) for _ in range(n_students)]
+
+
+def detection_version_table(num_classes: int = 2, versions=None) -> pd.DataFrame:
+    """Parameters of teacher and student detectors per version, and the compression."""
+    rows = []
+    for version in versions or VERSIONS:
+        t, s = VERSIONS[version]
+        teacher, (student,) = build_detection_networks(version, 1, num_classes)
+        tp, sp = count_parameters(teacher), count_parameters(student)
+        rows.append(dict(version=version, teacher=t.trunk, student=s.trunk, frame=FRAME_SIZE[version],
+                         teacher_params=tp, student_params=sp, compression=round(tp / sp, 1)))
+    return pd.DataFrame(rows).set_index("version")
