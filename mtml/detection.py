@@ -46,7 +46,7 @@ class DetectionTask:
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
     def test_units(self, preds, targets, data=None) -> pd.DataFrame:
-        return detection_units(preds, targets)
+        return detection_units(preds, targets, frames=getattr(data, "frames", None))
 
     def settings(self):
         return {"size": self.size, "ensemble": self.ensemble_kind, "score_threshold": self.score_threshold,

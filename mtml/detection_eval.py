@@ -61,12 +61,14 @@ def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 
     return int(match_flags(pred, target, iou)[keep].sum()), int(keep.sum()), len(target["boxes"])
 
 
-def detection_units(preds: dict, targets: list[dict], iou: float = 0.5) -> pd.DataFrame:
+def detection_units(preds: dict, targets: list[dict], iou: float = 0.5, frames=None) -> pd.DataFrame:
     """Per frame and network: one row with the frame's box count (`n_gt`, `score` NaN) and one
-    row per detection with its score and true-positive flag at IoU `iou` (for bootstrap mAP)."""
+    row per detection with its score and true-positive flag at IoU `iou` (for bootstrap mAP).
+    `unit` is the frame's id (`frames`, e.g. `DetectionDataset.frames`), else its position."""
+    ids = list(frames) if frames is not None else list(range(len(targets)))
     rows = []
-    for network, frames in preds.items():
-        for f, (pred, target) in enumerate(zip(frames, targets)):
+    for network, per_frame in preds.items():
+        for f, pred, target in zip(ids, per_frame, targets):
             rows.append((f, network, np.nan, 0, len(target["boxes"])))
             flags = match_flags(pred, target, iou).tolist()
             rows.extend((f, network, float(sc), int(t), 0) for sc, t in zip(pred["scores"].tolist(), flags))

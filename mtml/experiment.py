@@ -53,7 +53,7 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     teacher = None
     if cfg.mode == "offline":
         teacher_dir = Path(checkpoint_dir) / "teacher" if checkpoint_dir else None
-        teacher = pretrain_teacher(task, train, cfg, device, networks=networks,
+        teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
                                    checkpoint_dir=teacher_dir, **fit_kw)
     cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks)
     history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback,

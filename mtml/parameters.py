@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 from pathlib import Path
 
 from .spec import RunSpec, spec_of
@@ -19,13 +20,44 @@ CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_stud
                      "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm",
                      "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs"}
 # what a notebook's `if SMOKE:` cell caps (the runner applies the same caps before hashing;
-# tests/test_runspec.py checks that every notebook's smoke cell agrees)
+# tests/test_spec.py checks that every notebook's smoke cell agrees)
 SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
               "detection": {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}}
 
 
+FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
+                    "SCORE_THRESHOLD", "W_DISTILL_CLS", "W_DISTILL_BOX", "W_DISTILL_CTR")
+INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
+                  "TRAIN_FRAMES", "EVAL_FRAMES")
+# knobs that never change what a run computes (tests/test_spec.py checks every other knob is mapped)
+NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC")
+
+
+def typed(params: dict) -> dict:
+    """Notebook parameters with equal values written one way (4 and 4.0, '1e-2' and 0.01, 1 and
+    True): a spec hash must not depend on how a value was typed. Impossible values are kept, so
+    validation names them."""
+    out = dict(params)
+    for key, value in params.items():
+        if value is None or isinstance(value, bool) and key != "PRETRAINED":
+            continue
+        try:
+            if key in FLOAT_PARAMETERS:
+                out[key] = float(value)
+            elif key in INT_PARAMETERS and float(value) == int(float(value)):
+                out[key] = int(float(value))
+            elif key == "PRETRAINED" and str(value).lower() in ("0", "1", "true", "false"):
+                out[key] = str(value).lower() in ("1", "true")
+        except (TypeError, ValueError):
+            pass
+    if out.get("DATA_DIR"):  # a relative folder means the same for the runner and the kernel
+        out["DATA_DIR"] = str(Path(out["DATA_DIR"]).expanduser().resolve())
+    return out
+
+
 def config_from_parameters(params: dict) -> CohortConfig:
     """A validated CohortConfig from notebook parameters (missing ones keep the defaults)."""
+    params = typed(params)
     return CohortConfig(**{CONFIG_PARAMETERS[k]: v for k, v in params.items()
                            if k in CONFIG_PARAMETERS}).validate()
 
@@ -41,6 +73,7 @@ def task_from_parameters(task: str, params: dict):
         kw = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
               "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
               "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}
+        params = typed(params)
         return DetectionTask(**{k: params[p] for k, p in kw.items() if p in params})
     raise ValueError(f"unknown task {task!r}; choose classification or detection")
 
@@ -65,21 +98,26 @@ def file_fingerprint(path) -> str:
 
 def data_fingerprint(task: str, params: dict) -> dict:
     """What data a run sees: source, content hash and sizes (no image is decoded)."""
+    params = typed(params)
     if task == "classification":
         manifest, kind = classification_manifest(params.get("DATA_DIR"))
-        return {"kind": kind, "manifest_sha256": file_fingerprint(manifest),
-                "tile_size": params.get("TILE_SIZE", 224)}
+        fingerprint = {"kind": kind, "manifest_sha256": file_fingerprint(manifest),
+                       "tile_size": params.get("TILE_SIZE", 224)}
+        stamp = manifest.parent / "synthetic.json"  # the generator's version and settings
+        if kind == "SYNTHETIC" and stamp.is_file():
+            fingerprint["generator"] = json.loads(stamp.read_text())
+        return fingerprint
     from .polyp import polyp_fingerprint
 
     limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
     return polyp_fingerprint(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
-                             seed=params.get("SEED", 0))
+                             seed=params.get("SPLIT_SEED", 0))
 
 
 def spec_from_parameters(task: str, params: dict) -> RunSpec:
     """The run spec of a notebook's parameters: `spec_from_parameters("detection", globals())`
     in a notebook, or the runner's resolved parameters; UPPER_CASE keys are read, others ignored."""
-    params = {k: v for k, v in params.items() if k.isupper()}
+    params = typed({k: v for k, v in params.items() if k.isupper()})
     return spec_of(config_from_parameters(params), task_from_parameters(task, params),
                    data_fingerprint(task, params))
 

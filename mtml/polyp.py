@@ -366,8 +366,8 @@ def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed
 
 def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0) -> dict:
     """What `polyp_splits` with these arguments loads, without decoding a frame: the source, a
-    hash of its manifest (frame ids, boxes and splits), the frame size, the caps and the seed
-    that draws capped subsets (and splits an unprepared Kvasir-SEG folder)."""
+    hash of its manifest (frame ids, boxes and splits), the frame size, the caps and the split
+    seed that draws capped subsets (and splits an unprepared Kvasir-SEG folder)."""
     import hashlib
 
     root, _ = _polyp_source(data_dir)
@@ -380,7 +380,7 @@ def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None),
     else:
         frame = load_manifest(root)
     content = frame[["frame", "split", "boxes"]].to_csv(index=False)
-    return {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "seed": seed}
+    return {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "split_seed": seed}
 
 
 def default_polyp_root() -> tuple[Path | None, str]:

@@ -109,6 +109,10 @@ def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "en
     rows = []
     for version, g in runs.groupby("version", sort=False):
         wide = g.pivot(index="seed", columns="mode", values=col)
+        draws = {}  # per mode: (seeds, n_boot) metric under the shared resampling, computed once
+        if units is not None:
+            draws = {m: pd.DataFrame(_resampled(units, [(version, m, s) for s in wide.index], metric, who, n_boot),
+                                     index=wide.index) for m in wide.columns}
         family = []
         for a, b in itertools.combinations(wide.columns, 2):
             d = (wide[a] - wide[b]).dropna()
@@ -117,9 +121,7 @@ def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "en
             row = {"version": version, "a": a, "b": b, f"mean({who} a-b)": mean, "ci95": half,
                    "p_value": p, "seeds": n}
             if units is not None:
-                seeds = list(d.index)
-                diff = (_resampled(units, [(version, a, s) for s in seeds], metric, who, n_boot)
-                        - _resampled(units, [(version, b, s) for s in seeds], metric, who, n_boot))
+                diff = draws[a].loc[d.index].to_numpy() - draws[b].loc[d.index].to_numpy()
                 row["boot_lo"], row["boot_hi"] = stats.percentile_interval(diff.mean(0))
             family.append(row)
         for row, adjusted in zip(family, stats.holm([r["p_value"] for r in family])):

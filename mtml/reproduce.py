@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io import save_figure, write_csv
-from .parameters import notebook_defaults, smoke_parameters, spec_from_parameters
+from .parameters import notebook_defaults, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,12 +64,13 @@ class PlannedRun:
 def grid_runs(task: str, modes, versions, seeds):
     if task not in RUNNERS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(RUNNERS)}")
-    for version in versions:
-        for mode in modes:
+    unique = lambda values: list(dict.fromkeys(values))  # noqa: E731  (--seeds 0 1 0 is one grid of 2)
+    for version in unique(versions):
+        for mode in unique(modes):
             if mode not in RUNNERS[task]:
                 raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(RUNNERS[task])}")
-            for seed in seeds:
-                yield dict(task=task, mode=mode, version=version, seed=int(seed))
+            for seed in unique(int(s) for s in seeds):
+                yield dict(task=task, mode=mode, version=version, seed=seed)
 
 
 def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: bool = False) -> list[PlannedRun]:
@@ -78,12 +79,17 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
     runs = []
     for run in grid_runs(task, modes, versions, seeds):
         notebook = RUNNERS[task][run["mode"]]
-        resolved = {**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **(params or {}),
+        defaults = notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")
+        unknown = sorted(set(params or {}) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(defaults)}")
+        resolved = {**defaults, **(params or {}),
                     "MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"], "RESUME": True}
         for key in ("SMOKE", "OUT_DIR"):
             resolved.pop(key, None)
         if smoke:
             resolved = smoke_parameters(task, resolved)
+        resolved = typed(resolved)
         runs.append(PlannedRun(notebook, resolved, spec_from_parameters(task, resolved)))
     return runs
 
@@ -155,6 +161,8 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Pat
     table, units = collect(runs, runs_dir)
     csv = write_csv(runs_dir / f"{task}_results.csv", table, index=False)
     figure = None
+    for stale in (runs_dir / f"{task}_paired.csv", runs_dir / f"{task}_comparison.png"):
+        stale.unlink(missing_ok=True)  # an earlier grid's outputs never pass for this one's
     if len(table):
         metric = METRIC[task]
         fig = comparison_figure(table, metric, f"{task}: {metric} per mode (our runs; mean, 95% CI over seeds)")

@@ -75,9 +75,14 @@ def unit_ids(units: pd.DataFrame) -> np.ndarray:
     return np.sort(units["unit"].unique())
 
 
-def unit_metric(units: pd.DataFrame, metric: str, who: str, counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def unit_metric(units: pd.DataFrame, metric: str, who: str, counts: np.ndarray, ids: np.ndarray,
+                chunk: int = 200) -> np.ndarray:
     """`metric` of network `who` ('ensemble', 'teacher', 'students_mean', 'student_1', ...) for
-    each row of `counts` (B, n_units): how often each unit of `ids` is drawn."""
+    each row of `counts` (B, n_units): how often each unit of `ids` is drawn. Rows are computed
+    `chunk` at a time (per-sample weights of a large test set would not fit in memory at once)."""
+    if len(counts) > chunk:
+        return np.concatenate([unit_metric(units, metric, who, counts[i:i + chunk], ids, chunk)
+                               for i in range(0, len(counts), chunk)])
     if who == "students_mean":
         students = sorted({c for c in _networks(units) if c.startswith("student_")})
         if not students:

@@ -467,12 +467,14 @@ def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Modul
 
 
 def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
-                     networks=build_cohort_networks, **fit_kw) -> nn.Module:
+                     networks=build_cohort_networks, data: dict | None = None, **fit_kw) -> nn.Module:
     """Trains the version's teacher alone on its supervised loss, for the `offline` baseline.
-    It starts from the same weights as the online teacher of kd and kd_ml."""
+    It starts from the same weights as the online teacher of kd and kd_ml. `data` (the run
+    spec's data fingerprint) makes its checkpoint resume only on the same data."""
     solo = replace(cfg, mode="independent", n_students=1)
     teacher = build_teacher(cfg, networks)
     seed_everything(cfg.seed)
     cohort = Cohort(solo, None, [teacher], device)
-    fit(cohort, task, train_data, **fit_kw)
+    spec = spec_of(solo, task, {**data, "role": "offline teacher"}) if data is not None else None
+    fit(cohort, task, train_data, spec=spec, **fit_kw)
     return teacher.eval()

@@ -37,20 +37,63 @@ def test_spec_hash_is_stable_and_changes_with_every_setting():
 
 
 @pytest.mark.parametrize("change", [{"BOX_LOSS": "l1"}, {"TRAIN_FRAMES": 12}, {"FRAME_SIZE": 64},
-                                    {"SCORE_THRESHOLD": 0.5}, {"DATA_DIR": "synthetic"}],
+                                    {"SCORE_THRESHOLD": 0.5}, {"DATA_DIR": "synthetic"},
+                                    {"DISTILL_WEIGHTING": "confidence"}, {"W_DISTILL_BOX": 0.0},
+                                    {"DISTILL_WARMUP_EPOCHS": 2.0}, {"SPLIT_SEED": 1}],
                          ids=lambda c: next(iter(c)))
 def test_detection_notebook_settings_and_data_change_the_spec(change, tmp_path, monkeypatch):
     """The defect of notebook 05: BOX_LOSS, TRAIN_FRAMES or DATA_DIR changes reused old weights."""
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # synthetic default: fast
     monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     params = smoke_parameters("detection", notebook_defaults(DETECTION_NOTEBOOK))
-    if change.get("DATA_DIR"):  # a prepared folder (only its manifest is read for the spec)
+    if change.get("DATA_DIR") or "SPLIT_SEED" in change:  # a prepared folder (only its manifest is read)
         (tmp_path / "frames").mkdir()
         pd.DataFrame({"frame": ["a", "b"], "split": ["train", "test"], "image": ["a.jpg", "b.jpg"],
                       "boxes": ["[[1, 1, 9, 9]]", "[]"]}).to_csv(tmp_path / "frames" / "manifest.csv", index=False)
-        change = {"DATA_DIR": str(tmp_path / "frames")}
+        params["DATA_DIR"] = None if change.get("DATA_DIR") else str(tmp_path / "frames")
+        change = {**change, "DATA_DIR": str(tmp_path / "frames")}
     before, after = spec_from_parameters("detection", params), spec_from_parameters("detection", {**params, **change})
     assert before.hash != after.hash
+
+
+def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, monkeypatch):
+    """A knob that changes the run but not its spec would let two runs share one identity."""
+    from mtml.parameters import NOT_IDENTITY
+
+    monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    changed = {int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x", bool: lambda v: not v}
+    alternatives = {"MODE": "ml", "VERSION": "v1", "BOX_LOSS": "l1", "ENSEMBLE": "wbf",
+                    "DISTILL_WEIGHTING": "confidence", "FRAME_SIZE": 128, "TRAIN_FRAMES": 20, "EVAL_FRAMES": 12}
+    for task, runners in reproduce.RUNNERS.items():
+        for name in set(runners.values()):
+            params = notebook_defaults(NOTEBOOKS / f"{name}.ipynb")
+            base = spec_from_parameters(task, params).hash
+            for key, value in params.items():
+                if key in NOT_IDENTITY or key in ("DATA_DIR", "SPLIT_SEED"):  # both: a prepared folder, above
+                    continue
+                other = alternatives.get(key, value if value is None else changed[type(value)](value))
+                if other == value:
+                    other = "kd_ml" if key == "MODE" else changed[type(value)](value)
+                if key == "PRETRAINED":  # building ImageNet networks needs the internet: the spec alone
+                    other = True
+                assert spec_from_parameters(task, {**params, key: other}).hash != base, (name, key)
+
+
+def test_equal_values_typed_differently_give_one_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    params = notebook_defaults(NOTEBOOKS / "01_kd_only.ipynb")
+    base = spec_from_parameters("classification", params).hash
+    for key, value in (("TEMPERATURE", 4), ("W_KD", "1.0"), ("EPOCHS", 5.0), ("LR", "5e-2"), ("PRETRAINED", 0)):
+        assert spec_from_parameters("classification", {**params, key: value}).hash == base, key
+
+
+def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    runs = reproduce.plan("classification", ["kd", "kd"], ["tiny"], [0, 1, 0])
+    assert [r.cell for r in runs] == [("tiny", "kd", 0), ("tiny", "kd", 1)]
+    with pytest.raises(ValueError, match="unknown parameter.*EPOCH"):
+        reproduce.plan("classification", ["kd"], ["tiny"], [0], {"EPOCH": 20})
 
 
 def test_every_runner_notebook_shrinks_as_the_runner_expects():
@@ -63,6 +106,10 @@ def test_every_runner_notebook_shrinks_as_the_runner_expects():
             exec(nb.cells[2].source, namespace)  # the notebook's own smoke cell
             expected = smoke_parameters(task, notebook_defaults(NOTEBOOKS / f"{name}.ipynb"))
             assert {k: namespace[k] for k in SMOKE_CAPS[task]} == {k: expected[k] for k in SMOKE_CAPS[task]}, name
+            small = {k: 3 for k in SMOKE_CAPS[task] if k != "FRAME_SIZE"}  # explicit small values stay
+            namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True, **small)
+            exec(nb.cells[2].source, namespace)
+            assert {k: namespace[k] for k in small} == small, name
 
 
 def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
