@@ -96,15 +96,42 @@ def test_student_objective_golden_and_terms_off():
 
 
 # ---- properties ----
+def ref_kl_per_row(student, target, tau, kind):
+    """Per-row KL(p_target || p_student) at tau, from the probabilities themselves (float64 numpy,
+    no log-sum-exp tricks): softmax over the last axis, or one Bernoulli per entry (sigmoid) whose
+    two-outcome KLs are summed over the last axis. Not yet tau^2-scaled, not averaged."""
+    s, t = np.asarray(student, float) / tau, np.asarray(target, float) / tau
+    if kind == "softmax":
+        ps, pt = np.exp(s) / np.exp(s).sum(-1, keepdims=True), np.exp(t) / np.exp(t).sum(-1, keepdims=True)
+        return (pt * np.log(pt / ps)).sum(-1)
+    ps, pt = 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-t))
+    return (pt * np.log(pt / ps) + (1 - pt) * np.log((1 - pt) / (1 - ps))).sum(-1)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_kl_nonnegative_and_zero_at_equality(kind):
+def test_kl_matches_a_float64_reference_and_is_zero_at_equality(kind):
+    """Random logits (rows of different spread, also near-equal pairs): soft_kl equals the reference
+    tau^2 * mean_rows KL, and each row's KL (isolated with a one-hot weight) equals the reference
+    row: a sign error, a missing term (e.g. the (1 - p) outcome), KL(student || target), or a
+    wrong negative row hidden by the clamp at 0 all fail. The reference rows are checked > 0
+    first (that is what makes the clamp harmless for correct code)."""
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        s = 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
-        t = 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
-        assert float(soft_kl(s, t, 1.7, kind=kind)) >= 0.0
-        assert float(soft_kl(s, s.clone(), 1.7, kind=kind)) == 0.0
-    assert float(soft_kl(s, t, 1.7, kind=kind)) > 0.0  # not zero for different inputs
+    tau, rows = 1.7, 6
+    for trial in range(20):
+        scale = torch.tensor([0.3, 1.0, 3.0, 5.0, 3.0, 3.0], dtype=torch.float64)[:, None]
+        s = scale * torch.randn(rows, 4, generator=g, dtype=torch.float64)
+        t = scale * torch.randn(rows, 4, generator=g, dtype=torch.float64)
+        t[-1] = s[-1] + 1e-3 * torch.randn(4, generator=g, dtype=torch.float64)  # a tiny KL (~1e-7)
+        ref_rows = ref_kl_per_row(s.numpy(), t.numpy(), tau, kind)
+        assert (ref_rows > 0).all()
+        got = float(soft_kl(s, t, tau, kind=kind))
+        assert got == pytest.approx(tau ** 2 * ref_rows.mean(), rel=1e-9, abs=1e-15), trial
+        for r in range(rows):
+            one_hot = torch.zeros(rows, dtype=torch.float64)
+            one_hot[r] = 1.0
+            row = float(soft_kl(s, t, tau, kind=kind, weight=one_hot))
+            assert row == pytest.approx(tau ** 2 * ref_rows[r], rel=1e-6, abs=1e-15), (trial, r)
+        assert float(soft_kl(s, s.clone(), tau, kind=kind)) == 0.0
 
 
 def test_softmax_kl_ignores_a_constant_shift_of_the_logits():

@@ -47,7 +47,16 @@ def test_paired_differences_use_same_seed_pairs():
     a_minus_b = -1 if row["a"] == "kd" else 1
     assert row["mean(ensemble a-b)"] == pytest.approx(a_minus_b * 0.04)
     assert row["ci95"] == pytest.approx(T_975_DF2 * 0.02 / math.sqrt(3))
-    assert row["seeds"] == 3 and 0 < row["p_value"] < 0.1  # t = 0.04 / (0.02 / sqrt 3) = 3.46
+    # paired t-test of the differences (0.02, 0.04, 0.06), up to sign: mean 0.04, sample sd 0.02,
+    # t = 0.04 / (0.02 / sqrt 3) = 2 sqrt 3 = 3.464, df = 2, two-sided p = 2 * P(T_2 > t).
+    # For df = 2 the t CDF is closed-form, F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so
+    # p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(12 / 14) = 1 - sqrt(6 / 7) = 0.0741799...
+    from scipy import stats
+
+    t_stat, df = 2 * math.sqrt(3), 2
+    assert row["seeds"] == 3
+    assert row["p_value"] == pytest.approx(2 * stats.t.sf(t_stat, df), abs=1e-9)
+    assert row["p_value"] == pytest.approx(1 - math.sqrt(6 / 7), abs=1e-9)
 
 
 def test_summary_and_paper_table():
