@@ -22,7 +22,9 @@ Two weightings of the locations (each term a weighted mean sum(w * l) / sum(w)):
   over all locations of the batch for class maps; w = c_t at every location for boxes and
   centerness.
 
-In both, a target box of zero area has no GIoU and does not count.
+In both, a target box of zero area has no GIoU and does not count. Under DDP the normalisers
+sum(w) of the batch-wide means are summed over the ranks (`_global_share`), so K processes
+compute what one process computes.
 """
 from __future__ import annotations
 
@@ -77,17 +79,17 @@ class DenseDistillation:
             total = total + self.w_box * self._boxes(out, target, conf_t * where)
         if self.w_ctr > 0:
             w = (conf_t * where).flatten()
-            total = total + self.w_ctr * soft_kl(out["bbox_ctrness"].reshape(-1, 1),
-                                                 target["bbox_ctrness"].reshape(-1, 1), 1.0,
-                                                 kind="sigmoid", weight=w)
+            total = total + self.w_ctr * _global_share(w.sum()) * soft_kl(
+                out["bbox_ctrness"].reshape(-1, 1), target["bbox_ctrness"].reshape(-1, 1), 1.0,
+                kind="sigmoid", weight=w)
         return total
 
     @staticmethod
     def _class_maps(s_cls, t_cls, weight, temperature, per_image: bool):
         classes = s_cls.shape[-1]
         if not per_image:
-            return soft_kl(s_cls.reshape(-1, classes), t_cls.reshape(-1, classes), temperature,
-                           kind="sigmoid", weight=weight.flatten())
+            return _global_share(weight.sum()) * soft_kl(s_cls.reshape(-1, classes), t_cls.reshape(-1, classes),
+                                                         temperature, kind="sigmoid", weight=weight.flatten())
         return torch.stack([soft_kl(s, t, temperature, kind="sigmoid", weight=w)
                             for s, t, w in zip(s_cls, t_cls, weight)]).mean()
 
@@ -103,7 +105,20 @@ class DenseDistillation:
             per_loc = generalized_box_iou_loss(coder.decode(s_reg, anchors).reshape(-1, 4), t_box,
                                                reduction="none")
             weight = weight * ((t_box[:, 2] > t_box[:, 0]) & (t_box[:, 3] > t_box[:, 1]))
-        return (weight * per_loc).sum() / weight.sum().clamp_min(1e-6)
+        return _global_share(weight.sum()) * (weight * per_loc).sum() / weight.sum().clamp_min(1e-6)
+
+
+def _global_share(local_weight: torch.Tensor) -> float:
+    """The factor that turns a mean normalised by this rank's sum of weights into its share of the
+    mean normalised by the sum over all ranks (times the number of ranks, since DDP averages
+    gradients); 1 without a process group of several ranks."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 1.0
+    local = float(local_weight.detach().clamp_min(1e-6))
+    total = local_weight.detach().reshape(1).clone()
+    dist.all_reduce(total)
+    return local * dist.get_world_size() / max(float(total), 1e-6)
 
 
 def foreground(out: dict) -> torch.Tensor:
