@@ -110,10 +110,15 @@ def test_torchrun_two_processes_match_one_process_for_detection(tmp_path, one_to
     2 gloo ranks end where 1 process ends."""
     main(DETECTION_ARGS + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "-m", "mtml.distributed", *DETECTION_ARGS,
-                          "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", "-m", "mtml.distributed", *DETECTION_ARGS,
+                              "--out", str(tmp_path / "two")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        # once, on a machine loaded 3x over, a rank aborted at exit after training ("terminate called
+        # without an active exception", gloo teardown): one retry for that signature only
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["cohort"]["networks"]
     two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["cohort"]["networks"]

@@ -106,7 +106,7 @@ def test_every_runner_notebook_shrinks_as_the_runner_expects():
             exec(nb.cells[2].source, namespace)  # the notebook's own smoke cell
             expected = smoke_parameters(task, notebook_defaults(NOTEBOOKS / f"{name}.ipynb"))
             assert {k: namespace[k] for k in SMOKE_CAPS[task]} == {k: expected[k] for k in SMOKE_CAPS[task]}, name
-            small = {k: 3 for k in SMOKE_CAPS[task] if k != "FRAME_SIZE"}  # explicit small values stay
+            small = {k: 1 for k in SMOKE_CAPS[task] if k not in ("FRAME_SIZE", "TILE_SIZE")}  # explicit small values stay
             namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True, **small)
             exec(nb.cells[2].source, namespace)
             assert {k: namespace[k] for k in small} == small, name
