@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from nbclient.exceptions import CellTimeoutError
 
 from mtml import execution
+from mtml.parameters import parse_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WIDGETS_MODULE = Path(execution.__file__).with_name("widgets.py")
@@ -94,12 +94,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
-    params = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isupper():
-            p.error(f"--param expects KEY=VALUE with an UPPER_CASE key, got {item!r}")
-        params[key] = yaml.safe_load(value)
+    try:
+        params = parse_parameters(args.param)
+    except ValueError as err:
+        p.error(str(err))
     if args.cell_timeout:
         os.environ[execution.TIMEOUT_ENV] = str(args.cell_timeout)
     execution.FIX_OUTPUT_WIDGET = not args.without_fix

@@ -122,6 +122,19 @@ def spec_from_parameters(task: str, params: dict) -> RunSpec:
                    data_fingerprint(task, params))
 
 
+def parse_parameters(items) -> dict:
+    """`KEY=VALUE` strings (command-line `--param`) -> {KEY: YAML value}; ValueError on a bad item."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isupper():
+            raise ValueError(f"--param expects KEY=VALUE with an UPPER_CASE key, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def smoke_parameters(task: str, params: dict) -> dict:
     """`params` shrunk as the notebooks' `if SMOKE:` cell shrinks them."""
     out = dict(params)

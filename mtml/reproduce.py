@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io import save_figure, write_csv
-from .parameters import notebook_defaults, smoke_parameters, spec_from_parameters, typed
+from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,14 +242,10 @@ def main(argv=None) -> int:
     if args.demo:
         demo(runs_dir, smoke)
         return 0
-    import yaml
-
-    extra = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isupper():
-            p.error(f"--param expects KEY=VALUE with an UPPER_CASE key, got {item!r}")
-        extra[key] = yaml.safe_load(value)
+    try:
+        extra = parse_parameters(args.param)
+    except ValueError as err:
+        p.error(str(err))
     grid = _load_grid(args.grid) if args.grid else {}
     failed = []
     for task in grid.get("task", [args.task]):
