@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -109,8 +110,10 @@ def execute(notebook: str, out_dir: Path, parameters: dict, smoke: bool, resume_
     return run_notebook(notebook, out_dir, parameters, smoke, resume_hint=resume_hint)
 
 
-def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False) -> list[tuple[PlannedRun, str]]:
-    """Executes the runs not finished yet; returns the failed ones with their messages."""
+def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False,
+             resume_command: str = "") -> list[tuple[PlannedRun, str]]:
+    """Executes the runs not finished yet; returns the failed ones with their messages. A stuck
+    cell's message ends with `resume_command` (the command that retries, skipping finished runs)."""
     failed = []
     for run in runs:
         out_dir = run.out_dir(runs_dir)
@@ -119,7 +122,7 @@ def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False) -> lis
             continue
         start = time.perf_counter()
         try:
-            execute(run.notebook, out_dir, run.parameters, smoke)
+            execute(run.notebook, out_dir, run.parameters, smoke, resume_hint=resume_command)
             written = (_record(out_dir) or {}).get("spec_hash")
             if written != run.spec.hash:
                 raise RuntimeError(f"{run.notebook} wrote spec {written}, the runner expected "
@@ -247,11 +250,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         p.error(str(err))
     grid = _load_grid(args.grid) if args.grid else {}
+    resume = " ".join(["python -m mtml.reproduce", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     failed = []
     for task in grid.get("task", [args.task]):
         runs = plan(task, grid.get("modes", args.modes), grid.get("versions", args.versions),
                     grid.get("seeds", args.seeds), {**grid.get("params", [{}])[0], **extra}, smoke)
-        failed += run_grid(runs, runs_dir, smoke)
+        failed += run_grid(runs, runs_dir, smoke, resume_command=resume)
         csv, figure = report(runs, runs_dir, task)
         print(f"results: {csv}\nfigure: {figure}")
     if failed:

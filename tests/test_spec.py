@@ -188,8 +188,9 @@ KD_ML_MINUS_KD = {0: -0.015, 1: -0.025, 2: -0.020}  # a true mean difference of 
 
 def fake_execute(calls):
     """Stands in for papermill: writes the record the notebook would write for its parameters."""
-    def execute(notebook, out_dir, parameters, smoke):
+    def execute(notebook, out_dir, parameters, smoke, resume_hint=""):
         calls.append((notebook, parameters))
+        assert resume_hint.startswith("python -m mtml.reproduce"), resume_hint
         spec = spec_from_parameters("classification", parameters)
         value = 0.80 + 0.01 * parameters["SEED"] + (KD_ML_MINUS_KD[parameters["SEED"]]
                                                      if parameters["MODE"] == "kd_ml" else 0.0)
@@ -238,16 +239,17 @@ def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monk
     calls = []
     good = fake_execute(calls)
 
-    def flaky(notebook, out_dir, parameters, smoke):
+    def flaky(notebook, out_dir, parameters, smoke, resume_hint=""):
         if parameters["SEED"] == 1:
-            raise RuntimeError("cell 12 timed out")
-        good(notebook, out_dir, parameters, smoke)
+            raise RuntimeError(f"cell 12 timed out. Resume with: {resume_hint}")
+        good(notebook, out_dir, parameters, smoke, resume_hint)
 
     monkeypatch.setattr(reproduce, "execute", flaky)
     argv = ["--modes", "kd", "--seeds", "0", "1", "2", "--runs-dir", str(tmp_path / "runs")]
     assert reproduce.main(argv) == 1
     err = capsys.readouterr().err
     assert "1 run(s) failed" in err and "seed1" in err and "cell 12 timed out" in err
+    assert "Resume with: python -m mtml.reproduce --modes kd --seeds 0 1 2" in err
     assert len(pd.read_csv(tmp_path / "runs" / "classification_results.csv")) == 2
 
 
@@ -256,8 +258,8 @@ def test_runner_refuses_a_notebook_that_disagrees_on_the_spec(tmp_path, monkeypa
     calls = []
     good = fake_execute(calls)
 
-    def drifting(notebook, out_dir, parameters, smoke):
-        good(notebook, out_dir, {**parameters, "EPOCHS": parameters["EPOCHS"] + 1}, smoke)
+    def drifting(notebook, out_dir, parameters, smoke, resume_hint=""):
+        good(notebook, out_dir, {**parameters, "EPOCHS": parameters["EPOCHS"] + 1}, smoke, resume_hint)
 
     monkeypatch.setattr(reproduce, "execute", drifting)
     assert reproduce.main(["--modes", "kd", "--seeds", "0", "--runs-dir", str(tmp_path / "runs")]) == 1
