@@ -123,3 +123,32 @@ def evaluate_detection(networks: dict, data, task, batch_size: int = 16,
                                     for k, p in preds.items()}, orient="index")
     frame.index.name = "network"
     return (frame, preds, targets) if return_predictions else frame
+
+
+def f1_at_thresholds(units: pd.DataFrame, network: str) -> pd.DataFrame:
+    """Precision, recall and F1 of `network`'s detections (test units of `detection_units`) at
+    every threshold equal to one of its scores: keeping detections with score >= threshold."""
+    u = units[units["network"] == network]
+    n_gt = float(u["n_gt"].sum())
+    det = u[u["score"].notna()].sort_values("score", ascending=False, kind="mergesort")
+    tp, kept = np.cumsum(det["tp"].to_numpy()), np.arange(1, len(det) + 1)
+    last = np.r_[det["score"].to_numpy()[1:] != det["score"].to_numpy()[:-1], True]  # ties kept together
+    precision, recall = tp / kept, tp / n_gt if n_gt else np.full(len(tp), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return pd.DataFrame({"threshold": det["score"].to_numpy(), "precision": precision,
+                         "recall": recall, "f1": f1})[last].reset_index(drop=True)
+
+
+def operating_point(val_units: pd.DataFrame, test_units: pd.DataFrame, network: str) -> dict:
+    """The score threshold of maximum F1 on the validation frames, and test precision, recall
+    and F1 at it (the threshold is never chosen on the test split)."""
+    curve = f1_at_thresholds(val_units, network)
+    if curve.empty:
+        return {"op_threshold": float("nan"), "op_precision": 0.0, "op_recall": 0.0, "op_f1": 0.0}
+    threshold = float(curve.loc[curve["f1"].idxmax(), "threshold"])
+    test = f1_at_thresholds(test_units, network)
+    at = test[test["threshold"] >= threshold]
+    row = at.iloc[-1] if len(at) else {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    return {"op_threshold": threshold, "op_precision": float(row["precision"]),
+            "op_recall": float(row["recall"]), "op_f1": float(row["f1"])}

@@ -99,11 +99,11 @@ def _resampled(units: dict, keys, metric: str, who: str, n_boot: int) -> np.ndar
 
 
 def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "ensemble",
-                       units: dict | None = None, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
+                       units: dict | None = None, n_boot: int = stats.N_BOOT, pairs=None) -> pd.DataFrame:
     """For each pair of modes (same version, same seed): mean difference a - b, its 95%
     t-interval over seeds (`ci95`, half-width), the paired t-test p-value and its Holm adjustment
     over all pairs of the version (`p_holm`), and with `units` the 95% bootstrap interval over
-    test units (`boot_lo`, `boot_hi`)."""
+    test units (`boot_lo`, `boot_hi`). `pairs` [(a, b), ...] limits the family to those pairs."""
     check_one_run_per_cell(runs)
     col = f"{who}/{metric}"
     rows = []
@@ -114,7 +114,9 @@ def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "en
             draws = {m: pd.DataFrame(_resampled(units, [(version, m, s) for s in wide.index], metric, who, n_boot),
                                      index=wide.index) for m in wide.columns}
         family = []
-        for a, b in itertools.combinations(wide.columns, 2):
+        chosen = itertools.combinations(wide.columns, 2) if pairs is None else \
+            [(a, b) for a, b in pairs if a in wide and b in wide]
+        for a, b in chosen:
             d = (wide[a] - wide[b]).dropna()
             mean, half, n = mean_ci(d)
             p = float(scipy_stats.ttest_1samp(d, 0.0).pvalue) if n >= 2 and d.std() > 0 else math.nan

@@ -1,0 +1,118 @@
+"""Studies: the study file, verdicts, the detectable difference, the operating point, diversity,
+and the study command end to end (smoke: resumable, re-running nothing, identical tables)."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from mtml import study as study_mod
+from mtml.detection_eval import f1_at_thresholds, operating_point
+from mtml.diversity import classification_diversity
+from mtml.study import Study, detectable_difference, verdicts
+
+
+def test_study_file_refuses_unknown_keys_and_non_parameters(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntask: detection\ndata: real\nversion: tiny\nmodes: [kd]\nseeds: [0]\nepochs: 3\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        Study.load(path)
+    path.write_text("name: s\ntask: detection\ndata: real\nversion: tiny\nmodes: [kd]\nseeds: [0]\n"
+                    "params: {MODE: kd}\n")
+    with pytest.raises(ValueError, match="MODE"):
+        Study.load(path)
+
+
+@pytest.mark.parametrize("name", ["kvasir_tiny_cpu", "synthetic_tiny_cpu", "kvasir_v1_gpu"])
+def test_committed_study_files_load_with_every_mode_and_five_seeds(name):
+    s = Study.load(study_mod.REPO / "studies" / f"{name}.yaml")
+    assert s.name == name and set(s.modes) == {"independent", "kd", "ml", "kd_ml", "offline"}
+    assert len(s.seeds) >= 5
+    assert len(s.planned(smoke=True)) == 2 * len(s.modes)
+
+
+def test_detectable_difference_is_the_paired_t_power_formula():
+    d = np.array([0.01, -0.02, 0.03, 0.00, 0.015])
+    t = scipy_stats.t
+    expected = (t.ppf(0.975, 4) + t.ppf(0.8, 4)) * d.std(ddof=1) / math.sqrt(5)
+    assert detectable_difference(d) == pytest.approx(expected)
+    assert detectable_difference(np.r_[d, d]) < expected  # more seeds, smaller detectable difference
+
+
+def _runs(kd_ml_minus):
+    rows = []
+    for seed, delta in enumerate(kd_ml_minus):
+        base = 0.5 + 0.01 * seed
+        for mode, value in (("kd", base), ("ml", base - 0.01), ("independent", base - 0.02), ("kd_ml", base + delta)):
+            rows.append({"version": "tiny", "mode": mode, "seed": seed, "ensemble/map50": value})
+    return pd.DataFrame(rows)
+
+
+def test_verdicts_confirm_refute_or_leave_inconclusive():
+    up = verdicts(_runs([0.05, 0.052, 0.049, 0.051, 0.05]), "map50", None).set_index("claim")
+    assert (up["verdict"] == "confirmed").all()
+    down = verdicts(_runs([-0.06, -0.061, -0.059, -0.06, -0.062]), "map50", None).set_index("claim")
+    assert down.loc["kd_ml ensemble > kd ensemble", "verdict"] == "refuted"
+    assert down.loc["kd_ml ensemble > kd ensemble", "mean"] == pytest.approx(-0.0604)
+    noisy = verdicts(_runs([0.05, -0.04, 0.03, -0.05, 0.02]), "map50", None).set_index("claim")
+    assert noisy.loc["kd_ml ensemble > kd ensemble", "verdict"] == "inconclusive"
+    assert noisy.loc["kd_ml ensemble > kd ensemble", "detectable"] > 0.02
+
+
+def _units(rows):
+    return pd.DataFrame(rows, columns=["unit", "network", "score", "tp", "n_gt"])
+
+
+def test_operating_point_is_chosen_on_validation_and_applied_to_test():
+    nan = np.nan
+    # validation: best F1 keeping the two top detections (0.9, 0.8 true; 0.3 false)
+    val = _units([(0, "ensemble", nan, 0, 1), (0, "ensemble", 0.9, 1, 0), (0, "ensemble", 0.3, 0, 0),
+                  (1, "ensemble", nan, 0, 1), (1, "ensemble", 0.8, 1, 0)])
+    curve = f1_at_thresholds(val, "ensemble")
+    assert list(curve["threshold"]) == [0.9, 0.8, 0.3]
+    assert curve["f1"].tolist() == pytest.approx([2 / 3, 1.0, 0.8])
+    # test: at 0.8 one true (0.85) and one false (0.81) detection kept of 2 boxes; 0.5 dropped
+    test = _units([(0, "ensemble", nan, 0, 1), (0, "ensemble", 0.85, 1, 0), (0, "ensemble", 0.5, 1, 0),
+                   (1, "ensemble", nan, 0, 1), (1, "ensemble", 0.81, 0, 0)])
+    op = operating_point(val, test, "ensemble")
+    assert op["op_threshold"] == 0.8
+    assert (op["op_precision"], op["op_recall"]) == pytest.approx((0.5, 0.5))
+
+
+def test_classification_diversity_of_equal_and_opposite_students():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    same = classification_diversity({"student_1": p, "student_2": p, "ensemble": p})
+    assert same == {"disagreement": 0.0, "kl": pytest.approx(0.0, abs=1e-12)}
+    opposite = classification_diversity({"student_1": p, "student_2": p[:, ::-1]})
+    assert opposite["disagreement"] == 1.0 and opposite["kl"] > 0.3
+
+
+def test_study_command_smoke_resumes_and_regenerates_identical_tables(tmp_path, monkeypatch):
+    """The synthetic study at smoke size: every planned run finishes with its units; a second
+    call runs nothing and writes the same tables; a stray row in runs.csv never enters them."""
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    path, out = study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml", tmp_path / "out"
+    assert study_mod.main([str(path), "--smoke", "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 10 and runs["spec_hash"].is_unique
+    assert all((out / "units" / f"{h}.csv.gz").is_file() for h in runs["spec_hash"])
+    tables = {name: (out / name).read_bytes() for name in ("results.csv", "verdicts.csv", "RESULTS.md", "costs.csv")}
+    stray = runs.iloc[[0]].assign(spec_hash="0123456789abcdef", **{"ensemble/auroc": 0.0})
+    pd.concat([runs, stray]).to_csv(out / "runs.csv", index=False)
+    calls = []
+    monkeypatch.setattr(study_mod, "run_one", lambda *a, **k: calls.append(a))
+    assert study_mod.main([str(path), "--smoke", "--out", str(out)]) == 0
+    assert calls == [], "a finished run is never run again"
+    assert {name: (out / name).read_bytes() for name in tables} == tables
+    verdict = pd.read_csv(out / "verdicts.csv")
+    assert list(verdict["claim"]) == ["kd_ml ensemble > kd ensemble", "kd_ml ensemble > ml ensemble",
+                                      "kd_ml ensemble > independent ensemble"]
+    assert set(verdict["verdict"]) <= {"confirmed", "refuted", "inconclusive"}
+    assert "SYNTHETIC" in (out / "RESULTS.md").read_text().splitlines()[0]
+
+
+def test_smoke_needs_its_own_folder(capsys):
+    with pytest.raises(SystemExit):
+        study_mod.main([str(study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--smoke"])
+    assert "--out" in capsys.readouterr().err
