@@ -4,7 +4,8 @@ its split) and a report of what was clipped, dropped or skipped, in $MTML_DATA_D
 
   kvasir   Kvasir-SEG (Jha et al., MMM 2020; free for research and education): downloads the
            official zip (or uses --from PATH, a zip or folder you already have), extracts it,
-           boxes from the official kavsir_bboxes.json (or --boxes masks), random frame split.
+           boxes from the official kavsir_bboxes.json (or --boxes masks), random split that
+           keeps near-duplicate frames together (or --split-by frame).
   cvc      CVC-ClinicDB (Bernal et al., CMIG 2015; access by request from its authors): prepares
            the folder or archive you were given (--from PATH): boxes from the masks' connected
            components, split by the 29 video sequences (frames of one never cross splits).
@@ -55,7 +56,7 @@ def kvasir(args) -> None:
         print(f"{archive.name}: sha256 {file_hash(archive)} (pass it as --sha256 to pin it)")
         root = _unpack(archive, out / "raw")
     frame, report = prepare_kvasir(root, out_dir=out, boxes=args.boxes, seed=args.seed,
-                                   min_area=args.min_area)
+                                   min_area=args.min_area, split_by=args.split_by)
     _summary(out, frame, report)
 
 
@@ -95,6 +96,9 @@ def main(argv=None) -> None:
     k.add_argument("--sha256", default=None, help="expected sha256 of the zip (none is published)")
     k.add_argument("--boxes", choices=("json", "masks"), default="json",
                    help="official kavsir_bboxes.json, or connected components of the masks")
+    k.add_argument("--split-by", choices=("near_duplicates", "frame"), default="near_duplicates",
+                   help="keep near-duplicate frames in one split (default), or split frame by frame "
+                        "(the old split); see mtml/near_duplicates.py")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.choices["cvc"].add_argument("--sequence-ends", default=None,
                                     help="last frame of each sequence, comma-separated "

@@ -111,7 +111,7 @@ def data_fingerprint(task: str, params: dict) -> dict:
 
     limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
     return polyp_fingerprint(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
-                             seed=params.get("SPLIT_SEED", 0))
+                             seed=params.get("SPLIT_SEED", 0), split_by=params.get("SPLIT_BY", "near_duplicates"))
 
 
 def spec_from_parameters(task: str, params: dict) -> RunSpec:

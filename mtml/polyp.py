@@ -2,6 +2,8 @@
 
 * Kvasir-SEG (Jha et al., MMM 2020): 1,000 frames, masks, and official boxes in
   `kavsir_bboxes.json` = {id: {"height", "width", "bbox": [{"label", "xmin", "ymin", "xmax", "ymax"}]}}.
+  The split is random, but near-duplicate frames stay in one split (`mtml.near_duplicates`,
+  `split_hygiene`).
 * CVC-ClinicDB (Bernal et al., CMIG 2015): 612 frames (`Original/N.tif`) with masks
   (`Ground Truth/N.tif`) from 29 video sequences; boxes come from the masks' connected components.
   Frames of one sequence never cross splits. The sequence frame ranges (`CVC_SEQUENCE_ENDS`, last
@@ -29,11 +31,13 @@ from torch.utils.data import Dataset
 
 from .data import shared_data_dir
 from .io import write_csv, write_json
+from .near_duplicates import MAX_DISTANCE, cross_split_pairs, hash_images, near_duplicate_groups, near_duplicate_pairs
 
 CVC_SEQUENCE_ENDS = (25, 50, 67, 78, 103, 126, 151, 177, 199, 205, 227, 252, 277, 297, 317, 342, 363,
                      383, 408, 428, 447, 466, 478, 503, 528, 546, 571, 591, 612)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MANIFEST = "manifest.csv"
+SPLIT_BY = ("near_duplicates", "frame")  # how Kvasir-SEG is split; the first is the default
 
 
 class PrepReport(Counter):
@@ -177,12 +181,22 @@ def _row(frame_id, image: Path, mask, boxes, width, height, base: Path, **extra)
                 n_boxes=len(boxes), boxes=json.dumps(np.round(boxes, 2).tolist()), **extra)
 
 
-def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0,
-                   fractions=(0.8, 0.1, 0.1), min_area: int = 64) -> tuple[pd.DataFrame, PrepReport]:
+def _check_split_by(split_by: str) -> None:
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+
+
+def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0, fractions=(0.8, 0.1, 0.1),
+                   min_area: int = 64, split_by: str = "near_duplicates",
+                   max_distance: int = MAX_DISTANCE) -> tuple[pd.DataFrame, PrepReport]:
     """Manifest of a Kvasir-SEG folder (images/, masks/, kavsir_bboxes.json, possibly one level
     down). `boxes="json"` uses the official boxes (falls back to the masks, reported, if the json
-    is missing); `"masks"` derives them from the masks. Random frame-level split (the dataset
-    publishes no video or patient ids)."""
+    is missing); `"masks"` derives them from the masks. The dataset publishes no video or patient
+    ids, so the split is random. `split_by="near_duplicates"` puts the frames whose hashes are
+    within `max_distance` bits (`mtml.near_duplicates`) in the same split, in a
+    `near_duplicate_group` column. `"frame"` splits frame by frame, the old split, kept so that
+    old runs can be reproduced."""
+    _check_split_by(split_by)
     root = Path(root)
     images_dir = _find_dir(root, ("images",))
     if images_dir is None:
@@ -199,12 +213,13 @@ def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0,
             report["json_missing_boxes_from_masks"] = 1
     elif boxes != "masks":
         raise ValueError(f"boxes must be 'json' or 'masks', got {boxes!r}")
-    rows = []
+    rows, kept = [], []
     for frame_id, image in _images(images_dir).items():
         size = _image_size(image)
         if size is None:
             report["images_unreadable"] += 1
             continue
+        kept.append(image)
         mask = masks_dir / image.name if (masks_dir / image.name).is_file() else None
         if official is not None:
             entry = official.get(frame_id)
@@ -220,7 +235,12 @@ def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0,
             report["masks_missing"] += 1
             found = np.zeros((0, 4), np.float32)
         rows.append(_row(frame_id, image, mask, found, *size, base=out_dir, dataset="kvasir-seg"))
-    return _finish(rows, root, out_dir, report, None, seed, fractions), report
+    group = None
+    if split_by == "near_duplicates" and rows:
+        group = "near_duplicate_group"
+        for row, g in zip(rows, near_duplicate_groups(hash_images(kept), max_distance)):
+            row[group] = int(g)
+    return _finish(rows, root, out_dir, report, group, seed, fractions), report
 
 
 def _mask_boxes(mask_path: Path, min_area: int, report: PrepReport) -> np.ndarray:
@@ -297,17 +317,19 @@ def load_manifest(root) -> pd.DataFrame:
 
 
 def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit: int | None = None,
-                       seed: int = 0) -> DetectionDataset:
+                       seed: int = 0, split_by: str = "near_duplicates") -> DetectionDataset:
     """Frames of a prepared folder (its manifest.csv; a Kvasir-SEG folder without one is prepared
-    in memory, nothing written) resized to size x size, boxes scaled. `limit` keeps a seeded
-    random subset. Unreadable frames were already skipped when the manifest was made."""
+    in memory, nothing written, split as `split_by` says) resized to size x size, boxes scaled.
+    A manifest keeps the split it was made with. `limit` keeps a seeded random subset.
+    Unreadable frames were already skipped when the manifest was made."""
     from PIL import Image
 
     from .tiles import load_image
 
+    _check_split_by(split_by)
     root = Path(root)
     if root.is_dir() and not (root / MANIFEST).is_file():
-        frame = _kvasir_rows_in_memory(root, seed)
+        frame = _kvasir_rows_in_memory(root, seed, split_by)
     else:
         frame = load_manifest(root)
         root = root if root.is_dir() else root.parent
@@ -326,14 +348,14 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
     return DetectionDataset(images, boxes, frame["frame"].tolist(), label=str(root))
 
 
-def _kvasir_rows_in_memory(root: Path, seed: int) -> pd.DataFrame:
+def _kvasir_rows_in_memory(root: Path, seed: int, split_by: str = "near_duplicates") -> pd.DataFrame:
     """The Kvasir-SEG manifest of a read-only folder (e.g. ../shared/data), kept in memory."""
-    key = (str(Path(root).resolve()), seed)
+    key = (str(Path(root).resolve()), seed, split_by)
     if key not in _IN_MEMORY:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            frame, _ = prepare_kvasir(root, out_dir=tmp, seed=seed)
+            frame, _ = prepare_kvasir(root, out_dir=tmp, seed=seed, split_by=split_by)
         images_dir = _find_dir(root, ("images",))
         frame["image"] = [str(images_dir / Path(p).name) for p in frame["image"]]
         _IN_MEMORY[key] = frame
@@ -352,35 +374,62 @@ SYNTHETIC_POLYP_COUNTS = (256, 64, 64)  # train, val, test frames of the synthet
 SYNTHETIC_POLYP_VERSION = 1             # bump when make_synthetic_polyps draws other frames
 
 
-def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0):
+def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0,
+                 split_by: str = "near_duplicates"):
     """(train, val, test, description) for the notebooks: frames of `data_dir` (a prepared folder)
     if given, else of `default_polyp_root()`, else SYNTHETIC polyps (256/64/64 frames unless
-    `limits` says otherwise; the same frames for every seed). `limits` caps each split."""
+    `limits` says otherwise; the same frames for every seed). `limits` caps each split;
+    `split_by` splits an unprepared Kvasir-SEG folder (see `prepare_kvasir`)."""
+    _check_split_by(split_by)
     root, label = _polyp_source(data_dir)
     if root is None:
         counts = [lim or default for lim, default in zip(limits, SYNTHETIC_POLYP_COUNTS)]
         return (*(make_synthetic_polyps(n, size, seed=0, split=i) for i, n in enumerate(counts)), label)
-    return (*(load_polyp_dataset(root, split, size, limit=lim, seed=seed)
+    return (*(load_polyp_dataset(root, split, size, limit=lim, seed=seed, split_by=split_by)
               for split, lim in zip(("train", "val", "test"), limits)), label)
 
 
-def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0) -> dict:
+def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0,
+                      split_by: str = "near_duplicates") -> dict:
     """What `polyp_splits` with these arguments loads, without decoding a frame: the source, a
     hash of its manifest (frame ids, boxes and splits), the frame size, the caps and the split
-    seed that draws capped subsets (and splits an unprepared Kvasir-SEG folder)."""
+    seed that draws capped subsets (and splits an unprepared Kvasir-SEG folder). `split_by`
+    appears only when it splits an unprepared folder and is not "frame", so frame-split runs
+    keep their old hashes."""
     import hashlib
 
+    _check_split_by(split_by)
     root, _ = _polyp_source(data_dir)
     base = {"size": size, "limits": list(limits)}
     if root is None:
         return {**base, "kind": "SYNTHETIC", "generator_version": SYNTHETIC_POLYP_VERSION,
                 "counts": [lim or d for lim, d in zip(limits, SYNTHETIC_POLYP_COUNTS)]}
-    if root.is_dir() and not (root / MANIFEST).is_file():
-        frame = _kvasir_rows_in_memory(root, seed)
-    else:
-        frame = load_manifest(root)
+    in_memory = root.is_dir() and not (root / MANIFEST).is_file()
+    frame = _kvasir_rows_in_memory(root, seed, split_by) if in_memory else load_manifest(root)
     content = frame[["frame", "split", "boxes"]].to_csv(index=False)
-    return {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "split_seed": seed}
+    out = {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "split_seed": seed}
+    return {**out, "split_by": split_by} if in_memory and split_by != "frame" else out
+
+
+def split_hygiene(root, seed: int = 0, max_distance: int = MAX_DISTANCE) -> dict:
+    """Near-duplicates among the Kvasir-SEG frames of `root`, and how many near-duplicate pairs
+    cross splits under the random frame split and under the near-duplicate split (always 0).
+    The frames' hashes are kept in memory, so a second call takes a fraction of a second."""
+    rows = _kvasir_rows_in_memory(Path(root), seed, "frame")
+    hashes = hash_images(rows["image"])
+    groups = near_duplicate_groups(hashes, max_distance)
+    grouped = split_frames(rows["frame"], groups, seed=seed)  # what prepare_kvasir does
+    sizes = np.bincount(groups)
+    return {"frames": len(rows), "max_distance": max_distance,
+            "near_duplicate_pairs": len(near_duplicate_pairs(hashes, max_distance)[0]),
+            "groups_over_one_frame": int((sizes > 1).sum()), "largest_group": int(sizes.max()),
+            "cross_split_pairs_frame_split": cross_split_pairs(hashes, rows["split"], max_distance),
+            "cross_split_pairs_grouped_split": cross_split_pairs(hashes, grouped, max_distance),
+            "split_sizes_frame_split": _split_sizes(rows["split"]), "split_sizes_grouped_split": _split_sizes(grouped)}
+
+
+def _split_sizes(splits) -> dict:
+    return {s: int((np.asarray(splits) == s).sum()) for s in ("train", "val", "test")}
 
 
 def default_polyp_root() -> tuple[Path | None, str]:

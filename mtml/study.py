@@ -410,10 +410,7 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
     path = out / "costs.csv"
     if path.is_file():
         return pd.read_csv(path, index_col=0)
-    try:
-        from .costs import network_costs
-    except ImportError:
-        return None
+    from .costs import network_costs
     params = study.parameters(study.modes[0], 0, smoke)
     size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
     costs = network_costs(study.task, study.version, int(params.get("N_STUDENTS", 2)), size=size,
@@ -425,11 +422,7 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
 def split_hygiene(study: Study, smoke: bool) -> dict | None:
     if study.task != "detection" or study.data != "real":
         return None
-    try:
-        from .near_duplicates import split_hygiene as measure
-    except ImportError:
-        return None
-    from .polyp import default_polyp_root
+    from .polyp import default_polyp_root, split_hygiene as measure
 
     params = study.parameters(study.modes[0], 0, smoke)
     root = Path(params["DATA_DIR"]) if params.get("DATA_DIR") else default_polyp_root()[0]

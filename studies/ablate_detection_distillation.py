@@ -27,7 +27,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results" / "ablation_detection_distillation"
 BASE = {"EPOCHS": 8, "BATCH_SIZE": 8, "LR": 0.01, "FRAME_SIZE": 160, "TRAIN_FRAMES": 400, "EVAL_FRAMES": 100,
-        "SPLIT_SEED": 0, "N_STUDENTS": 2, "VERSION": "tiny", "TEMPERATURE": 4.0, "W_CE": 1.0, "W_KD": 1.0,
+        "SPLIT_SEED": 0, "SPLIT_BY": "frame", "N_STUDENTS": 2, "VERSION": "tiny", "TEMPERATURE": 4.0, "W_CE": 1.0, "W_KD": 1.0,
         "W_ML": 1.0, "BOX_LOSS": "giou", "DISTILL_WEIGHTING": "foreground", "DISTILL_WARMUP_EPOCHS": 0.0,
         "W_DISTILL_CLS": 1.0, "W_DISTILL_BOX": 1.0, "W_DISTILL_CTR": 1.0, "DATA_DIR": None}
 VARIANTS = {  # name -> changes to BASE, in the order they run (most informative first)
@@ -81,8 +81,9 @@ def run_one(variant: str, params: dict) -> dict:
     if root is None:
         sys.exit("real Kvasir-SEG frames are needed: python data_scripts/polyp.py kvasir")
     size = params["FRAME_SIZE"]
-    train = load_polyp_dataset(root, "train", size, limit=params["TRAIN_FRAMES"], seed=params["SPLIT_SEED"])
-    val = load_polyp_dataset(root, "val", size, limit=params["EVAL_FRAMES"], seed=params["SPLIT_SEED"])
+    split = {"seed": params["SPLIT_SEED"], "split_by": params["SPLIT_BY"]}  # it ran on the random frame split
+    train = load_polyp_dataset(root, "train", size, limit=params["TRAIN_FRAMES"], **split)
+    val = load_polyp_dataset(root, "val", size, limit=params["EVAL_FRAMES"], **split)
     spec = spec_from_parameters("detection", params)
     start = time.perf_counter()
     result = run_cohort(config_from_parameters(params), task_from_parameters("detection", params), train, val,

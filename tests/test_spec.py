@@ -70,7 +70,7 @@ def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, mon
             params = notebook_defaults(NOTEBOOKS / f"{name}.ipynb")
             base = spec_from_parameters(task, params).hash
             for key, value in params.items():
-                if key in NOT_IDENTITY or key in ("DATA_DIR", "SPLIT_SEED"):  # both: a prepared folder, above
+                if key in NOT_IDENTITY or key in ("DATA_DIR", "SPLIT_SEED", "SPLIT_BY"):  # both: a prepared folder, above
                     continue
                 other = alternatives.get(key, value if value is None else changed[type(value)](value))
                 if other == value:

@@ -116,3 +116,20 @@ def test_smoke_needs_its_own_folder(capsys):
     with pytest.raises(SystemExit):
         study_mod.main([str(study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--smoke"])
     assert "--out" in capsys.readouterr().err
+
+
+def test_kvasir_study_command_smoke_on_real_frames(tmp_path):
+    """The real-data study at smoke size (CI): every mode, 2 seeds, operating point, diversity,
+    costs and split hygiene reported."""
+    from mtml.polyp import default_polyp_root
+
+    if default_polyp_root()[0] is None:
+        pytest.skip("no Kvasir-SEG frames (../shared/data or python data_scripts/polyp.py kvasir)")
+    out = tmp_path / "out"
+    assert study_mod.main([str(study_mod.REPO / "studies" / "kvasir_tiny_cpu.yaml"), "--smoke", "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 10 and set(runs["mode"]) == {"independent", "kd", "ml", "kd_ml", "offline"}
+    assert runs["ensemble/op_threshold"].between(0.05, 1).all()
+    assert runs[["diversity/disagreement", "diversity/kl"]].ge(0).all().all()
+    text = (out / "RESULTS.md").read_text()
+    assert "cross_split_pairs_grouped_split: 0" in text and "| kd_ml ensemble > kd ensemble |" in text
