@@ -131,8 +131,8 @@ def f1_at_thresholds(units: pd.DataFrame, network: str) -> pd.DataFrame:
     u = units[units["network"] == network]
     n_gt = float(u["n_gt"].sum())
     det = u[u["score"].notna()].sort_values("score", ascending=False, kind="mergesort")
-    tp, kept = np.cumsum(det["tp"].to_numpy()), np.arange(1, len(det) + 1)
-    last = np.r_[det["score"].to_numpy()[1:] != det["score"].to_numpy()[:-1], True]  # ties kept together
+    tp, kept, s = np.cumsum(det["tp"].to_numpy()), np.arange(1, len(det) + 1), det["score"].to_numpy()
+    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)  # ties kept together
     precision, recall = tp / kept, tp / n_gt if n_gt else np.full(len(tp), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
@@ -144,11 +144,12 @@ def operating_point(val_units: pd.DataFrame, test_units: pd.DataFrame, network: 
     """The score threshold of maximum F1 on the validation frames, and test precision, recall
     and F1 at it (the threshold is never chosen on the test split)."""
     curve = f1_at_thresholds(val_units, network)
-    if curve.empty:
-        return {"op_threshold": float("nan"), "op_precision": 0.0, "op_recall": 0.0, "op_f1": 0.0}
+    if curve.empty:  # no validation detection: no operating point
+        return {"op_threshold": float("nan"), "op_precision": float("nan"), "op_recall": 0.0, "op_f1": 0.0}
     threshold = float(curve.loc[curve["f1"].idxmax(), "threshold"])
     test = f1_at_thresholds(test_units, network)
     at = test[test["threshold"] >= threshold]
-    row = at.iloc[-1] if len(at) else {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # nothing kept on test: recall and F1 are 0, precision is undefined (NaN, skipped by means)
+    row = at.iloc[-1] if len(at) else {"precision": float("nan"), "recall": 0.0, "f1": 0.0}
     return {"op_threshold": threshold, "op_precision": float(row["precision"]),
             "op_recall": float(row["recall"]), "op_f1": float(row["f1"])}

@@ -25,6 +25,7 @@ EPS = 1e-6
 def classification_diversity(probs: dict) -> dict:
     """`probs`: {student name: (n, C) probabilities}."""
     students = [np.clip(np.asarray(p, float), EPS, 1) for k, p in probs.items() if k.startswith("student")]
+    assert all(p.ndim == 2 for p in students), "probabilities must be (n, C)"
     pairs = list(itertools.permutations(range(len(students)), 2))
     if not pairs:
         return {"disagreement": float("nan"), "kl": float("nan")}
@@ -48,6 +49,7 @@ def detection_diversity(networks: dict, data, task, thresholds: dict, batch_size
     if not pairs:
         return {"disagreement": float("nan"), "kl": float("nan")}
     disagree, kl, locations = [], 0.0, 0
+    boxes_known = all(np.isfinite(thresholds[k]) for k in names)  # else "both empty" is no agreement
     for batch in eval_batches({k: networks[k] for k in names}, data, task, batch_size):
         outs = [task.outputs(networks[k], batch) for k in names]
         probs = [torch.sigmoid(o["cls_logits"][..., 1].float()).clamp(EPS, 1 - EPS) for o in outs]
@@ -58,4 +60,5 @@ def detection_diversity(networks: dict, data, task, thresholds: dict, batch_size
             kl += float((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum())
             disagree += [_box_disagreement(a, b) for a, b in zip(dets[i], dets[j])]
         locations += probs[0].numel()
-    return {"disagreement": float(np.mean(disagree)), "kl": kl / (locations * len(pairs))}
+    return {"disagreement": float(np.mean(disagree)) if boxes_known else float("nan"),
+            "kl": kl / (locations * len(pairs))}

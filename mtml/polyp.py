@@ -393,9 +393,9 @@ def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None),
                       split_by: str = "near_duplicates") -> dict:
     """What `polyp_splits` with these arguments loads, without decoding a frame: the source, a
     hash of its manifest (frame ids, boxes and splits), the frame size, the caps and the split
-    seed that draws capped subsets (and splits an unprepared Kvasir-SEG folder). `split_by`
-    appears only when it splits an unprepared folder and is not "frame", so frame-split runs
-    keep their old hashes."""
+    seed that draws capped subsets (and splits an unprepared Kvasir-SEG folder). The manifest
+    hash covers the split, so `split_by` changes it exactly when it changes the split, and one
+    split hashes alike whether it was prepared by `data_scripts/polyp.py` or in memory."""
     import hashlib
 
     _check_split_by(split_by)
@@ -407,14 +407,16 @@ def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None),
     in_memory = root.is_dir() and not (root / MANIFEST).is_file()
     frame = _kvasir_rows_in_memory(root, seed, split_by) if in_memory else load_manifest(root)
     content = frame[["frame", "split", "boxes"]].to_csv(index=False)
-    out = {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16], "split_seed": seed}
-    return {**out, "split_by": split_by} if in_memory and split_by != "frame" else out
+    return {**base, "kind": "real", "manifest_sha256": hashlib.sha256(content.encode()).hexdigest()[:16],
+            "split_seed": seed}
 
 
 def split_hygiene(root, seed: int = 0, max_distance: int = MAX_DISTANCE) -> dict:
     """Near-duplicates among the Kvasir-SEG frames of `root`, and how many near-duplicate pairs
     cross splits under the random frame split and under the near-duplicate split (always 0).
     The frames' hashes are kept in memory, so a second call takes a fraction of a second."""
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"no Kvasir-SEG folder at {root}: python data_scripts/polyp.py kvasir")
     rows = _kvasir_rows_in_memory(Path(root), seed, "frame")
     hashes = hash_images(rows["image"])
     groups = near_duplicate_groups(hashes, max_distance)

@@ -73,6 +73,11 @@ class Study:
         if bad:
             raise ValueError(f"{path}: params {bad} are not notebook parameters (UPPER_CASE; mode, "
                              "seed and version have their own keys)")
+        for key in ("modes", "seeds"):
+            if len(set(raw[key])) != len(raw[key]):
+                raise ValueError(f"{path}: {key} {raw[key]} repeat an entry; list each once")
+        if raw["name"] != Path(path).stem:
+            raise ValueError(f"{path}: name {raw['name']!r} must be the file's name {Path(path).stem!r}")
         return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
                       "params": raw.get("params", {})})
 
@@ -143,7 +148,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
                         augment=augment, networks=networks, progress=False, spec=spec)
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=_commit(), machine=_machine(threads))
-    row = {k: v for k, v in row.items() if not k.startswith(("data.", "task.wbf"))}
+    row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
     nets = result.cohort.networks
     students = [k for k in nets if k.startswith("student")]
     if study.task == "detection":
@@ -158,13 +163,13 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
         for k in ("op_precision", "op_recall", "op_f1"):
             row[f"students_mean/{k}"] = float(np.mean([row[f"{s}/{k}"] for s in students]))
         diversity = detection_diversity(nets, test, task, {s: row[f"{s}/op_threshold"] for s in students})
-        units = result.units[result.units["network"] == "ensemble"].round({"score": 5})
+        units = result.units[result.units["network"] == "ensemble"].round({"score": 7})
     else:
         from .diversity import classification_diversity
 
         u = result.units
         diversity = classification_diversity({s: np.c_[1 - u[s], u[s]] for s in students})
-        units = u[["unit", "label", "item", "ensemble"]].round({"ensemble": 6})
+        units = u[["unit", "label", "item", "ensemble"]].round({"ensemble": 7})
     row.update({f"diversity/{k}": v for k, v in diversity.items()})
     row["ensemble_gain"] = row[f"ensemble/{study.metric}"] - row[f"students_mean/{study.metric}"]
     return row, units
@@ -183,9 +188,13 @@ def _machine(threads: int) -> str:
 
 
 # state -----------------------------------------------------------------------------------------
-def done_hashes(out: Path) -> set:
+def read_runs(out: Path) -> pd.DataFrame:
     csv = out / "runs.csv"
-    return set(pd.read_csv(csv)["spec_hash"]) if csv.is_file() else set()
+    return pd.read_csv(csv, dtype={"spec_hash": str}) if csv.is_file() else pd.DataFrame({"spec_hash": []})
+
+
+def done_hashes(out: Path) -> set:
+    return set(read_runs(out)["spec_hash"])
 
 
 def append(out: Path, row: dict, units: pd.DataFrame) -> None:
@@ -195,8 +204,10 @@ def append(out: Path, row: dict, units: pd.DataFrame) -> None:
                  compression={"method": "gzip", "mtime": 0})
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        csv = out / "runs.csv"
-        table = pd.concat([pd.read_csv(csv), pd.DataFrame([row])]) if csv.is_file() else pd.DataFrame([row])
+        csv, table = out / "runs.csv", read_runs(out)
+        if row["spec_hash"] in set(table["spec_hash"]):  # another worker or command finished it
+            return
+        table = pd.concat([table, pd.DataFrame([row])]) if len(table) else pd.DataFrame([row])
         tmp = csv.with_suffix(".tmp")
         table.to_csv(tmp, index=False)
         os.replace(tmp, csv)
@@ -230,8 +241,15 @@ def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFra
     """Exactly this study's finished runs (rows whose hash a planned run has), their test units
     keyed (version, mode, seed), and the planned runs still missing."""
     planned = {spec_from_parameters(study.task, p).hash: p for p in study.planned(smoke)}
-    table = pd.read_csv(out / "runs.csv") if (out / "runs.csv").is_file() else pd.DataFrame({"spec_hash": []})
+    table = read_runs(out)
     runs = table[table["spec_hash"].isin(planned)].reset_index(drop=True)
+    if len(table) and runs.empty:
+        first = spec_from_parameters(study.task, next(iter(planned.values())))
+        stored = table.iloc[0]
+        differ = sorted(k for k, v in first.flat().items() if k in stored and str(stored[k]) != str(v))
+        raise SystemExit(f"{out / 'runs.csv'} holds {len(table)} runs, none of this study's plan on this "
+                         f"machine (first differing settings: {differ[:5] or 'the data fingerprint'}); "
+                         "nothing was overwritten: check the data and the study file")
     missing = [p for h, p in planned.items() if h not in set(runs["spec_hash"])]
     units = {(r.version, r.mode, r.seed): pd.read_csv(out / "units" / f"{r.spec_hash}.csv.gz")
              for r in runs.itertuples()}
@@ -250,28 +268,36 @@ def detectable_difference(differences, alpha: float = ALPHA, power: float = POWE
 
 
 def verdicts(runs: pd.DataFrame, metric: str, units: dict | None) -> pd.DataFrame:
-    """One row per claim "kd_ml ensemble > other ensemble": paired mean difference over seeds,
-    its 95% t-interval, Holm-adjusted p over the claims, the bootstrap interval over test units,
-    the detectable difference, and the verdict: confirmed when the difference is positive with
-    p_holm < 0.05 and a bootstrap interval above 0; refuted when it is negative by the same
-    rule; inconclusive otherwise."""
+    """One row per claim "kd_ml ensemble > other ensemble" (all three, whether or not its runs
+    exist): paired mean difference over seeds, its 95% t-interval, the paired t-test p adjusted by
+    Holm over the three claims (a claim without a p counts as p = 1), the 95% bootstrap interval
+    over test units, the detectable difference at the Bonferroni level 0.05 / 3 (a bound for
+    Holm), and the verdict: confirmed when the difference is positive, p_holm < 0.05 and the
+    bootstrap interval lies above 0; refuted when negative by the same rule; else inconclusive
+    (also whenever there is no bootstrap interval)."""
+    from .stats import holm
+
     present = [c for c in CLAIMS if {c[0], c[1]} <= set(runs["mode"])]
-    table = paired_differences(runs, metric, "ensemble", units, pairs=present)
+    table = paired_differences(runs, metric, "ensemble", units, pairs=present) if present else pd.DataFrame()
+    found = {(r["a"], r["b"]): r for r in table.to_dict("records")}
     wide = runs.pivot(index="seed", columns="mode", values=f"ensemble/{metric}")
+    p = [found[c]["p_value"] if c in found and np.isfinite(found[c]["p_value"]) else 1.0 for c in CLAIMS]
     rows = []
-    for r in table.itertuples(index=False):
-        d = (wide[r.a] - wide[r.b]).dropna()
-        mean, boot_lo, boot_hi = r[3], getattr(r, "boot_lo", math.nan), getattr(r, "boot_hi", math.nan)
-        sure = r.p_holm < ALPHA if np.isfinite(r.p_holm) else False
-        if sure and mean > 0 and not boot_lo <= 0:
+    for claim, p_holm in zip(CLAIMS, holm(p)):
+        r = found.get(claim, {})
+        mean = r.get("mean(ensemble a-b)", math.nan)
+        lo, hi = r.get("boot_lo", math.nan), r.get("boot_hi", math.nan)
+        if p_holm < ALPHA and mean > 0 and lo > 0:
             verdict = "confirmed"
-        elif sure and mean < 0 and not boot_hi >= 0:
+        elif p_holm < ALPHA and mean < 0 and hi < 0:
             verdict = "refuted"
         else:
             verdict = "inconclusive"
-        rows.append({"claim": f"{r.a} ensemble > {r.b} ensemble", "seeds": r.seeds, "mean": mean,
-                     "ci95": r.ci95, "p_holm": r.p_holm, "boot_lo": boot_lo, "boot_hi": boot_hi,
-                     "detectable": detectable_difference(d), "verdict": verdict})
+        d = (wide[claim[0]] - wide[claim[1]]).dropna() if claim in found else []
+        rows.append({"claim": f"{claim[0]} ensemble > {claim[1]} ensemble", "seeds": r.get("seeds", 0),
+                     "mean": mean, "ci95": r.get("ci95", math.nan), "p_holm": p_holm, "boot_lo": lo,
+                     "boot_hi": hi, "detectable": detectable_difference(d, ALPHA / len(CLAIMS)),
+                     "verdict": verdict})
     return pd.DataFrame(rows)
 
 
@@ -298,6 +324,7 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     if runs.empty:
         (out / "RESULTS.md").write_text("\n".join(head + ["No finished runs yet."]) + "\n")
         return out / "RESULTS.md"
+    runs = runs.assign(order=runs["mode"].map(study.modes.index)).sort_values(["order", "seed"]).drop(columns="order")
     summary = summarise(runs, metric, units)
     per_mode = runs.groupby("mode", sort=False)
     extra = {}
@@ -310,7 +337,9 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     decided = verdicts(runs, metric, units)
     decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
 
-    data = runs["data"].iloc[0]
+    data = runs["data"].iloc[0].replace(str(REPO.parent), "..")
+    used = {k: v for k, v in study.parameters(study.modes[0], study.seeds[0], smoke).items()
+            if k not in ("MODE", "SEED", "VERSION")}
     commits = ", ".join(sorted(set(runs["commit"].astype(str))))
     machines = "; ".join(sorted(set(runs["machine"].astype(str))))
     lines = head + [
@@ -321,16 +350,19 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
         f"- code: commit(s) {commits}; machine: {machines}",
         f"- wall time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over runs "
         f"(budget {study.budget_minutes:.0f} min)",
-        f"- parameters: {', '.join(f'{k}={v}' for k, v in sorted(study.params.items()))}", ""]
+        f"- parameters: {', '.join(f'{k}={v}' for k, v in sorted(used.items()))}", ""]
     if study.notes:
         lines += [study.notes.strip(), ""]
-    lines += ["## Verdicts", "",
+    too_coarse = decided["detectable"].gt(study.target_difference).any() or decided["detectable"].isna().any()
+    lines += ["## Verdicts" + (f" (PROVISIONAL: {len(runs)} of {len(runs) + len(missing)} runs)" if missing else ""), "",
               f"Paired by seed; mean difference of the ensembles' {metric} with its 95% t-interval over seeds; "
-              "p Holm-adjusted over the claims; the 95% bootstrap interval over test "
+              "p of the paired t-test, Holm-adjusted over the three claims; the 95% bootstrap interval over test "
               f"{'frames' if study.task == 'detection' else 'patients'} (one shared resampling of the test set, "
-              "the networks fixed); detectable: the smallest true difference a paired t-test at alpha 0.05 finds "
-              "with power 0.8 given the observed spread and number of seeds. Confirmed: positive, p_holm < 0.05 "
-              "and a bootstrap interval above 0; refuted: negative by the same rule; otherwise inconclusive.", "",
+              "the networks fixed); detectable: the smallest true difference a paired t-test at alpha 0.05 / 3 "
+              "finds with power 0.8 given the observed spread and number of seeds. Confirmed: positive, "
+              "p_holm < 0.05 and a bootstrap interval above 0; refuted: negative by the same rule; otherwise "
+              f"inconclusive. The study aimed to detect {study.target_difference}"
+              + (": it cannot for every claim (more seeds needed)." if too_coarse else ", and can for every claim."), "",
               "| claim | seeds | difference | p (Holm) | bootstrap 95% | detectable | verdict |",
               "|---|---|---|---|---|---|---|"]
     for r in decided.itertuples():
@@ -355,8 +387,9 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
                   f"{extra['train_time_s'][r.mode][0] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if costs is not None:
-        lines += ["", "## What compression buys", "", "Per frame or tile at batch 1 on this machine's CPU "
-                  "(median of timed forwards; FLOPs from torch.utils.flop_counter):", "",
+        lines += ["", "## What compression buys", "", f"Per {'frame' if study.task == 'detection' else 'tile'} "
+                  f"at batch 1, CPU, {int(costs['threads'].iloc[0])} torch thread ({costs['machine'].iloc[0]}; median "
+                  "of timed forwards; FLOPs of matmuls and convolutions from torch.utils.flop_counter):", "",
                   "| model | parameters | GFLOPs | latency ms (IQR) |", "|---|---|---|---|"]
         for who, c in costs.iterrows():
             lines.append(f"| {who} | {int(c['params']):,} | {c['flops'] / 1e9:.3f} | "
@@ -407,14 +440,19 @@ def _figures(out: Path, runs, summary, costs, metric, plots) -> dict:
 
 def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
     """costs.csv, measured once per study (kept, so a report regenerates identical tables)."""
+    from .costs import network_costs
+
+    params = study.parameters(study.modes[0], study.seeds[0], smoke)
+    size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
+    setting = f"{study.task} {study.version} size {size} students {int(params.get('N_STUDENTS', 2))}"
     path = out / "costs.csv"
     if path.is_file():
-        return pd.read_csv(path, index_col=0)
-    from .costs import network_costs
-    params = study.parameters(study.modes[0], 0, smoke)
-    size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
+        kept = pd.read_csv(path, index_col=0)
+        if "setting" in kept and kept["setting"].iloc[0] == setting:
+            return kept
     costs = network_costs(study.task, study.version, int(params.get("N_STUDENTS", 2)), size=size,
                           repeats=5 if smoke else 50)
+    costs = costs.assign(setting=setting, machine=_machine(int(costs["threads"].iloc[0])).split(", CPU")[0])
     costs.to_csv(path, float_format="%.6g")
     return costs
 
@@ -427,6 +465,18 @@ def split_hygiene(study: Study, smoke: bool) -> dict | None:
     params = study.parameters(study.modes[0], 0, smoke)
     root = Path(params["DATA_DIR"]) if params.get("DATA_DIR") else default_polyp_root()[0]
     return measure(root, seed=params.get("SPLIT_SEED", 0))
+
+
+def committed(name: str) -> dict:
+    """The kit's committed results of study `name` (docs/results/<name>/), for the notebooks:
+    {"folder", "about" (RESULTS.md's header lines), "verdicts", "modes" (the per-mode table)}."""
+    folder = RESULTS / name
+    if not (folder / "verdicts.csv").is_file():
+        raise FileNotFoundError(f"no committed results in {folder}: python -m mtml.study studies/{name}.yaml")
+    text = (folder / "RESULTS.md").read_text().splitlines()
+    about = [line for line in text[:text.index("## Verdicts")] if line.startswith(("#", "-"))]
+    return {"folder": folder, "about": "\n".join(about), "verdicts": pd.read_csv(folder / "verdicts.csv"),
+            "modes": pd.read_csv(folder / "results.csv")}
 
 
 def main(argv=None) -> int:
@@ -456,7 +506,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "mtml.study", args.study, "--out", str(out), "--workers", str(args.workers)]
             procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []))
                      for k in range(args.workers)]
-            failed = sum(proc.wait() for proc in procs)
+            failed = sum(proc.wait() != 0 for proc in procs)
         else:
             failed = run_study(study, out, args.smoke)
     costs = measure_costs(study, out, args.smoke)
@@ -470,14 +520,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def committed(name: str) -> dict:
-    """The kit's committed results of study `name` (docs/results/<name>/), for the notebooks:
-    {"folder", "about" (RESULTS.md's header lines), "verdicts", "modes" (the per-mode table)}."""
-    folder = RESULTS / name
-    if not (folder / "verdicts.csv").is_file():
-        raise FileNotFoundError(f"no committed results in {folder}: python -m mtml.study studies/{name}.yaml")
-    text = (folder / "RESULTS.md").read_text().splitlines()
-    about = [line for line in text[:text.index("## Verdicts")] if line.startswith(("#", "-"))]
-    return {"folder": folder, "about": "\n".join(about), "verdicts": pd.read_csv(folder / "verdicts.csv"),
-            "modes": pd.read_csv(folder / "results.csv")}

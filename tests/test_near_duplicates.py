@@ -93,17 +93,14 @@ def test_prepare_kvasir_keeps_near_copies_in_one_split(tmp_path):
         prepare_kvasir(root, out_dir=tmp_path / "bad", split_by="frames")
 
 
-def test_fingerprint_names_split_by_only_when_it_is_not_the_old_frame_split(tmp_path):
+def test_fingerprint_is_the_split_itself_prepared_or_in_memory(tmp_path):
+    """The manifest hash covers the split: one split hashes alike whether data_scripts/polyp.py
+    prepared it or it was drawn in memory, and split_by changes the hash only through the split."""
     root = kvasir_folder(tmp_path / "kvasir")
-    old = polyp_fingerprint(root, split_by="frame")
-    new = polyp_fingerprint(root, split_by="near_duplicates")
-    assert "split_by" not in old and new["split_by"] == "near_duplicates"
-    assert polyp_fingerprint(root) == new  # the default
-    (tmp_path / "prepared").mkdir()
-    pd.DataFrame({"frame": ["a"], "split": ["train"], "image": ["a.jpg"], "boxes": ["[]"]}).to_csv(
-        tmp_path / "prepared" / "manifest.csv", index=False)
-    prepared = polyp_fingerprint(tmp_path / "prepared")  # a manifest keeps its own split: no key
-    assert "split_by" not in prepared and prepared == polyp_fingerprint(tmp_path / "prepared", split_by="frame")
+    for split_by in ("frame", "near_duplicates"):
+        prepare_kvasir(root, out_dir=tmp_path / split_by, split_by=split_by)
+        assert polyp_fingerprint(root, split_by=split_by) == polyp_fingerprint(tmp_path / split_by)
+    assert polyp_fingerprint(root) == polyp_fingerprint(root, split_by="near_duplicates")  # the default
     with pytest.raises(ValueError, match="split_by"):
         polyp_fingerprint(None, split_by="near-duplicates")
 

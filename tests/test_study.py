@@ -49,15 +49,42 @@ def _runs(kd_ml_minus):
     return pd.DataFrame(rows)
 
 
+def _frame_units(good: float):
+    """Test units of 40 frames, one box each, one detection each: a share `good` of them hits."""
+    rows = []
+    for f in range(40):
+        rows += [(f, "ensemble", np.nan, 0, 1), (f, "ensemble", 0.9 - 0.01 * f, int(f < 40 * good), 0)]
+    return pd.DataFrame(rows, columns=["unit", "network", "score", "tp", "n_gt"])
+
+
+def _units_for(runs, better):
+    return {(r.version, r.mode, r.seed): _frame_units(0.9 if r.mode == better else 0.5) for r in runs.itertuples()}
+
+
 def test_verdicts_confirm_refute_or_leave_inconclusive():
-    up = verdicts(_runs([0.05, 0.052, 0.049, 0.051, 0.05]), "map50", None).set_index("claim")
-    assert (up["verdict"] == "confirmed").all()
-    down = verdicts(_runs([-0.06, -0.061, -0.059, -0.06, -0.062]), "map50", None).set_index("claim")
+    runs = _runs([0.05, 0.052, 0.049, 0.051, 0.05])
+    up = verdicts(runs, "map50", _units_for(runs, "kd_ml")).set_index("claim")
+    assert (up["verdict"] == "confirmed").all() and (up["boot_lo"] > 0).all()
+    without_units = verdicts(runs, "map50", None)
+    assert (without_units["verdict"] == "inconclusive").all(), "no bootstrap interval, no verdict"
+    runs = _runs([-0.06, -0.061, -0.059, -0.06, -0.062])
+    down = verdicts(runs, "map50", _units_for(runs, "kd")).set_index("claim")
     assert down.loc["kd_ml ensemble > kd ensemble", "verdict"] == "refuted"
     assert down.loc["kd_ml ensemble > kd ensemble", "mean"] == pytest.approx(-0.0604)
-    noisy = verdicts(_runs([0.05, -0.04, 0.03, -0.05, 0.02]), "map50", None).set_index("claim")
+    runs = _runs([0.05, -0.04, 0.03, -0.05, 0.02])
+    noisy = verdicts(runs, "map50", _units_for(runs, "kd_ml")).set_index("claim")
     assert noisy.loc["kd_ml ensemble > kd ensemble", "verdict"] == "inconclusive"
     assert noisy.loc["kd_ml ensemble > kd ensemble", "detectable"] > 0.02
+
+
+def test_holm_family_is_always_the_three_claims():
+    """A study with only kd and kd_ml finished still adjusts over three claims (missing p = 1)."""
+    deltas = [0.05, 0.03, 0.049, 0.02, 0.04]
+    runs = _runs(deltas)
+    alone = verdicts(runs[runs["mode"].isin(["kd", "kd_ml"])], "map50", None)
+    assert len(alone) == 3 and alone["seeds"].tolist() == [5, 0, 0]
+    raw = scipy_stats.ttest_1samp(deltas, 0.0).pvalue
+    assert alone["p_holm"].tolist() == pytest.approx([min(1.0, 3 * raw), 1.0, 1.0])
 
 
 def _units(rows):
@@ -78,6 +105,11 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test():
     op = operating_point(val, test, "ensemble")
     assert op["op_threshold"] == 0.8
     assert (op["op_precision"], op["op_recall"]) == pytest.approx((0.5, 0.5))
+    nothing = _units([(0, "ensemble", nan, 0, 1), (1, "ensemble", nan, 0, 1)])  # no detection at all
+    assert f1_at_thresholds(nothing, "ensemble").empty
+    none_kept = operating_point(val, nothing, "ensemble")
+    assert none_kept["op_recall"] == 0.0 and math.isnan(none_kept["op_precision"])
+    assert math.isnan(operating_point(nothing, test, "ensemble")["op_threshold"])
 
 
 def test_classification_diversity_of_equal_and_opposite_students():
