@@ -123,7 +123,6 @@ def test_classification_diversity_of_equal_and_opposite_students():
 def test_study_command_smoke_resumes_and_regenerates_identical_tables(tmp_path, monkeypatch):
     """The synthetic study at smoke size: every planned run finishes with its units; a second
     call runs nothing and writes the same tables; a stray row in runs.csv never enters them."""
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     path, out = study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml", tmp_path / "out"
     assert study_mod.main([str(path), "--smoke", "--out", str(out)]) == 0
     runs = pd.read_csv(out / "runs.csv")
