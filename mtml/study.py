@@ -18,6 +18,7 @@ import fcntl
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -337,7 +338,9 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     decided = verdicts(runs, metric, units)
     decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
 
-    data = runs["data"].iloc[0].replace(str(REPO.parent), "..")
+    data = re.sub(r"/\S*/(?=[^/\s()]+)", "", str(runs["data"].iloc[0]))  # no local folders
+    if "data.manifest_sha256" in runs:
+        data += f"; manifest sha256 {runs['data.manifest_sha256'].iloc[0]}"
     used = {k: v for k, v in study.parameters(study.modes[0], study.seeds[0], smoke).items()
             if k not in ("MODE", "SEED", "VERSION")}
     commits = ", ".join(sorted(set(runs["commit"].astype(str))))
@@ -348,8 +351,9 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
         f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))}; runs: {len(runs)} of "
         f"{len(runs) + len(missing)} planned" + (f" (MISSING: {len(missing)})" if missing else ""),
         f"- code: commit(s) {commits}; machine: {machines}",
-        f"- wall time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over runs "
-        f"(budget {study.budget_minutes:.0f} min)",
+        f"- time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over the runs' own "
+        f"clocks (parallel workers overlap, so the wall time is shorter); budget: {study.budget_minutes:.0f} min "
+        "of wall time",
         f"- parameters: {', '.join(f'{k}={v}' for k, v in sorted(used.items()))}", ""]
     if study.notes:
         lines += [study.notes.strip(), ""]
