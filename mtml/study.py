@@ -314,8 +314,6 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import plots
-
     runs, units, missing = study_runs(study, out, smoke)
     metric, label = study.metric, "SYNTHETIC " if study.data == "synthetic" else ""
     title = study.title or study.name
@@ -401,7 +399,7 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     if hygiene:
         lines += ["", "## Split hygiene", ""] + [f"- {k}: {v}" for k, v in hygiene.items()]
     lines += ["", "## Figures", ""]
-    for name, draw in _figures(out, runs, summary, costs, metric, plots).items():
+    for name, draw in _figures(out, runs, summary, costs, metric).items():
         lines.append(f"- `{name}`: {draw}")
     if missing:
         lines += ["", "## Missing runs", "", *[f"- {p['MODE']} seed {p['SEED']}" for p in missing],
@@ -410,8 +408,10 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     return out / "RESULTS.md"
 
 
-def _figures(out: Path, runs, summary, costs, metric, plots) -> dict:
+def _figures(out: Path, runs, summary, costs, metric) -> dict:
     import matplotlib.pyplot as plt
+
+    from .plots import plot_accuracy_vs_cost
 
     from .io import save_figure
 
@@ -432,9 +432,9 @@ def _figures(out: Path, runs, summary, costs, metric, plots) -> dict:
     ax.set_xticks(range(runs["mode"].nunique()), list(runs["mode"].unique()))
     ax.set(ylabel=f"ensemble {metric} (test)", title="Every run (label: seed)")
     made["ensemble_by_mode.png"] = (fig, f"each run's ensemble {metric} by mode, seeds labelled")
-    if costs is not None and hasattr(plots, "plot_accuracy_vs_cost"):
+    if costs is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
-        plots.plot_accuracy_vs_cost(summary, costs, metric, ax=ax)
+        plot_accuracy_vs_cost(summary, costs, metric, ax=ax)
         made["accuracy_vs_cost.png"] = (fig, f"{metric} against CPU latency per frame/tile, per mode")
     for name, (fig, _) in made.items():
         save_figure(fig, out / name)
