@@ -36,8 +36,11 @@ FOLDERS = {"CRC": "CRC_DX", "STAD": "STAD"}
 
 def record_files(record_url: str) -> dict[str, dict]:
     """{file name: {"url", "md5"}} from a Zenodo record's JSON (current and legacy layouts)."""
-    with urllib.request.urlopen(record_url, timeout=60) as response:
-        record = json.load(response)
+    try:
+        with urllib.request.urlopen(record_url, timeout=60) as response:
+            record = json.load(response)
+    except OSError as err:
+        raise ConnectionError(f"cannot reach {record_url} ({err}); check the network or --record-url") from err
     files = {}
     for f in record.get("files", []):
         name = f.get("key") or f.get("filename")
@@ -62,7 +65,8 @@ def prepare(cancer: str, record_url: str, root: Path, val_fraction: float, seed:
     files = record_files(record_url)
     missing = [a for a in ARCHIVES[cancer] if a not in files]
     if missing:
-        raise SystemExit(f"the record at {record_url} lacks {missing}; it lists {sorted(files)}")
+        raise ValueError(f"the record at {record_url} lacks {missing} (it lists {sorted(files)}); "
+                         "check --record-url")
     downloads, tiles = root / "downloads" / "msi_mss", root / "msi_mss" / FOLDERS[cancer]
     for name in ARCHIVES[cancer]:
         print(f"{name}: downloading (md5 {files[name]['md5']})", flush=True)
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
                         help=f"the record's metadata JSON (default {RECORD_URL})")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of TRAIN patients per label moved to validation (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
+    parser.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0,
+                        help="seed of the validation split (default 0); not the training seed")
     parser.add_argument("--delete-archives", action="store_true", help="delete each zip once extracted")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
 
         manifest = ensure_synthetic_default(root / "synthetic")
     else:
-        manifest = prepare(args.cancer, args.record_url, root, args.val_fraction, args.seed,
+        manifest = prepare(args.cancer, args.record_url, root, args.val_fraction, args.split_seed,
                            progress=not args.no_progress, delete_archives=args.delete_archives)
     import pandas as pd
 
@@ -113,4 +118,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtml.cli import run_main
+
+    sys.exit(run_main(main))

@@ -7,8 +7,13 @@ its split) and a report of what was clipped, dropped or skipped, in $MTML_DATA_D
            boxes from the official kavsir_bboxes.json (or --boxes masks), random split that
            keeps near-duplicate frames together (or --split-by frame).
   cvc      CVC-ClinicDB (Bernal et al., CMIG 2015; access by request from its authors): prepares
-           the folder or archive you were given (--from PATH): boxes from the masks' connected
-           components, split by the 29 video sequences (frames of one never cross splits).
+           the folder or archive you were given (--from PATH; Original/ + Ground Truth/ or
+           images/ + masks/, PNG, TIFF or JPEG): boxes from the masks' connected components,
+           split by the 29 video sequences (frames of one never cross splits).
+
+A folder given with --from is copied (an archive extracted) into <data-dir>/<dataset>/raw, and
+the manifest names frames relative to its own folder: the prepared folder can move as one.
+Errors are one line (what is wrong and the fix), exit code 2.
 
 Examples:
   python data_scripts/polyp.py kvasir
@@ -27,11 +32,18 @@ KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
 
 
 def _unpack(source: Path, target: Path) -> Path:
-    """A folder is used as it is; an archive is extracted (safely) into `target`."""
+    """The dataset under `target`, so that the prepared folder (manifest and frames) can move as
+    one: an archive is extracted (safely) into it, a folder elsewhere is copied into it."""
+    import shutil
+
     from mtml.download import safe_extract
 
     if source.is_dir():
-        return source
+        if source.resolve().is_relative_to(target.parent.resolve()):
+            return source
+        print(f"copying {source} -> {target / source.name}")
+        shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+        return target / source.name
     print(f"extracting {source} -> {target}")
     safe_extract(source, target)
     return target
@@ -55,7 +67,7 @@ def kvasir(args) -> None:
                         progress=not args.quiet)
         print(f"{archive.name}: sha256 {file_hash(archive)} (pass it as --sha256 to pin it)")
         root = _unpack(archive, out / "raw")
-    frame, report = prepare_kvasir(root, out_dir=out, boxes=args.boxes, seed=args.seed,
+    frame, report = prepare_kvasir(root, out_dir=out, boxes=args.boxes, seed=args.split_seed,
                                    min_area=args.min_area, split_by=args.split_by)
     _summary(out, frame, report)
 
@@ -63,12 +75,15 @@ def kvasir(args) -> None:
 def cvc(args) -> None:
     from mtml.polyp import CVC_SEQUENCE_ENDS, prepare_cvc
 
+    try:
+        ends = tuple(int(x) for x in args.sequence_ends.split(",")) if args.sequence_ends else CVC_SEQUENCE_ENDS
+    except ValueError:
+        ends = ()
+    if not ends or list(ends) != sorted(set(ends)) or ends[0] < 1:
+        raise ValueError("--sequence-ends must be increasing frame numbers, e.g. 25,50,67,...")
     out = _data_dir(args) / "cvc-clinicdb"
     root = _unpack(Path(args.source).expanduser(), out / "raw")
-    ends = tuple(int(x) for x in args.sequence_ends.split(",")) if args.sequence_ends else CVC_SEQUENCE_ENDS
-    if list(ends) != sorted(set(ends)):
-        raise SystemExit("--sequence-ends must be increasing frame numbers, e.g. 25,50,67,...")
-    frame, report = prepare_cvc(root, out_dir=out, seed=args.seed, min_area=args.min_area,
+    frame, report = prepare_cvc(root, out_dir=out, seed=args.split_seed, min_area=args.min_area,
                                 sequence_ends=ends)
     _summary(out, frame, report)
     print("sequences per split:", frame.groupby("split")["sequence"].nunique().to_dict())
@@ -80,14 +95,15 @@ def _summary(out: Path, frame, report) -> None:
     print(f"report:   {out / 'report.json'} ({report})")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
     for name, fn in (("kvasir", kvasir), ("cvc", cvc)):
         p = sub.add_parser(name, help=f"prepare {'Kvasir-SEG' if name == 'kvasir' else 'CVC-ClinicDB'}")
         p.set_defaults(fn=fn)
         p.add_argument("--data-dir", default=None, help="default: $MTML_DATA_DIR or <repo>/data")
-        p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split (80/10/10)")
+        p.add_argument("--split-seed", "--seed", dest="split_seed", type=int, default=0,
+                       help="seed of the train/val/test split (80/10/10); not the training seed")
         p.add_argument("--min-area", type=int, default=64, help="smallest mask component kept as a box (pixels)")
         p.add_argument("--from", dest="source", required=name == "cvc",
                        help="a folder or zip/tar archive you already have")
@@ -105,9 +121,12 @@ def main(argv=None) -> None:
                                          "(default: the 29 ranges documented in mtml/polyp.py)")
     args = parser.parse_args(argv)
     if args.source and not Path(args.source).expanduser().exists():
-        parser.error(f"--from {args.source} does not exist: give the folder or archive of the dataset")
+        raise FileNotFoundError(f"--from {args.source} does not exist: give the folder or archive of the dataset")
     args.fn(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from mtml.cli import run_main
+
+    sys.exit(run_main(main))

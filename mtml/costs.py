@@ -131,4 +131,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    from .cli import run_main
+
+    sys.exit(run_main(main, prog="python -m mtml.costs"))

@@ -33,6 +33,7 @@ class DetectionTask:
 
     name = "detection"
     history_metrics = ("map50",)
+    config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01}  # ours, with size=160 below
 
     def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
                  score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",
@@ -45,12 +46,30 @@ class DetectionTask:
         self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
+    def networks(self, version, n_students, num_classes=2, pretrained=False, with_teacher=True):
+        """The version's detectors at this task's frame size."""
+        from .detectors import build_detection_networks
+
+        return build_detection_networks(version, n_students, num_classes, pretrained, with_teacher, size=self.size)
+
+    def is_own_network(self, model):
+        from .task import is_detector
+
+        return is_detector(model)
+
     def test_units(self, preds, targets, data=None) -> pd.DataFrame:
         return detection_units(preds, targets, frames=getattr(data, "frames", None))
 
     def settings(self):
         return {"size": self.size, "ensemble": self.ensemble_kind, "score_threshold": self.score_threshold,
                 "wbf_iou": self.wbf_iou, **self.distill.settings()}
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "DetectionTask":
+        """The task whose `settings()` are `s` (a run spec's task settings)."""
+        return cls(size=s["size"], ensemble=s["ensemble"], score_threshold=s["score_threshold"],
+                   wbf_iou=s["wbf_iou"], distill_weighting=s["weighting"], box_loss=s["box_loss"],
+                   w_distill_cls=s["w_cls"], w_distill_box=s["w_box"], w_distill_ctr=s["w_ctr"])
 
     # batches ------------------------------------------------------------------------------
     def collate(self, items):

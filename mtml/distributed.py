@@ -151,7 +151,7 @@ def _datasets(args):
         from .polyp import make_synthetic_polyps
 
         if args.data != "synthetic":
-            raise SystemExit("--task detection takes --data synthetic here; train on real frames with "
+            raise ValueError("--task detection takes --data synthetic here; train on real frames with "
                              "the notebooks or mtml.experiment.run_cohort")
         return (make_synthetic_polyps(args.n_train, args.image_size, seed=args.seed),
                 make_synthetic_polyps(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
@@ -163,7 +163,7 @@ def _datasets(args):
     from .tiles import TileDataset
 
     if not Path(args.data).is_file():
-        raise SystemExit(f"--data {args.data}: no such manifest CSV; pass 'synthetic' or a manifest "
+        raise FileNotFoundError(f"--data {args.data}: no such manifest CSV; pass 'synthetic' or a manifest "
                          "built by data_scripts/msi_mss.py")
     kw = dict(size=args.image_size, cache=args.cache)
     return TileDataset(args.data, "train", **kw), TileDataset(args.data, "val", **kw)
@@ -212,4 +212,12 @@ def main(argv=None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+
+    import sys
+
+    def _command(argv) -> int:
+        main(argv)
+        return 0
+
+    sys.exit(run_main(_command, prog="python -m mtml.distributed"))

@@ -1,9 +1,9 @@
 """Downloads with checksums, safe archive extraction, and where datasets live.
 
-- `fetch` downloads one file with pooch's HTTP downloader (tqdm progress bar) into a hidden
-  `.<name>.part` file beside the target, checks its checksum, then renames it onto the target: the
-  final path only ever holds a complete, verified file. An interrupted transfer is retried from the
-  start (OURS: refetch, not byte-range resume; simple and correct with any server), and a later call
+- `fetch` downloads one file with `pooch.retrieve` (tqdm progress bar), which writes a temporary
+  file beside the target, checks its checksum and then moves it onto the target: the final path
+  only ever holds a complete, verified file. An interrupted transfer is retried from the start
+  (OURS: refetch, not byte-range resume; simple and correct with any server), and a later call
   refetches too, since nothing partial is left at the final path.
 - `safe_extract` unpacks zip and tar archives, refusing any entry that would land outside the target.
 - `data_dir` is `$MTML_DATA_DIR`, or `data/` under the repository root (git-ignored).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -63,48 +64,43 @@ def _expected(sha256, md5):
 
 def fetch(url: str, dest_dir, sha256: str | None = None, md5: str | None = None,
           filename: str | None = None, progress: bool = True) -> Path:
-    """Downloads `url` to `dest_dir/filename` (default: the URL's last path part) and returns the path.
+    """Downloads `url` to `dest_dir/filename` (default: the URL's last path part) with
+    `pooch.retrieve` and returns the path.
 
-    An existing file with the right checksum (or any existing file when no checksum is given) is
-    reused. A checksum mismatch raises ValueError naming the file and both hashes, and leaves
-    nothing at the final path. Connection errors are retried `ATTEMPTS` times, then raised.
+    pooch streams into a temporary file beside the target, checks the checksum and only then
+    moves it onto the target, and reuses an existing file with the right checksum (or any
+    existing file when no checksum is given). Around it (OURS): a dropped connection is retried
+    from the start `ATTEMPTS` times, then raised as ConnectionError; a checksum mismatch raises
+    ValueError naming the file and both hashes and also deletes a stale file at the target.
     """
+    import requests  # pooch's own dependency
+
     algorithm, expected = _expected(sha256, md5)
     name = filename or unquote(PurePosixPath(urlparse(url).path).name)
     if not name:
         raise ValueError(f"cannot tell a file name from {url!r}; pass filename=")
     final = Path(dest_dir) / name
-    if final.exists() and (expected is None or file_hash(final, algorithm) == expected):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    part = final.with_name(f".{name}.part")
+    known = f"{algorithm}:{expected}" if expected else None
+    pooch.get_logger().setLevel("WARNING")  # its INFO lines would go to stderr; we say it on stdout
+    if progress and not final.exists():
+        print(f"downloading {url} -> {final}", flush=True)
     downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=CHUNK_SIZE)
-    import requests  # pooch's own dependency
-
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            downloader(url, str(part), None)
-            break
+            return Path(pooch.retrieve(url, known, fname=name, path=final.parent, downloader=downloader))
         except requests.HTTPError as err:  # 404 and the like: retrying will not help
-            part.unlink(missing_ok=True)
-            raise ConnectionError(f"download of {url} failed: {err}") from err
+            raise ConnectionError(f"download of {url} failed: {err}; check the address (--url)") from err
         except OSError as err:  # requests' ConnectionError and ChunkedEncodingError are OSErrors
-            part.unlink(missing_ok=True)
             if attempt == ATTEMPTS:
-                raise ConnectionError(f"download of {url} failed {ATTEMPTS} times ({err}); "
-                                      "run the same command again to refetch") from err
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-    if expected is not None:
-        actual = file_hash(part, algorithm)
-        if actual != expected:
-            part.unlink(missing_ok=True)
+                raise ConnectionError(f"download of {url} failed {ATTEMPTS} times ({err}); check the "
+                                      "network and run the same command again to refetch") from err
+        except ValueError as err:  # pooch's checksum mismatch; it deleted its download
             final.unlink(missing_ok=True)  # a stale file with the wrong content must not look valid
-            raise ValueError(f"{algorithm} mismatch for {name} from {url}: expected {expected}, "
-                             f"got {actual}; the download was deleted (corrupt transfer or changed file)")
-    os.replace(part, final)
-    return final
+            actual = re.search(r"but got (\w+)", str(err))
+            raise ValueError(f"{algorithm} mismatch for {name} from {url}: expected {expected}, got "
+                             f"{actual.group(1) if actual else 'another hash'}; the download was deleted "
+                             "(corrupt transfer or changed file: check --sha256)") from err
+    raise AssertionError("unreachable")
 
 
 def _member_target(root: Path, name: str) -> Path:

@@ -1,12 +1,11 @@
 """One cohort run end to end (build, train, evaluate), shared by notebooks and scripts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .models import build_cohort_networks
 from .report import run_record
 from .spec import RunSpec, spec_of
 from .train import Cohort, CohortConfig, fit, pretrain_teacher
@@ -19,10 +18,13 @@ class RunResult:
     metrics: pd.DataFrame  # index: teacher, student_1..N, ensemble
     spec: RunSpec
     units: pd.DataFrame    # per test unit (tile or frame) predictions, for bootstrap intervals
+    external: dict = field(default_factory=dict)  # record keys of the external sets (mtml.external)
 
     def record(self, **fields) -> dict:
-        """The run record for metrics.json: its spec hash, every setting of its spec, metrics."""
-        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(), **fields})
+        """The run record for metrics.json: its spec hash, every setting of its spec, metrics (and
+        the external sets' metrics)."""
+        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(), **fields,
+                                           **self.external})
 
     def save(self, out_dir, **fields) -> dict:
         """Writes `metrics.json` (the record) and `test_units.csv.gz` into `out_dir`."""
@@ -39,12 +41,15 @@ UNITS_FILE = "test_units.csv.gz"
 
 def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", augment=None,
                checkpoint_dir=None, resume: bool = False, progress: bool = True, callback=None,
-               networks=build_cohort_networks, spec: RunSpec | None = None) -> RunResult:
+               networks=None, spec: RunSpec | None = None, external: dict | None = None) -> RunResult:
     """Trains a cohort in `cfg.mode` (pre-training the teacher first for `offline`), then
     evaluates every network and the student ensemble on `test` (or `val`). `spec` is the run's
     identity (default: the config, the task's settings and the training set's size); pass
-    `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only."""
+    `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only. `networks`
+    defaults to the task's own builder (`task.networks`). `external`: sets of
+    `mtml.external.load_sets`, evaluated too (they never change the training)."""
     cfg.validate()
+    networks = networks or task.networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
     if spec.config.get("mode") != cfg.mode or spec.task != task.name:
         raise ValueError(f"the spec ({spec.task}, {spec.config.get('mode')}) is not this run's "
@@ -55,9 +60,14 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
         teacher_dir = Path(checkpoint_dir) / "teacher" if checkpoint_dir else None
         teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
                                    checkpoint_dir=teacher_dir, **fit_kw)
-    cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks)
+    cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
     history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback,
                   spec=spec, **fit_kw)
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
-    return RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))
+    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))
+    if external:
+        from .external import external_record
+
+        result.external = external_record(task, cohort.networks, external)
+    return result

@@ -30,7 +30,8 @@ FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "LR", "CLIP_GRAD_NORM
 INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
                   "TRAIN_FRAMES", "EVAL_FRAMES")
 # knobs that never change what a run computes (tests/test_spec.py checks every other knob is mapped)
-NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC")
+NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC",
+                "EXTERNAL_DATA_DIRS")  # extra test sets: evaluated after training (mtml.external)
 
 
 def typed(params: dict) -> dict:
@@ -52,14 +53,18 @@ def typed(params: dict) -> dict:
             pass
     if out.get("DATA_DIR"):  # a relative folder means the same for the runner and the kernel
         out["DATA_DIR"] = str(Path(out["DATA_DIR"]).expanduser().resolve())
+    if out.get("EXTERNAL_DATA_DIRS"):
+        folders = out["EXTERNAL_DATA_DIRS"]
+        folders = [folders] if isinstance(folders, str) else folders
+        out["EXTERNAL_DATA_DIRS"] = [str(Path(f).expanduser().resolve()) for f in folders]
     return out
 
 
-def config_from_parameters(params: dict) -> CohortConfig:
-    """A validated CohortConfig from notebook parameters (missing ones keep the defaults)."""
+def config_from_parameters(params: dict, task: str = "classification") -> CohortConfig:
+    """A validated CohortConfig from notebook parameters; missing ones take `task`'s defaults."""
     params = typed(params)
-    return CohortConfig(**{CONFIG_PARAMETERS[k]: v for k, v in params.items()
-                           if k in CONFIG_PARAMETERS}).validate()
+    return CohortConfig.for_task(task_from_parameters(task, params),
+                                 **{CONFIG_PARAMETERS[k]: v for k, v in params.items() if k in CONFIG_PARAMETERS})
 
 
 def task_from_parameters(task: str, params: dict):
@@ -118,7 +123,7 @@ def spec_from_parameters(task: str, params: dict) -> RunSpec:
     """The run spec of a notebook's parameters: `spec_from_parameters("detection", globals())`
     in a notebook, or the runner's resolved parameters; UPPER_CASE keys are read, others ignored."""
     params = typed({k: v for k, v in params.items() if k.isupper()})
-    return spec_of(config_from_parameters(params), task_from_parameters(task, params),
+    return spec_of(config_from_parameters(params, task), task_from_parameters(task, params),
                    data_fingerprint(task, params))
 
 

@@ -5,7 +5,8 @@
   The split is random, but near-duplicate frames stay in one split (`mtml.near_duplicates`,
   `split_hygiene`).
 * CVC-ClinicDB (Bernal et al., CMIG 2015): 612 frames (`Original/N.tif`) with masks
-  (`Ground Truth/N.tif`) from 29 video sequences; boxes come from the masks' connected components.
+  (`Ground Truth/N.tif`; public copies also use `images/` + `masks/` and JPEG) from 29 video
+  sequences; boxes come from the masks' connected components.
   Frames of one sequence never cross splits. The sequence frame ranges (`CVC_SEQUENCE_ENDS`, last
   frame of each sequence) are the ones listed for the 29 sequences on the CVC-ClinicDB page of the
   MICCAI 2015 polyp detection challenge (polyp.grand-challenge.org/CVCClinicDB); we took them from
@@ -14,7 +15,8 @@
 
 Boxes are xyxy pixels, x in [0, W], y in [0, H] (exclusive max). Bad annotations are clipped,
 dropped or skipped and counted in a `PrepReport`, never raised mid-epoch. Manifests are CSV files
-(one row per frame, boxes as a JSON list) written atomically beside the data.
+(one row per frame, boxes as a JSON list) written atomically beside the data; their paths are
+relative to the manifest's folder, so a prepared folder can be moved or copied whole.
 """
 from __future__ import annotations
 
@@ -175,9 +177,16 @@ def _finish(rows, root: Path, out_dir: Path, report: PrepReport, groups, seed, f
     return frame
 
 
+def manifest_path(path: Path, base: Path) -> str:
+    """How a manifest in `base` names `path`: relative (POSIX) when it lies under `base`, so the
+    folder can move; absolute otherwise (data_scripts/polyp.py copies sources under `base`)."""
+    path, base = Path(path).resolve(), Path(base).resolve()
+    return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
+
+
 def _row(frame_id, image: Path, mask, boxes, width, height, base: Path, **extra):
-    return dict(frame=str(frame_id), image=os.path.relpath(image, base),
-                mask=os.path.relpath(mask, base) if mask else "", width=width, height=height,
+    return dict(frame=str(frame_id), image=manifest_path(image, base),
+                mask=manifest_path(mask, base) if mask else "", width=width, height=height,
                 n_boxes=len(boxes), boxes=json.dumps(np.round(boxes, 2).tolist()), **extra)
 
 
@@ -261,15 +270,39 @@ def cvc_sequence(frame_number: int, sequence_ends=CVC_SEQUENCE_ENDS) -> int:
     return int(np.searchsorted(sequence_ends, frame_number)) + 1
 
 
+CVC_LAYOUTS = (  # (frames folder, mask folder names) of the published copies, tried in order
+    ("Original", ("Ground Truth", "GroundTruth", "Ground_Truth")),
+    ("images", ("masks", "Ground Truth")),
+)
+
+
+def cvc_folders(root) -> tuple[Path, Path]:
+    """(frames folder, masks folder) of a CVC-ClinicDB copy: `Original/` + `Ground Truth/` (the
+    authors' release) or `images/` + `masks/` (common public copies), at depth <= 3."""
+    root = Path(root)
+    for frames_name, mask_names in CVC_LAYOUTS:
+        frames = _find_dir(root, (frames_name,))
+        if frames is None:
+            continue
+        wanted = {n.lower() for n in mask_names}
+        masks = next((d for d in sorted(frames.parent.iterdir()) if d.is_dir() and d.name.lower() in wanted), None)
+        if masks is not None:
+            return frames, masks
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())[:8] if root.is_dir() else []
+    raise FileNotFoundError(f"no CVC-ClinicDB frames under {root} (folders there: {found}): it needs "
+                            "'Original/' + 'Ground Truth/' or 'images/' + 'masks/'; point --from at the "
+                            "dataset's folder or archive")
+
+
 def prepare_cvc(root, out_dir=None, seed: int = 0, fractions=(0.8, 0.1, 0.1), min_area: int = 64,
                 sequence_ends=CVC_SEQUENCE_ENDS) -> tuple[pd.DataFrame, PrepReport]:
-    """Manifest of a CVC-ClinicDB folder (`Original/` and `Ground Truth/`, any depth <= 3, PNG or
-    TIFF): boxes from the masks; split by video sequence."""
+    """Manifest of a CVC-ClinicDB folder (see `cvc_folders`; frames and masks PNG, TIFF or JPEG,
+    frames named by their number): boxes from the masks; split by video sequence. JPEG masks
+    carry compression noise (dozens of grey levels near 0 and 255, ringing at the edges):
+    thresholding at 128, half-way between background and polyp, and dropping components under
+    `min_area` pixels gives the same boxes as the lossless masks within a pixel or two."""
     root = Path(root)
-    originals = _find_dir(root, ("Original",))
-    truths = _find_dir(root, ("Ground Truth", "GroundTruth", "Ground_Truth"))
-    if originals is None or truths is None:
-        raise FileNotFoundError(f"CVC-ClinicDB needs 'Original/' and 'Ground Truth/' folders under {root}")
+    originals, truths = cvc_folders(root)
     out_dir = Path(out_dir or root)
     report, rows, masks = PrepReport(), [], _images(truths)
     for stem, image in _images(originals).items():
@@ -337,6 +370,11 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
         frame = frame[frame["split"] == split]
     if limit is not None and limit < len(frame):
         frame = frame.sample(n=limit, random_state=seed).sort_index()
+    missing = [p for p in frame["image"] if not (root / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(frame)} frames named by the manifest in {root} are "
+                                f"missing (first: {root / missing[0]}); move or copy the prepared folder "
+                                "whole, or prepare it again with python data_scripts/polyp.py")
     images, boxes = [], []
     for row in frame.itertuples():
         full = load_image(root / row.image)  # RGB uint8 whatever the mode, bomb-guarded

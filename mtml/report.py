@@ -1,7 +1,8 @@
 """Run records and comparisons across modes and seeds.
 
 A run record is one flat dict: mode, version, seed, task, data, and `<network>/<metric>` for the
-teacher, each student, the `students_mean` and the `ensemble`. The notebooks write it into
+teacher, each student, the `students_mean` and the `ensemble` (and `<set>:<network>/<metric>`
+for external evaluation sets, `mtml.external`). The notebooks write it into
 `metrics.json`; `mtml.reproduce` collects the records into one CSV.
 """
 from __future__ import annotations
@@ -17,6 +18,9 @@ from . import stats
 
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "patient_auroc",
                   "patient_accuracy", "map50", "map", "recall", "precision")
+
+
+SEPARATOR = ":"  # `<external set>:<network>/<metric>` (mtml.external)
 
 
 def run_record(metrics: pd.DataFrame, **fields) -> dict:
@@ -80,6 +84,33 @@ def summarise(runs: pd.DataFrame, metric: str = "auroc", units: dict | None = No
             row["ensemble_boot_lo"], row["ensemble_boot_hi"] = stats.percentile_interval(draws.mean(0))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sets_in(record_or_columns) -> list[str]:
+    """Names of the external sets in a record (or a table's columns), in order of appearance."""
+    keys = record_or_columns.keys() if isinstance(record_or_columns, dict) else record_or_columns
+    return list(dict.fromkeys(k.split(SEPARATOR)[0] for k in map(str, keys) if k.endswith(f"{SEPARATOR}items")))
+
+
+def as_own_columns(runs: pd.DataFrame, name: str) -> pd.DataFrame:
+    """`runs` with set `name`'s metrics in the places of the run's own (`ensemble/map50`...), so
+    the usual summaries apply to it."""
+    prefix = f"{name}{SEPARATOR}"
+    own = [c for c in runs.columns if "/" in str(c) and SEPARATOR not in str(c)]
+    renamed = {c: c[len(prefix):] for c in runs.columns if str(c).startswith(prefix)}
+    return runs.drop(columns=own).rename(columns=renamed)
+
+
+def summarise_sets(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`summarise` per evaluation set: the runs' own test split (`test`), then each external set
+    (`mtml.external`), as rows tagged `eval_set`. A run without a set is left out of its rows."""
+    own = runs[[c for c in runs.columns if SEPARATOR not in str(c)]]
+    parts = [summarise(own, metric).assign(eval_set="test")]
+    for name in sets_in(runs.columns):
+        tested = runs[runs[f"{name}{SEPARATOR}items"].notna()]
+        parts.append(summarise(as_own_columns(tested, name), metric).assign(eval_set=name))
+    table = pd.concat(parts, ignore_index=True)
+    return table[["eval_set", *[c for c in table.columns if c != "eval_set"]]]
 
 
 def _resampled(units: dict, keys, metric: str, who: str, n_boot: int) -> np.ndarray:

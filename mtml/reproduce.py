@@ -117,8 +117,14 @@ def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False,
     failed = []
     for run in runs:
         out_dir = run.out_dir(runs_dir)
-        if (_record(out_dir) or {}).get("spec_hash") == run.spec.hash:
+        record = _record(out_dir) or {}
+        if record.get("spec_hash") == run.spec.hash:
             print(f"skip (finished): {out_dir}")
+            try:
+                _add_external_sets(run, out_dir, record)
+            except (OSError, ValueError) as err:
+                failed.append((run, f"external sets: {err}"))
+                print(f"FAILED external sets: {out_dir}\n  {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
         try:
@@ -156,10 +162,22 @@ def collect(runs: list[PlannedRun], runs_dir: Path) -> tuple[pd.DataFrame, dict]
     return table, units
 
 
+def _add_external_sets(run: PlannedRun, out_dir: Path, record: dict) -> None:
+    """A finished run asked for external sets it was not tested on: test it on them from its
+    final checkpoint (no training)."""
+    from .external import evaluate_run, set_name, sets_in
+
+    wanted = run.parameters.get("EXTERNAL_DATA_DIRS") or []
+    missing = [f for f in wanted if set_name(f) not in sets_in(record)]
+    if missing:
+        evaluate_run(out_dir, missing)
+        print(f"  tested on external sets {[set_name(f) for f in missing]} from its checkpoint")
+
+
 def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Path | None]:
     """Writes the grid's tables and figure; prints the paper-shaped and the paired tables."""
     from .plots import comparison_figure
-    from .report import paired_differences, paper_table
+    from .report import paired_differences, paper_table, sets_in, summarise_sets
 
     table, units = collect(runs, runs_dir)
     csv = write_csv(runs_dir / f"{task}_results.csv", table, index=False)
@@ -176,6 +194,13 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Pat
         print("\npaired differences of the student ensemble (ci95: t over seeds, half-width; "
               "boot_lo/hi: bootstrap over test units; p_holm: Holm-adjusted over the pairs):")
         print(paired.round(4).to_string(index=False))
+    external = runs_dir / f"{task}_external.csv"
+    external.unlink(missing_ok=True)
+    if len(table) and sets_in(table.columns):
+        per_set = summarise_sets(table, METRIC[task])
+        write_csv(external, per_set, index=False)
+        print(f"\nper evaluation set ({METRIC[task]}; mean and 95% t-interval over seeds; {external}):")
+        print(per_set.round(4).to_string(index=False))
     return csv, figure
 
 
@@ -245,10 +270,7 @@ def main(argv=None) -> int:
     if args.demo:
         demo(runs_dir, smoke)
         return 0
-    try:
-        extra = parse_parameters(args.param)
-    except ValueError as err:
-        p.error(str(err))
+    extra = parse_parameters(args.param)  # a bad --param: one line, exit 2 (mtml.cli)
     grid = _load_grid(args.grid) if args.grid else {}
     resume = " ".join(["python -m mtml.reproduce", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     failed = []
@@ -268,4 +290,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_main
+
+    sys.exit(run_main(main, prog="python -m mtml.reproduce"))

@@ -32,7 +32,7 @@ from scipy import stats as scipy_stats
 
 from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
                          task_from_parameters, typed)
-from .report import mean_ci, paired_differences, summarise
+from .report import mean_ci, paired_differences, sets_in, summarise, summarise_sets
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -40,7 +40,7 @@ CLAIMS = (("kd_ml", "kd"), ("kd_ml", "ml"), ("kd_ml", "independent"))
 ALPHA, POWER = 0.05, 0.80
 METRIC = {"detection": "map50", "classification": "auroc"}
 KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
-        "target_difference", "notes"}
+        "target_difference", "notes", "external"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Study:
     target_difference: float = 0.02  # the difference the study should be able to detect
     title: str = ""
     notes: str = ""
+    external: tuple = ()          # prepared folders every run is also tested on (mtml.external)
 
     @classmethod
     def load(cls, path) -> "Study":
@@ -79,8 +80,11 @@ class Study:
                 raise ValueError(f"{path}: {key} {raw[key]} repeat an entry; list each once")
         if raw["name"] != Path(path).stem:
             raise ValueError(f"{path}: name {raw['name']!r} must be the file's name {Path(path).stem!r}")
+        external = raw.get("external") or []
+        if isinstance(external, str) or not all(isinstance(f, str) for f in external):
+            raise ValueError(f"{path}: external must be a list of prepared data folders")
         return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
-                      "params": raw.get("params", {})})
+                      "params": raw.get("params", {}), "external": tuple(external)})
 
     @property
     def metric(self) -> str:
@@ -115,7 +119,7 @@ def load_data(study: Study, params: dict):
             *splits, label = polyp_splits(params.get("DATA_DIR"), size, limits, seed=params.get("SPLIT_SEED", 0),
                                           **extra)
             if study.data == "real" and label.startswith("SYNTHETIC"):
-                raise SystemExit(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
+                raise FileNotFoundError(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
             _DATA[key] = (*splits, label, flip_augment, partial(build_detection_networks, size=size))
         else:
             from .models import build_cohort_networks
@@ -124,10 +128,21 @@ def load_data(study: Study, params: dict):
 
             manifest, kind = classification_manifest(params.get("DATA_DIR"))
             if (study.data == "real") != (kind == "real"):
-                raise SystemExit(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
+                raise ValueError(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
             splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True)
                       for s in ("train", "val", "test")]
             _DATA[key] = (*splits, f"{kind} tiles ({manifest})", augment_tiles, build_cohort_networks)
+    return _DATA[key]
+
+
+def external_sets(study: Study, task, params: dict) -> dict:
+    """The study's external sets (`mtml.external.load_sets`), loaded once per process."""
+    from .external import load_sets
+
+    key = ("external", study.external, getattr(task, "size", None), params.get("TILE_SIZE"))
+    if key not in _DATA:
+        _DATA[key] = load_sets(task, [Path(f) if Path(f).is_absolute() else REPO / f for f in study.external],
+                               params.get("TILE_SIZE", 224))
     return _DATA[key]
 
 
@@ -145,8 +160,9 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     spec = spec_from_parameters(study.task, params)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run_cohort(config_from_parameters(params), task, train, val, test, device=device,
-                        augment=augment, networks=networks, progress=False, spec=spec)
+    result = run_cohort(config_from_parameters(params, study.task), task, train, val, test, device=device,
+                        augment=augment, networks=networks, progress=False, spec=spec,
+                        external=external_sets(study, task, params))
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=_commit(), machine=_machine(threads))
     row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
@@ -248,7 +264,7 @@ def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFra
         first = spec_from_parameters(study.task, next(iter(planned.values())))
         stored = table.iloc[0]
         differ = sorted(k for k, v in first.flat().items() if k in stored and str(stored[k]) != str(v))
-        raise SystemExit(f"{out / 'runs.csv'} holds {len(table)} runs, none of this study's plan on this "
+        raise ValueError(f"{out / 'runs.csv'} holds {len(table)} runs, none of this study's plan on this "
                          f"machine (first differing settings: {differ[:5] or 'the data fingerprint'}); "
                          "nothing was overwritten: check the data and the study file")
     missing = [p for h, p in planned.items() if h not in set(runs["spec_hash"])]
@@ -396,6 +412,16 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
         for who, c in costs.iterrows():
             lines.append(f"| {who} | {int(c['params']):,} | {c['flops'] / 1e9:.3f} | "
                          f"{c['latency_ms']:.1f} ({c['latency_iqr_ms']:.1f}) |")
+    if sets_in(runs.columns):
+        per_set = summarise_sets(runs, metric)
+        per_set.to_csv(out / "results_external.csv", index=False, float_format="%.6g")
+        lines += ["", "## External test sets", "", f"The same networks tested on other data (`external` in the "
+                  f"study file; test: the runs' own test split). {metric}, mean ± 95% t-interval over seeds.", "",
+                  "| set | mode | seeds | teacher | students' mean | ensemble |", "|---|---|---|---|---|---|"]
+        for r in per_set.itertuples():
+            lines.append(f"| {r.eval_set} | {r.mode} | {r.seeds} | "
+                         f"{_pm(getattr(r, 'teacher_mean', math.nan), getattr(r, 'teacher_ci95', math.nan))} | "
+                         f"{_pm(r.students_mean_mean, r.students_mean_ci95)} | {_pm(r.ensemble_mean, r.ensemble_ci95)} |")
     if hygiene:
         lines += ["", "## Split hygiene", ""] + [f"- {k}: {v}" for k, v in hygiene.items()]
     lines += ["", "## Figures", ""]
@@ -493,10 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results folder (default docs/results/<name>; --smoke needs one)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    try:
-        study = Study.load(args.study)
-    except (OSError, ValueError) as err:
-        p.error(str(err))
+    study = Study.load(args.study)  # a bad study file: one line, exit 2 (mtml.cli)
     if args.smoke and not args.out:
         p.error("--smoke writes a tiny study: give --out FOLDER (the committed results stay as they are)")
     out = Path(args.out) if args.out else RESULTS / study.name
@@ -522,5 +545,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_main
+
+    sys.exit(run_main(main, prog="python -m mtml.study"))
 

@@ -20,6 +20,11 @@ class Task(Protocol):
     """What `mtml.train`, `mtml.experiment` and the evaluators use of a task."""
     name: str
     history_metrics: tuple[str, ...]                     # validation metrics kept per epoch
+    config_defaults: dict                                # CohortConfig fields (epochs, batch_size, lr)
+
+    def networks(self, version: str, n_students: int, num_classes: int = 2, pretrained: bool = False,
+                 with_teacher: bool = True): ...         # (teacher or None, [students]) for a version
+    def is_own_network(self, model: torch.nn.Module) -> bool: ...
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> Any: ...
     def supervised_loss(self, out: Any, batch: Any) -> torch.Tensor: ...
@@ -28,6 +33,7 @@ class Task(Protocol):
     def to_device(self, batch: Any, device: torch.device) -> Any: ...
     def evaluate(self, networks: dict, data, batch_size: int = 64, **kw): ...
     def settings(self) -> dict: ...                      # what changes results (part of the run spec)
+    # and the classmethod from_settings(settings) rebuilds the task (mtml.external)
     def test_units(self, *predictions, data=None) -> Any: ...  # per test unit, for bootstrap intervals
 
 
@@ -36,12 +42,21 @@ class ClassificationTask:
 
     name = "classification"
     history_metrics = ("accuracy", "auroc")
+    config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see the README
 
     def __init__(self, num_classes: int = 2, channels_last: bool = False):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
         self.channels_last = channels_last
+
+    def networks(self, version, n_students, num_classes=2, pretrained=False, with_teacher=True):
+        from .models import build_cohort_networks
+
+        return build_cohort_networks(version, n_students, num_classes, pretrained, with_teacher)
+
+    def is_own_network(self, model):
+        return not is_detector(model)
 
     def outputs(self, model, batch):
         return model(batch["image"])
@@ -69,6 +84,10 @@ class ClassificationTask:
     def settings(self):
         return {"num_classes": self.num_classes}
 
+    @classmethod
+    def from_settings(cls, s: dict) -> "ClassificationTask":
+        return cls(num_classes=s["num_classes"])
+
     def test_units(self, probs, labels, data=None):
         from .evaluate import classification_units
 
@@ -81,3 +100,19 @@ class ClassificationTask:
         from .evaluate import evaluate_classification
 
         return evaluate_classification(networks, data, self, batch_size=batch_size, **kw)
+
+
+def is_detector(model: torch.nn.Module) -> bool:
+    from torchvision.models.detection import FCOS
+
+    return isinstance(model, FCOS)
+
+
+def check_networks(task, networks: dict) -> None:
+    """ValueError naming the task and the network when a network is not the task's kind (a
+    classifier in a detection cohort, or the reverse), before any step runs."""
+    for name, model in networks.items():
+        if not task.is_own_network(model):
+            kind = "detector" if is_detector(model) else "classifier"
+            raise ValueError(f"the {task.name} task cannot train {name} ({type(model).__name__}, a {kind}): "
+                             f"build the cohort with the task's own networks (networks=task.networks)")

@@ -34,6 +34,7 @@ from .losses import student_objective
 from .models import build_cohort_networks, check_version
 from .sampling import epoch_order, shard_order
 from .spec import RunSpec, differences, spec_of
+from .task import check_networks
 
 MODES = ("independent", "kd", "ml", "kd_ml", "offline")
 USES_TEACHER = ("kd", "kd_ml", "offline")
@@ -91,6 +92,11 @@ class CohortConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.mode in USES_TEACHER
+
+    @classmethod
+    def for_task(cls, task, **overrides) -> "CohortConfig":
+        """A validated config with `task`'s defaults (`task.config_defaults`) under `overrides`."""
+        return cls(**{**task.config_defaults, **overrides}).validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "CohortConfig":
@@ -189,12 +195,14 @@ class Cohort:
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
-              networks=build_cohort_networks) -> "Cohort":
+              networks=None, task=None) -> "Cohort":
         """Builds the version's networks: students from `students_seed(cfg.seed)`, the teacher
         from `teacher_seed(cfg.seed)`, so a seed gives the same students in every mode. In
-        `offline` mode pass the trained `teacher` (see `pretrain_teacher`); `networks` can be
-        swapped for another task's builder."""
+        `offline` mode pass the trained `teacher` (see `pretrain_teacher`). The networks come
+        from `networks`, else `task.networks`, else the classification builder; with `task`,
+        networks of another task's kind raise at once, naming both."""
         cfg.validate()
+        networks = networks or (task.networks if task is not None else build_cohort_networks)
         if cfg.mode == "offline" and teacher is None:
             raise ValueError("mode 'offline' needs a trained teacher: "
                              "Cohort.build(cfg, teacher=pretrain_teacher(...))")
@@ -204,6 +212,9 @@ class Cohort:
         if cfg.uses_teacher and teacher is None:
             teacher = build_teacher(cfg, networks)
         seed_everything(cfg.seed)  # dropout etc. draw the same stream in every mode
+        if task is not None:
+            named = {f"student_{i + 1}": s for i, s in enumerate(students)}
+            check_networks(task, {"teacher": teacher, **named} if teacher is not None else named)
         return cls(cfg, teacher, students, device)
 
     def train(self):
@@ -385,6 +396,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     from tqdm.auto import tqdm
 
     cfg = cohort.cfg
+    check_networks(task, cohort.networks)
     n = len(train_data)
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": n})
     if n == 0:

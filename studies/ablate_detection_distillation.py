@@ -86,7 +86,7 @@ def run_one(variant: str, params: dict) -> dict:
     val = load_polyp_dataset(root, "val", size, limit=params["EVAL_FRAMES"], **split)
     spec = spec_from_parameters("detection", params)
     start = time.perf_counter()
-    result = run_cohort(config_from_parameters(params), task_from_parameters("detection", params), train, val,
+    result = run_cohort(config_from_parameters(params, "detection"), task_from_parameters("detection", params), train, val,
                         None, augment=flip_augment, networks=partial(build_detection_networks, size=size),
                         progress=False, spec=spec)  # test=None: evaluated on the validation frames
     record = result.record(variant=variant, data=label, split_evaluated="val",
