@@ -33,7 +33,8 @@ class DetectionTask:
 
     name = "detection"
     history_metrics = ("map50",)
-    config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01}  # ours, with size=160 below
+    config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01,  # ours, with size=160 below
+                       "feature_levels": 3}  # features matched on P3-P5 (mtml.features)
 
     def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
                  score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",
@@ -94,6 +95,13 @@ class DetectionTask:
         the detector itself (its losses, box coder and postprocess) and the batch's boxes."""
         return {**model(batch["image"]), "model": getattr(model, "module", model),
                 "targets": batch["targets"]}
+
+    def outputs_and_features(self, model, batch, levels: int = 1):
+        """(outputs, the first `levels` FPN maps) of one forward (`mtml.features`)."""
+        out = self.outputs(model, batch)
+        if levels > len(out["features"]):
+            raise ValueError(f"feature_levels={levels}, but the detector has {len(out['features'])} FPN levels")
+        return out, out["features"][:levels]
 
     def supervised_loss(self, out, batch):
         """FCOS's own losses: focal classification + GIoU boxes + centerness BCE, summed."""

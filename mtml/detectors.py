@@ -122,9 +122,9 @@ class GlobalCountFCOSHead(FCOSHead):
 class DenseFCOS(FCOS):
     """torchvision's FCOS whose `forward(images)` returns the dense outputs used for training,
     distillation and the mean ensemble: `cls_logits` (B, L, C), `bbox_regression` (B, L, 4),
-    `bbox_ctrness` (B, L, 1), `anchors` (B x (L, 4)), `per_level` (locations per level) and
-    `image_sizes`. Images are (B, 3, S, S) floats in [0, 1], already S x S (no resizing).
-    Its parameters and state_dict keys are FCOS's."""
+    `bbox_ctrness` (B, L, 1), `anchors` (B x (L, 4)), `per_level` (locations per level),
+    `image_sizes` and the FPN maps `features` (for feature distillation). Images are
+    (B, 3, S, S) floats in [0, 1], already S x S (no resizing). Its parameters and state_dict keys are FCOS's."""
 
     def forward(self, images):
         images = self.transform.normalize(images)
@@ -133,7 +133,7 @@ class DenseFCOS(FCOS):
         image_list = ImageList(images, [tuple(images.shape[-2:])] * len(images))
         return {**head, "anchors": self.anchor_generator(image_list, features),
                 "per_level": [f.shape[-2] * f.shape[-1] for f in features],
-                "image_sizes": image_list.image_sizes}
+                "image_sizes": image_list.image_sizes, "features": features}
 
 
 def build_detector(spec: DetectorSpec, num_classes: int = 2, pretrained: bool = False,

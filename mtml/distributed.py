@@ -76,7 +76,12 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def wrap_cohort(cohort: Cohort) -> Cohort:
     """Wraps the trainable networks used by `cohort_step` in DDP, with BatchNorm synchronised.
+    Feature knowledge (adapters outside the networks) is refused: DDP would not average their
+    gradients.
     `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
+    if len(cohort.adapters):
+        raise ValueError("feature knowledge (mode kd_ml_styles, or teacher/peer_knowledge with features) "
+                         "does not run under DDP yet: train it on one device")
     ids = [cohort.device.index or 0] if cohort.device.type == "cuda" else None
 
     def wrap(m):  # synced BN keeps the buffers equal on all ranks: no buffer broadcasts needed

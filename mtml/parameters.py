@@ -18,17 +18,18 @@ CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_stud
                      "TEMPERATURE": "temperature", "W_CE": "w_ce", "W_KD": "w_kd", "W_ML": "w_ml",
                      "EPOCHS": "epochs", "BATCH_SIZE": "batch_size", "LR": "lr", "SEED": "seed",
                      "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm",
-                     "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs"}
+                     "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs", "TEACHER_KNOWLEDGE": "teacher_knowledge",
+                     "PEER_KNOWLEDGE": "peer_knowledge", "W_FEAT": "w_feat", "FEATURE_LEVELS": "feature_levels"}
 # what a notebook's `if SMOKE:` cell caps (the runner applies the same caps before hashing;
 # tests/test_spec.py checks that every notebook's smoke cell agrees)
 SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
               "detection": {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}}
 
 
-FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
+FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
                     "SCORE_THRESHOLD", "W_DISTILL_CLS", "W_DISTILL_BOX", "W_DISTILL_CTR")
 INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
-                  "TRAIN_FRAMES", "EVAL_FRAMES")
+                  "TRAIN_FRAMES", "EVAL_FRAMES", "FEATURE_LEVELS")
 # knobs that never change what a run computes (tests/test_spec.py checks every other knob is mapped)
 NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC",
                 "EXTERNAL_DATA_DIRS")  # extra test sets: evaluated after training (mtml.external)

@@ -37,10 +37,10 @@ NOTEBOOKS = REPO / "notebooks"
 # whose MODE parameter switches the loss terms.
 RUNNERS = {
     "classification": {"kd": "01_kd_only", "ml": "02_ml_only", "kd_ml": "03_kd_plus_ml",
-                       "independent": "03_kd_plus_ml", "offline": "01_kd_only"},
+                       "independent": "03_kd_plus_ml", "offline": "01_kd_only", "kd_ml_styles": "03_kd_plus_ml"},
     "detection": {"kd": "05_detection_kd_only", "ml": "06_detection_ml_only",
                   "kd_ml": "07_detection_kd_plus_ml", "independent": "07_detection_kd_plus_ml",
-                  "offline": "05_detection_kd_only"},
+                  "offline": "05_detection_kd_only", "kd_ml_styles": "07_detection_kd_plus_ml"},
 }
 METRIC = {"classification": "auroc", "detection": "map50"}
 
@@ -206,7 +206,7 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Pat
 
 DEMO_ORDER = ("00_setup_and_data_tour", "01_kd_only", "02_ml_only", "03_kd_plus_ml",
               "04_classification_comparison", "05_detection_kd_only", "06_detection_ml_only",
-              "07_detection_kd_plus_ml", "08_detection_comparison")
+              "07_detection_kd_plus_ml", "08_detection_comparison", "09_learning_styles")
 
 
 def demo(runs_dir: Path, smoke: bool) -> None:

@@ -59,9 +59,18 @@ class RunSpec:
         return cls(d["task"], d["config"], d.get("task_settings", {}), d.get("data", {}))
 
 
+KNOWLEDGE_FIELDS = ("teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels")
+
+
 def spec_of(cfg: CohortConfig, task, data: dict | None = None) -> RunSpec:
-    """The spec of a run of `cfg` on `task` with data described by `data`."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+    """The spec of a run of `cfg` on `task` with data described by `data`. The knowledge fields
+    (added with feature distillation) enter it resolved, and only when some student learns
+    features: a predictions-only run keeps the identity it had before they existed."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}
+    teacher, peer = cfg.knowledge()
+    if cfg.uses_features:
+        config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,
+                      feature_levels=cfg.feature_levels)
     settings = task.settings() if hasattr(task, "settings") else {}
     return RunSpec(task.name, config, settings, data or {})
 

@@ -40,7 +40,7 @@ CLAIMS = (("kd_ml", "kd"), ("kd_ml", "ml"), ("kd_ml", "independent"))
 ALPHA, POWER = 0.05, 0.80
 METRIC = {"detection": "map50", "classification": "auroc"}
 KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
-        "target_difference", "notes", "external"}
+        "target_difference", "notes", "external", "claims", "reuse"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Study:
     title: str = ""
     notes: str = ""
     external: tuple = ()          # prepared folders every run is also tested on (mtml.external)
+    claims: tuple = CLAIMS        # ((a, b), ...): "a ensemble > b ensemble", Holm over all of them
+    reuse: tuple = ()             # other studies whose finished runs of this plan are taken as they are
 
     @classmethod
     def load(cls, path) -> "Study":
@@ -83,8 +85,13 @@ class Study:
         external = raw.get("external") or []
         if isinstance(external, str) or not all(isinstance(f, str) for f in external):
             raise ValueError(f"{path}: external must be a list of prepared data folders")
+        claims = tuple(tuple(c) for c in raw.get("claims") or CLAIMS)
+        if any(len(c) != 2 or not set(c) <= set(raw["modes"]) or c[0] == c[1] for c in claims):
+            raise ValueError(f"{path}: claims must be pairs [a, b] of two of the study's modes {raw['modes']}")
+        reuse = raw.get("reuse") or []
         return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
-                      "params": raw.get("params", {}), "external": tuple(external)})
+                      "params": raw.get("params", {}), "external": tuple(external), "claims": claims,
+                      "reuse": tuple([reuse] if isinstance(reuse, str) else reuse)})
 
     @property
     def metric(self) -> str:
@@ -230,6 +237,22 @@ def append(out: Path, row: dict, units: pd.DataFrame) -> None:
         os.replace(tmp, csv)
 
 
+def adopt(study: Study, out: Path) -> int:
+    """Takes the finished runs of the studies in `study.reuse` whose spec hash this study plans
+    (the same run identity: the same computation) into `out`, with their test units; returns how
+    many were taken."""
+    planned = {spec_from_parameters(study.task, p).hash for p in study.planned()}
+    taken = 0
+    for other in study.reuse:
+        source = RESULTS / other
+        table = read_runs(source)
+        for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
+            units = pd.read_csv(source / "units" / f"{row['spec_hash']}.csv.gz")
+            append(out, {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}, units)
+            taken += 1
+    return taken
+
+
 def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1) -> int:
     """Runs this worker's share of the missing runs; returns how many failed."""
     runs = study.planned(smoke)
@@ -284,23 +307,23 @@ def detectable_difference(differences, alpha: float = ALPHA, power: float = POWE
     return float((t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * d.std(ddof=1) / math.sqrt(n))
 
 
-def verdicts(runs: pd.DataFrame, metric: str, units: dict | None) -> pd.DataFrame:
-    """One row per claim "kd_ml ensemble > other ensemble" (all three, whether or not its runs
-    exist): paired mean difference over seeds, its 95% t-interval, the paired t-test p adjusted by
-    Holm over the three claims (a claim without a p counts as p = 1), the 95% bootstrap interval
-    over test units, the detectable difference at the Bonferroni level 0.05 / 3 (a bound for
-    Holm), and the verdict: confirmed when the difference is positive, p_holm < 0.05 and the
+def verdicts(runs: pd.DataFrame, metric: str, units: dict | None, claims=CLAIMS) -> pd.DataFrame:
+    """One row per claim "a ensemble > b ensemble" (all of them, whether or not its runs exist;
+    by default kd_ml against kd, ml and independent): paired mean difference over seeds, its 95%
+    t-interval, the paired t-test p adjusted by Holm over the k claims (a claim without a p counts
+    as p = 1), the 95% bootstrap interval over test units, the detectable difference at the
+    Bonferroni level 0.05 / k (a bound for Holm), and the verdict: confirmed when the difference is positive, p_holm < 0.05 and the
     bootstrap interval lies above 0; refuted when negative by the same rule; else inconclusive
     (also whenever there is no bootstrap interval)."""
     from .stats import holm
 
-    present = [c for c in CLAIMS if {c[0], c[1]} <= set(runs["mode"])]
+    present = [c for c in claims if {c[0], c[1]} <= set(runs["mode"])]
     table = paired_differences(runs, metric, "ensemble", units, pairs=present) if present else pd.DataFrame()
     found = {(r["a"], r["b"]): r for r in table.to_dict("records")}
     wide = runs.pivot(index="seed", columns="mode", values=f"ensemble/{metric}")
-    p = [found[c]["p_value"] if c in found and np.isfinite(found[c]["p_value"]) else 1.0 for c in CLAIMS]
+    p = [found[c]["p_value"] if c in found and np.isfinite(found[c]["p_value"]) else 1.0 for c in claims]
     rows = []
-    for claim, p_holm in zip(CLAIMS, holm(p)):
+    for claim, p_holm in zip(claims, holm(p)):
         r = found.get(claim, {})
         mean = r.get("mean(ensemble a-b)", math.nan)
         lo, hi = r.get("boot_lo", math.nan), r.get("boot_hi", math.nan)
@@ -313,9 +336,13 @@ def verdicts(runs: pd.DataFrame, metric: str, units: dict | None) -> pd.DataFram
         d = (wide[claim[0]] - wide[claim[1]]).dropna() if claim in found else []
         rows.append({"claim": f"{claim[0]} ensemble > {claim[1]} ensemble", "seeds": r.get("seeds", 0),
                      "mean": mean, "ci95": r.get("ci95", math.nan), "p_holm": p_holm, "boot_lo": lo,
-                     "boot_hi": hi, "detectable": detectable_difference(d, ALPHA / len(CLAIMS)),
+                     "boot_hi": hi, "detectable": detectable_difference(d, ALPHA / len(claims)),
                      "verdict": verdict})
     return pd.DataFrame(rows)
+
+
+def _count(n: int) -> str:
+    return {1: "one", 2: "two", 3: "three"}.get(n, str(n))
 
 
 def _pm(mean, half, digits=3) -> str:
@@ -349,7 +376,7 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
             extra[col] = {m: mean_ci(g[col]) for m, g in per_mode}
     summary = summary.set_index("mode").loc[[m for m in study.modes if m in set(runs["mode"])]].reset_index()
     summary.to_csv(out / "results.csv", index=False, float_format="%.6g")
-    decided = verdicts(runs, metric, units)
+    decided = verdicts(runs, metric, units, study.claims)
     decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
 
     data = re.sub(r"/\S*/(?=[^/\s()]+)", "", str(runs["data"].iloc[0]))  # no local folders
@@ -374,9 +401,10 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     too_coarse = decided["detectable"].gt(study.target_difference).any() or decided["detectable"].isna().any()
     lines += ["## Verdicts" + (f" (PROVISIONAL: {len(runs)} of {len(runs) + len(missing)} runs)" if missing else ""), "",
               f"Paired by seed; mean difference of the ensembles' {metric} with its 95% t-interval over seeds; "
-              "p of the paired t-test, Holm-adjusted over the three claims; the 95% bootstrap interval over test "
-              f"{'frames' if study.task == 'detection' else 'patients'} (one shared resampling of the test set, "
-              "the networks fixed); detectable: the smallest true difference a paired t-test at alpha 0.05 / 3 "
+              f"p of the paired t-test, Holm-adjusted over the {_count(len(study.claims))} claims; the 95% bootstrap "
+              f"interval over test {'frames' if study.task == 'detection' else 'patients'} (one shared resampling of "
+              "the test set, the networks fixed); detectable: the smallest true difference a paired t-test at alpha "
+              f"0.05 / {len(study.claims)} "
               "finds with power 0.8 given the observed spread and number of seeds. Confirmed: positive, "
               "p_holm < 0.05 and a bootstrap interval above 0; refuted: negative by the same rule; otherwise "
               f"inconclusive. The study aimed to detect {study.target_difference}"
@@ -528,6 +556,8 @@ def main(argv=None) -> int:
         return 1 if run_study(study, out, args.smoke, args.worker, args.workers) else 0
     failed = 0
     start = time.perf_counter()
+    if not args.report and not args.smoke and study.reuse:
+        print(f"taken from {', '.join(study.reuse)}: {adopt(study, out)} finished run(s) of this plan")
     if not args.report:
         if args.workers > 1:
             cmd = [sys.executable, "-m", "mtml.study", args.study, "--out", str(out), "--workers", str(args.workers)]

@@ -27,6 +27,7 @@ class Task(Protocol):
     def is_own_network(self, model: torch.nn.Module) -> bool: ...
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> Any: ...
+    def outputs_and_features(self, model: torch.nn.Module, batch: Any, levels: int) -> tuple: ...  # same forward
     def supervised_loss(self, out: Any, batch: Any) -> torch.Tensor: ...
     def distill_loss(self, out: Any, target: Any, temperature: float) -> torch.Tensor: ...
     def collate(self, items: list) -> Any: ...
@@ -60,6 +61,14 @@ class ClassificationTask:
 
     def outputs(self, model, batch):
         return model(batch["image"])
+
+    def outputs_and_features(self, model, batch, levels: int = 1):
+        """(logits, the last `levels` stage maps) of one forward (`mtml.features`)."""
+        from .features import stage_modules, tap
+
+        with tap(stage_modules(model)[-levels:]) as maps:
+            out = self.outputs(model, batch)
+        return out, list(maps)
 
     def supervised_loss(self, out, batch):
         return F.cross_entropy(out, batch["label"])

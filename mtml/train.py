@@ -6,6 +6,9 @@ Modes (which loss terms are on):
     ml           students <-> students (deep mutual learning), no teacher
     kd_ml        both (the method of Niyaz & Bathula 2022)
     offline      KD from a frozen, pre-trained teacher (classic Hinton KD baseline)
+    kd_ml_styles kd_ml with learning styles (Niyaz, Sambyal & Bathula 2023): student 1 learns the
+                 teacher's predictions, student 2 its feature maps, the students exchange both
+                 (`teacher_knowledge`, `peer_knowledge`; see mtml.features)
 
 In one step every network runs its forward exactly once; the teacher's outputs are shared by all
 students; every distillation target is detached, so a student's loss never reaches the teacher
@@ -34,11 +37,13 @@ from .losses import student_objective
 from .models import build_cohort_networks, check_version
 from .sampling import epoch_order, shard_order
 from .spec import RunSpec, differences, spec_of
+from .features import uses
 from .task import check_networks
 
-MODES = ("independent", "kd", "ml", "kd_ml", "offline")
-USES_TEACHER = ("kd", "kd_ml", "offline")
-USES_ML = ("ml", "kd_ml")
+MODES = ("independent", "kd", "ml", "kd_ml", "offline", "kd_ml_styles")
+USES_TEACHER = ("kd", "kd_ml", "offline", "kd_ml_styles")
+USES_ML = ("ml", "kd_ml", "kd_ml_styles")
+AUTO = "auto"  # knowledge fields: what the mode says (see CohortConfig.knowledge)
 
 
 @dataclass
@@ -63,6 +68,12 @@ class CohortConfig:
     num_workers: int = 0
     clip_grad_norm: float = 5.0  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
     distill_warmup_epochs: float = 0.0  # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
+    # what each student takes from the teacher and from its peers: predictions | features | both,
+    # or one per student joined by '|' ("predictions|features"); auto: the mode's (see knowledge())
+    teacher_knowledge: str = AUTO
+    peer_knowledge: str = AUTO
+    w_feat: float = 1.0        # weight of a feature term relative to a prediction term (OURS)
+    feature_levels: int = 1    # maps matched: the last stages (classification) / first FPN levels
     # speed options (OURS); the results do not depend on them beyond float rounding
     channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
     amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
@@ -73,7 +84,7 @@ class CohortConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         check_version(self.version)
         for name, low in (("n_students", 1), ("num_classes", 2), ("epochs", 1), ("batch_size", 1),
-                          ("num_workers", 0)):
+                          ("num_workers", 0), ("feature_levels", 1)):
             value = getattr(self, name)  # NaN, 2.5 or True would pass a plain comparison
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
@@ -82,7 +93,8 @@ class CohortConfig:
                              f"peers), got {self.n_students}")
         if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("w_ce", "w_kd", "w_ml", "lr", "momentum", "weight_decay", "clip_grad_norm",
+        self.knowledge()  # names a bad knowledge value
+        for name in ("w_ce", "w_kd", "w_ml", "w_feat", "lr", "momentum", "weight_decay", "clip_grad_norm",
                      "distill_warmup_epochs"):
             value = getattr(self, name)
             if not value >= 0 or math.isinf(value):
@@ -92,6 +104,35 @@ class CohortConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.mode in USES_TEACHER
+
+    def knowledge(self) -> tuple[list[str], str]:
+        """(what each student takes from the teacher, what students take from peers); [] and ""
+        when the mode has no teacher or no peers. `auto`: kd_ml_styles alternates predictions and
+        features over the students and exchanges both; every other mode uses predictions."""
+        from .features import parse_knowledge
+
+        styles = self.mode == "kd_ml_styles"
+        if self.teacher_knowledge != AUTO and not self.uses_teacher:
+            raise ValueError(f"teacher_knowledge={self.teacher_knowledge!r} needs a teacher; mode "
+                             f"{self.mode!r} has none (use one of {USES_TEACHER})")
+        if self.peer_knowledge != AUTO and self.mode not in USES_ML:
+            raise ValueError(f"peer_knowledge={self.peer_knowledge!r} needs peers; mode {self.mode!r} "
+                             f"has none (use one of {USES_ML})")
+        teacher = []
+        if self.uses_teacher:
+            auto = "|".join(("predictions", "features")[i % 2] for i in range(self.n_students)) if styles else "predictions"
+            value = auto if self.teacher_knowledge == AUTO else self.teacher_knowledge
+            teacher = parse_knowledge(value, self.n_students, "teacher_knowledge")
+        peer = ""
+        if self.mode in USES_ML:
+            value = ("both" if styles else "predictions") if self.peer_knowledge == AUTO else self.peer_knowledge
+            peer = parse_knowledge(value, 1, "peer_knowledge")[0]
+        return teacher, peer
+
+    @property
+    def uses_features(self) -> bool:
+        teacher, peer = self.knowledge()
+        return any(k in ("features", "both") for k in [*teacher, peer])
 
     @classmethod
     def for_task(cls, task, **overrides) -> "CohortConfig":
@@ -184,10 +225,12 @@ class Cohort:
         if self.teacher is not None:
             self.networks["teacher"] = self.teacher
         self.networks.update({f"student_{i + 1}": s for i, s in enumerate(self.students)})
-        trainable = [m for name, m in self.networks.items()
-                     if not (name == "teacher" and self.frozen_teacher)]
-        self.optimizer = torch.optim.SGD(
-            [{"params": list(m.parameters())} for m in trainable], lr=cfg.lr,
+        self.adapters = _build_adapters(cfg, self.networks).to(self.device)
+        trainable = {name: m for name, m in self.networks.items()
+                     if not (name == "teacher" and self.frozen_teacher)}
+        self.optimizer = torch.optim.SGD(  # a student's adapters train (and are clipped) with it
+            [{"params": [*m.parameters(), *(self.adapters[n].parameters() if n in self.adapters else ())]}
+             for n, m in trainable.items()], lr=cfg.lr,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
             foreach=True)
         self.scheduler = None
@@ -222,16 +265,46 @@ class Cohort:
             m.train(not (name == "teacher" and self.frozen_teacher))
 
     def state_dict(self) -> dict:
-        return {"networks": {k: m.state_dict() for k, m in self.networks.items()},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        state = {"networks": {k: m.state_dict() for k, m in self.networks.items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        if len(self.adapters):
+            state["adapters"] = self.adapters.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.networks.items():
             m.load_state_dict(state["networks"][k])
+        if len(self.adapters):
+            self.adapters.load_state_dict(state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
+    """Each student's feature adapters (`mtml.features.Adapters`) towards the networks whose
+    maps it matches; none without feature knowledge. Drawn from their own seed, so the global
+    RNG (and thus every other draw of the run) is the same as without them."""
+    from .features import Adapters, feature_channels, uses
+
+    adapters = nn.ModuleDict()
+    if not cfg.uses_features:
+        return adapters
+    teacher_k, peer_k = cfg.knowledge()
+    students = [n for n in networks if n.startswith("student_")]
+    channels = {n: feature_channels(m, cfg.feature_levels) for n, m in networks.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1000 + 991)
+        for i, name in enumerate(students):
+            targets = {}
+            if teacher_k and uses(teacher_k[i], "features"):
+                targets["teacher"] = channels["teacher"]
+            if uses(peer_k, "features"):
+                targets.update({peer: channels[peer] for peer in students if peer != name})
+            if targets:
+                adapters[name] = Adapters(channels[name], targets)
+    return adapters
 
 
 def _cohort_losses(cohort: Cohort, batch, task, step: int):
@@ -248,34 +321,63 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
             raise ValueError("distill_warmup_epochs > 0 needs cohort.steps_per_epoch (fit sets it)")
         ramp = distill_ramp(step / cohort.steps_per_epoch, cfg.distill_warmup_epochs)
         terms["cohort/distill_ramp"] = torch.tensor(ramp)
+    teacher_k, peer_k = cfg.knowledge()
+    levels = cfg.feature_levels
+
+    def forward(model, with_maps: bool):
+        if with_maps:
+            return task.outputs_and_features(model, batch, levels)
+        return task.outputs(model, batch), None
+
+    teacher_maps = None
     if cohort.teacher is not None:
+        teacher_maps_needed = any(uses(k, "features") for k in teacher_k)
         if cohort.frozen_teacher:
             with torch.no_grad():
-                teacher_out = task.outputs(cohort.teacher, batch)
+                teacher_out, teacher_maps = forward(cohort.teacher, teacher_maps_needed)
         else:
-            teacher_out = task.outputs(cohort.teacher, batch)
+            teacher_out, teacher_maps = forward(cohort.teacher, teacher_maps_needed)
             terms["teacher/sup"] = task.supervised_loss(teacher_out, batch)
             _check_finite(terms["teacher/sup"], terms, step)
             terms["teacher/sup"].backward()
             teacher_out = _map_tensors(teacher_out, torch.Tensor.detach)
-    student_outs = [task.outputs(s, batch) for s in cohort.students]
-    for i, out in enumerate(student_outs):
+        teacher_maps = _map_tensors(teacher_maps, torch.Tensor.detach)
+    peer_maps_needed = uses(peer_k, "features")
+    forwards = [forward(s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features"))
+                for i, s in enumerate(cohort.students)]
+    student_outs = [out for out, _ in forwards]
+    for i, (out, maps) in enumerate(forwards):
         name = f"student_{i + 1}"
+        peers = [j for j in range(len(forwards)) if j != i]
         sup = task.supervised_loss(out, batch)
-        kd = task.distill_loss(out, teacher_out, cfg.temperature) if teacher_out is not None else None
-        ml = None
+        kd = ml = None
+        if teacher_out is not None:
+            kd = _knowledge_terms(terms, f"{name}/kd", teacher_k[i], cfg.w_feat,
+                                  lambda: task.distill_loss(out, teacher_out, cfg.temperature),
+                                  lambda: cohort.adapters[name].loss("teacher", maps, teacher_maps))
         if cfg.mode in USES_ML:
-            ml = torch.stack([task.distill_loss(out, peer, cfg.temperature)
-                              for j, peer in enumerate(student_outs) if j != i]).mean()
+            ml = _knowledge_terms(
+                terms, f"{name}/ml", peer_k, cfg.w_feat,
+                lambda: torch.stack([task.distill_loss(out, student_outs[j], cfg.temperature) for j in peers]).mean(),
+                lambda: torch.stack([cohort.adapters[name].loss(f"student_{j + 1}", maps, forwards[j][1])
+                                     for j in peers]).mean())
         terms[f"{name}/sup"] = sup
-        if kd is not None:
-            terms[f"{name}/kd"] = kd
-        if ml is not None:
-            terms[f"{name}/ml"] = ml
         loss = student_objective(sup, kd, ml, cfg.w_ce, ramp * cfg.w_kd, ramp * cfg.w_ml)
         terms[f"{name}/loss"] = loss
         total = total + loss
     return total, terms
+
+
+def _knowledge_terms(terms: dict, key: str, knowledge: str, w_feat: float, predictions, features):
+    """One source's distillation term: the prediction term, plus w_feat x the feature term, as the
+    knowledge says; each part is logged (`key`, `key_feat`)."""
+    total = None
+    if uses(knowledge, "predictions"):
+        total = terms[key] = predictions()
+    if uses(knowledge, "features"):
+        terms[f"{key}_feat"] = features()
+        total = w_feat * terms[f"{key}_feat"] + (total if total is not None else 0)
+    return total
 
 
 def _map_tensors(x, fn):
@@ -304,6 +406,10 @@ class _AmpTask:
     def outputs(self, model, batch):
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             return _float32(self.task.outputs(model, batch))
+
+    def outputs_and_features(self, model, batch, levels):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return _float32(self.task.outputs_and_features(model, batch, levels))
 
 
 def _check_finite(total: torch.Tensor, terms: dict, step: int) -> None:

@@ -64,12 +64,16 @@ def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, mon
     monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     changed = {int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x", bool: lambda v: not v}
     alternatives = {"MODE": "ml", "VERSION": "v1", "BOX_LOSS": "l1", "ENSEMBLE": "wbf",
-                    "DISTILL_WEIGHTING": "confidence", "FRAME_SIZE": 128, "TRAIN_FRAMES": 20, "EVAL_FRAMES": 12}
+                    "DISTILL_WEIGHTING": "confidence", "FRAME_SIZE": 128, "TRAIN_FRAMES": 20, "EVAL_FRAMES": 12,
+                    "TEACHER_KNOWLEDGE": "both", "PEER_KNOWLEDGE": "features", "FEATURE_LEVELS": 2}
+    # the feature knobs belong to a run's identity when some student learns features (mtml.spec)
+    features_on = {"TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE", "W_FEAT", "FEATURE_LEVELS"}
     for task, runners in reproduce.RUNNERS.items():
         for name in set(runners.values()):
-            params = notebook_defaults(NOTEBOOKS / f"{name}.ipynb")
-            base = spec_from_parameters(task, params).hash
-            for key, value in params.items():
+            defaults = notebook_defaults(NOTEBOOKS / f"{name}.ipynb")
+            for key, value in defaults.items():
+                params = {**defaults, "MODE": "kd_ml_styles"} if key in features_on else defaults
+                base = spec_from_parameters(task, params).hash
                 if key in NOT_IDENTITY or key in ("DATA_DIR", "SPLIT_SEED", "SPLIT_BY"):  # both: a prepared folder, above
                     continue
                 other = alternatives.get(key, value if value is None else changed[type(value)](value))

@@ -1,0 +1,180 @@
+"""Feature distillation and learning styles (mtml.features, mode kd_ml_styles): the loss by hand,
+gradient isolation with adapters, one forward per network, exact resume, bad parameters."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit
+from mtml.data import make_separable
+from mtml.detection import DetectionTask
+from mtml.features import EPS, feature_loss, uses
+from mtml.polyp import make_synthetic_polyps
+from mtml.spec import spec_of
+
+TASK = ClassificationTask(2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def batch(n=16, seed=0):
+    data = make_separable(n, 16, seed=seed)
+    return TASK.collate([data[i] for i in range(n)])
+
+
+def test_feature_loss_by_hand():
+    s = torch.tensor([0.0, 2.0]).view(1, 1, 1, 2)   # standardised: [-1, 1] / sqrt(1 + eps)
+    same = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)  # another scale and offset, same pattern
+    flipped = torch.tensor([3.0, 1.0]).view(1, 1, 1, 2)
+    assert float(feature_loss(s, same)) == pytest.approx(0.0, abs=1e-12)
+    assert float(feature_loss(s, flipped)) == pytest.approx(4 / (1 + EPS), rel=1e-6)
+    # a 2x2 student map is pooled to the 1x2 target: columns [0, 2] and [2, 6] -> [1, 4] (var 2.25)
+    pooled = torch.tensor([[0.0, 2.0], [2.0, 6.0]]).view(1, 1, 2, 2)
+    expected = (1.5 / (2.25 + EPS) ** 0.5 + 1 / (1 + EPS) ** 0.5) ** 2
+    assert float(feature_loss(pooled, flipped)) == pytest.approx(expected, rel=1e-6)
+    target = torch.randn(2, 3, 4, 4, requires_grad=True)
+    feature_loss(torch.randn(2, 3, 4, 4, requires_grad=True), target).backward()
+    assert target.grad is None  # the target is detached
+    with pytest.raises(ValueError, match="adapt the student"):
+        feature_loss(torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4, 4))
+
+
+def reference_grads(cohort: Cohort, b) -> dict:
+    """Each network's (and its adapters') gradient from its own objective alone, with every other
+    network's outputs and maps explicitly detached, on copies."""
+    cfg = cohort.cfg
+    teacher_k, peer_k = cfg.knowledge()
+    nets = {k: copy.deepcopy(m) for k, m in cohort.networks.items()}
+    adapters = copy.deepcopy(cohort.adapters)
+    fwd = {k: TASK.outputs_and_features(m, b, cfg.feature_levels) for k, m in nets.items()}
+    students = [k for k in nets if k.startswith("student")]
+    grads = {"teacher": torch.autograd.grad(TASK.supervised_loss(fwd["teacher"][0], b),
+                                            list(nets["teacher"].parameters()), retain_graph=True)}
+    for i, name in enumerate(students):
+        out, maps = fwd[name]
+        loss = cfg.w_ce * TASK.supervised_loss(out, b)
+        t_out, t_maps = fwd["teacher"][0].detach(), [m.detach() for m in fwd["teacher"][1]]
+        if uses(teacher_k[i], "predictions"):
+            loss = loss + cfg.w_kd * TASK.distill_loss(out, t_out, cfg.temperature)
+        if uses(teacher_k[i], "features"):
+            loss = loss + cfg.w_kd * cfg.w_feat * adapters[name].loss("teacher", maps, t_maps)
+        peers = [p for p in students if p != name]
+        if uses(peer_k, "predictions"):
+            loss = loss + cfg.w_ml * torch.stack([TASK.distill_loss(out, fwd[p][0].detach(), cfg.temperature)
+                                                  for p in peers]).mean()
+        if uses(peer_k, "features"):
+            loss = loss + cfg.w_ml * cfg.w_feat * torch.stack(
+                [adapters[name].loss(p, maps, [m.detach() for m in fwd[p][1]]) for p in peers]).mean()
+        own = list(nets[name].parameters()) + (list(adapters[name].parameters()) if name in adapters else [])
+        grads[name] = torch.autograd.grad(loss, own, retain_graph=True)
+    return grads
+
+
+@pytest.mark.parametrize("knowledge", [dict(), dict(teacher_knowledge="both", peer_knowledge="features"),
+                                       dict(teacher_knowledge="features|predictions|both")])
+def test_every_network_and_adapter_gets_gradient_from_its_own_objective_only(knowledge):
+    cohort = Cohort.build(CohortConfig(mode="kd_ml_styles", n_students=3, w_kd=1.5, w_ml=0.7, w_feat=2.0,
+                                       clip_grad_norm=0.0, **knowledge), task=TASK)
+    b = batch()
+    cohort.train()
+    expected = reference_grads(cohort, b)
+    cohort_step(cohort, b, TASK)
+    for name, net in cohort.networks.items():
+        own = list(net.parameters()) + (list(cohort.adapters[name].parameters()) if name in cohort.adapters else [])
+        assert len(own) == len(expected[name])
+        for p, ref in zip(own, expected[name]):
+            assert torch.allclose(p.grad, ref, atol=1e-6), name
+
+
+def test_a_student_with_predictions_only_is_unaffected_by_feature_terms():
+    b = batch()
+    plain = Cohort.build(CohortConfig(mode="kd_ml"), task=TASK)
+    styled = Cohort.build(CohortConfig(mode="kd_ml_styles", teacher_knowledge="predictions|features",
+                                       peer_knowledge="predictions"), task=TASK)
+    assert list(styled.adapters) == ["student_2"]  # only the feature learner has adapters
+    a, c = cohort_step(plain, b, TASK), cohort_step(styled, b, TASK)
+    assert float(a["student_1/loss"]) == float(c["student_1/loss"])
+    for p, q in zip(plain.students[0].parameters(), styled.students[0].parameters()):
+        assert torch.equal(p, q)  # the same update, bit for bit
+    assert float(c["student_2/kd_feat"]) > 0 and "student_2/kd" not in c
+
+
+@pytest.mark.parametrize("task_name", ["classification", "detection"])
+def test_one_forward_per_network_with_features_on(task_name):
+    if task_name == "classification":
+        task, b = TASK, batch()
+        cohort = Cohort.build(CohortConfig(mode="kd_ml_styles", n_students=3), task=task)
+    else:
+        task = DetectionTask(size=64)
+        frames = make_synthetic_polyps(4, 64)
+        b = task.collate([frames[i] for i in range(4)])
+        cohort = Cohort.build(CohortConfig.for_task(task, mode="kd_ml_styles"), task=task)
+        assert [len(a) for a in cohort.adapters["student_2"].maps.values()] == [3, 3]  # P3-P5, teacher and peer
+    calls = dict.fromkeys(cohort.networks, 0)
+    for name, net in cohort.networks.items():
+        net.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    terms = cohort_step(cohort, b, task)
+    assert calls == dict.fromkeys(cohort.networks, 1)
+    assert all(torch.isfinite(v) for v in terms.values()) and "student_2/kd_feat" in terms and "student_1/ml_feat" in terms
+
+
+def test_adapters_train_save_and_resume_exactly(tmp_path):
+    data, val = make_separable(48, 16, seed=0), make_separable(16, 16, seed=1, split=1)
+    cfg = CohortConfig(mode="kd_ml_styles", epochs=2, batch_size=16)
+    whole = Cohort.build(cfg, task=TASK)
+    before = copy.deepcopy(whole.adapters.state_dict())
+    fit(whole, TASK, data, val, progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in whole.adapters.state_dict().items())  # they learn
+
+    first = Cohort.build(CohortConfig(**{**cfg.__dict__, "epochs": 2}), task=TASK)
+    spec = spec_of(cfg, TASK, {"train_items": len(data)})
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, TASK, data, val, progress=False, checkpoint_dir=tmp_path, spec=spec,
+            callback=lambda history: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop after epoch 1
+    resumed = Cohort.build(cfg, task=TASK)
+    fit(resumed, TASK, data, val, progress=False, checkpoint_dir=tmp_path, resume=True, spec=spec)
+    for (k, v), w in zip(whole.adapters.state_dict().items(), resumed.adapters.state_dict().values()):
+        assert torch.equal(v, w), k
+    for a, c in zip(whole.students[1].parameters(), resumed.students[1].parameters()):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="kd_ml_styles", teacher_knowledge="feature"), "teacher_knowledge must be one of"),
+    (dict(mode="kd_ml_styles", teacher_knowledge="features|predictions|both"), "one per student"),
+    (dict(mode="ml", teacher_knowledge="features"), "needs a teacher"),
+    (dict(mode="kd", peer_knowledge="both"), "needs peers"),
+    (dict(mode="kd_ml_styles", feature_levels=0), "feature_levels must be >= 1"),
+    (dict(mode="kd_ml_styles", w_feat=float("nan")), "w_feat"),
+])
+def test_bad_knowledge_settings_are_refused_up_front(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CohortConfig(**kw).validate()
+
+
+def test_too_many_feature_levels_are_refused_when_the_cohort_is_built():
+    with pytest.raises(ValueError, match="feature_levels=4, but TinyConvNet has 3 stages"):
+        Cohort.build(CohortConfig(mode="kd_ml_styles", feature_levels=4), task=TASK)
+    task = DetectionTask(size=64)
+    with pytest.raises(ValueError, match="has 3 FPN levels"):
+        Cohort.build(CohortConfig.for_task(task, mode="kd_ml_styles", feature_levels=5), task=task)
+
+
+def test_run_identity_keeps_old_runs_and_resolves_auto():
+    plain = spec_of(CohortConfig(mode="kd_ml"), TASK)
+    assert not {"teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels"} & set(plain.config)
+    assert spec_of(CohortConfig(mode="kd_ml", teacher_knowledge="predictions", peer_knowledge="predictions",
+                                w_feat=3.0), TASK).hash == plain.hash  # nothing learns features: same run
+    auto = spec_of(CohortConfig(mode="kd_ml_styles"), TASK)
+    explicit = spec_of(CohortConfig(mode="kd_ml_styles", teacher_knowledge="predictions|features",
+                                    peer_knowledge="both"), TASK)
+    assert auto.hash == explicit.hash and auto.config["teacher_knowledge"] == "predictions|features"
+    assert spec_of(CohortConfig(mode="kd_ml_styles", w_feat=0.5), TASK).hash != auto.hash
+
+
+def test_feature_knowledge_is_refused_under_ddp():
+    from mtml.distributed import wrap_cohort
+
+    with pytest.raises(ValueError, match="does not run under DDP"):
+        wrap_cohort(Cohort.build(CohortConfig(mode="kd_ml_styles"), task=TASK))
