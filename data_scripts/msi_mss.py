@@ -83,9 +83,10 @@ def prepare(cancer: str, record_url: str, root: Path, val_fraction: float, seed:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    from mtml.cli import Parser
+
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--cancer", choices=sorted(ARCHIVES), default="CRC",
                         help="which archives (default CRC)")
     parser.add_argument("--synthetic", action="store_true", help="generate the synthetic default instead")

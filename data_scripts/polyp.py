@@ -38,11 +38,14 @@ def _unpack(source: Path, target: Path) -> Path:
 
     from mtml.download import safe_extract
 
+    if source.is_dir() and source.resolve().is_relative_to(target.parent.resolve()):
+        return source  # already inside the prepared folder
+    if source.resolve().is_relative_to(target.resolve()):
+        raise ValueError(f"{source} lies inside {target}, which preparation empties first: move it elsewhere")
+    shutil.rmtree(target, ignore_errors=True)  # an earlier copy must never mix into this one
     if source.is_dir():
-        if source.resolve().is_relative_to(target.parent.resolve()):
-            return source
         print(f"copying {source} -> {target / source.name}")
-        shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+        shutil.copytree(source, target / source.name)
         return target / source.name
     print(f"extracting {source} -> {target}")
     safe_extract(source, target)
@@ -96,7 +99,9 @@ def _summary(out: Path, frame, report) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mtml.cli import Parser
+
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
     for name, fn in (("kvasir", kvasir), ("cvc", cvc)):
         p = sub.add_parser(name, help=f"prepare {'Kvasir-SEG' if name == 'kvasir' else 'CVC-ClinicDB'}")

@@ -8,6 +8,7 @@ keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ from pathlib import Path
 # OSError covers FileNotFoundError, ConnectionError and MissingDatasetError
 USER_ERRORS = (OSError, ValueError)
 USAGE_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line too (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def one_line(err: BaseException) -> str:

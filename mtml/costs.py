@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cli import Parser
 from .models import count_parameters
 from .train import CohortConfig
 
@@ -96,11 +97,10 @@ def network_costs(task: str, version: str, n_students: int, size: int | None = N
 
 def main(argv=None) -> int:
     """`python -m mtml.costs`: the costs of every version of both tasks, as a Markdown table."""
-    import argparse
     import platform
     from pathlib import Path
 
-    p = argparse.ArgumentParser(prog="python -m mtml.costs", description=main.__doc__)
+    p = Parser(prog="python -m mtml.costs", description=main.__doc__)
     p.add_argument("--students", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", help="write the table to this Markdown file too")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .cli import Parser
 from .train import Cohort, CohortConfig, MODES, fit
 
 
@@ -123,7 +124,7 @@ def fit_distributed(cohort: Cohort, task, train_data, val_data=None, **fit_kw) -
 
 # -- command line ------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="torchrun --nproc_per_node=K -m mtml.distributed",
         description="Train a cohort (teacher + N students) on K processes with DDP. Without "
                     "torchrun it runs in one process. Rank 0 writes OUT/checkpoint.pt, "

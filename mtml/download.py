@@ -89,8 +89,8 @@ def fetch(url: str, dest_dir, sha256: str | None = None, md5: str | None = None,
         try:
             return Path(pooch.retrieve(url, known, fname=name, path=final.parent, downloader=downloader))
         except requests.HTTPError as err:  # 404 and the like: retrying will not help
-            raise ConnectionError(f"download of {url} failed: {err}; check the address (--url)") from err
-        except OSError as err:  # requests' ConnectionError and ChunkedEncodingError are OSErrors
+            raise ConnectionError(f"download of {url} failed: {err}; check the download address") from err
+        except requests.RequestException as err:  # connection refused or dropped midway
             if attempt == ATTEMPTS:
                 raise ConnectionError(f"download of {url} failed {ATTEMPTS} times ({err}); check the "
                                       "network and run the same command again to refetch") from err
@@ -99,7 +99,7 @@ def fetch(url: str, dest_dir, sha256: str | None = None, md5: str | None = None,
             actual = re.search(r"but got (\w+)", str(err))
             raise ValueError(f"{algorithm} mismatch for {name} from {url}: expected {expected}, got "
                              f"{actual.group(1) if actual else 'another hash'}; the download was deleted "
-                             "(corrupt transfer or changed file: check --sha256)") from err
+                             "(a corrupt transfer or a changed file: check the expected checksum)") from err
     raise AssertionError("unreachable")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from .report import run_record
-from .spec import RunSpec, spec_of
+from .models import build_cohort_networks
+from .spec import RunSpec, differences, spec_of
 from .train import Cohort, CohortConfig, fit, pretrain_teacher
 
 
@@ -49,11 +50,17 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     defaults to the task's own builder (`task.networks`). `external`: sets of
     `mtml.external.load_sets`, evaluated too (they never change the training)."""
     cfg.validate()
-    networks = networks or task.networks
+    networks = networks or getattr(task, "networks", None) or build_cohort_networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
-    if spec.config.get("mode") != cfg.mode or spec.task != task.name:
-        raise ValueError(f"the spec ({spec.task}, {spec.config.get('mode')}) is not this run's "
-                         f"({task.name}, {cfg.mode}); build both from the same parameters")
+    actual = spec_of(cfg, task)
+    if spec.task != task.name or (spec.config, spec.task_settings) != (actual.config, actual.task_settings):
+        diff = differences({"config": spec.config, "task": spec.task_settings},
+                           {"config": actual.config, "task": actual.task_settings})
+        raise ValueError(f"the spec ({spec.task}) is not this run's ({task.name}; spec vs run: {diff or 'task'}); "
+                         "build both from the same parameters")
+    for name, (_, info) in (external or {}).items():
+        if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
+            raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")
     fit_kw = dict(augment=augment, resume=resume, progress=progress)
     teacher = None
     if cfg.mode == "offline":
@@ -68,6 +75,7 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))
     if external:
         from .external import external_record
+
 
         result.external = external_record(task, cohort.networks, external)
     return result

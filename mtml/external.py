@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cli import Parser
 from .report import SEPARATOR, run_record, sets_in
 
 
@@ -28,33 +29,66 @@ def set_name(folder) -> str:
     return (path.parent if path.is_file() else path).resolve().name
 
 
-def load_sets(task, folders, tile_size: int = 224) -> dict:
-    """{set name: (dataset, info)} for prepared folders; `task` decides how they are read (frames
-    at the task's size, or tiles at `tile_size`). Repeated names raise ValueError."""
+RESERVED = ("test",)  # the runs' own test split in the per-set tables
+
+
+def load_sets(task, folders, tile_size: int = 224, training_data: dict | None = None) -> dict:
+    """{set name: (dataset, info)} for prepared folders (a list, or one folder); `task` decides how
+    they are read (frames at the task's size, or tiles at `tile_size`). Refused with ValueError:
+    repeated or reserved names, a folder of the other task's kind, and a set whose content is the
+    run's own data (`training_data`, the run spec's data fingerprint)."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders or ())
     sets = {}
-    for folder in folders or ():
+    for folder in folders:
         name = set_name(folder)
         if name in sets:
             raise ValueError(f"two external sets are named {name!r} (their folders' names): rename one folder")
-        if SEPARATOR in name:
-            raise ValueError(f"external set folder {name!r} has {SEPARATOR!r} in its name: rename it")
+        if SEPARATOR in name or name in RESERVED:
+            raise ValueError(f"an external set cannot be named {name!r} (its folder's name): rename the folder")
         sets[name] = _load_one(task, Path(folder).expanduser(), tile_size)
+        if training_data and sets[name][1]["manifest_sha256"] == training_data.get("manifest_sha256"):
+            raise ValueError(f"external set {name} ({folder}) holds the run's own data: an external set must be "
+                             "other data (another dataset or cohort)")
     return sets
 
 
+def set_fingerprint(task_name: str, folder, size: int = 160) -> str:
+    """The content hash a set is stored with (`<set>:manifest_sha256`), without decoding images."""
+    folder = Path(folder).expanduser()
+    _check_kind(task_name, folder)
+    if task_name == "detection":
+        from .polyp import polyp_fingerprint
+
+        return polyp_fingerprint(folder, size)["manifest_sha256"]
+    from .parameters import file_fingerprint
+
+    return file_fingerprint(folder if folder.is_file() else folder / "manifest.csv")
+
+
+def _check_kind(task_name: str, folder: Path) -> None:
+    """ValueError when a prepared folder is of the other task's kind (frames vs tiles)."""
+    manifest = folder if folder.is_file() else folder / "manifest.csv"
+    if not manifest.is_file():
+        return  # an unprepared Kvasir-SEG folder (detection) or a missing one: the loader says which
+    columns = set(pd.read_csv(manifest, nrows=0).columns)
+    kind = "detection" if "boxes" in columns else "classification" if {"path", "label"} <= columns else None
+    if kind != task_name:
+        what = {"detection": "polyp frames (data_scripts/polyp.py)",
+                "classification": "MSI/MSS tiles (data_scripts/msi_mss.py)"}
+        raise ValueError(f"{folder} holds {what.get(kind, 'an unknown manifest')}, a {task_name} run needs "
+                         f"{what[task_name]}")
+
+
 def _load_one(task, folder: Path, tile_size: int):
+    digest = set_fingerprint(task.name, folder, getattr(task, "size", 160))
     if task.name == "detection":
-        from .polyp import load_polyp_dataset, polyp_fingerprint
+        from .polyp import load_polyp_dataset
 
         data = load_polyp_dataset(folder, split=None, size=task.size)
-        digest = polyp_fingerprint(folder, task.size)["manifest_sha256"]
     else:
-        from .parameters import file_fingerprint
         from .tiles import TileDataset
 
-        manifest = folder if folder.is_file() else folder / "manifest.csv"
-        digest = file_fingerprint(manifest)
-        data = TileDataset(manifest, None, size=tile_size, cache=True)
+        data = TileDataset(folder if folder.is_file() else folder / "manifest.csv", None, size=tile_size, cache=True)
     if len(data) == 0:
         raise ValueError(f"external set {folder} holds no frames or tiles: check the folder")
     return data, {"items": len(data), "source": str(folder.resolve()), "manifest_sha256": digest}
@@ -83,11 +117,13 @@ def load_run(run_dir, device: str = "cpu"):
     from .train import CohortConfig
 
     run_dir = Path(run_dir).expanduser()
+    hint = "give the folder of a finished run (runs/<task>/<version>/<mode>/seed<k>/<hash> or runs/demo/<notebook>)"
     try:
         record = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{run_dir} has no readable metrics.json ({err}): give the folder of a "
-                                "finished run (runs/<task>/<version>/<mode>/seed<k>/<hash> or runs/demo/<notebook>)") from err
+        raise FileNotFoundError(f"{run_dir} has no readable metrics.json ({err}): {hint}") from err
+    if not isinstance(record, dict) or "spec_hash" not in record:
+        raise ValueError(f"{run_dir / 'metrics.json'} is not a single run's record (a comparison?): {hint}")
     checkpoint = run_dir / "checkpoints" / record["spec_hash"] / "checkpoint.pt"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} is missing: the run's final checkpoint is needed; run it again "
@@ -115,7 +151,8 @@ def evaluate_run(run_dir, folders, device: str = "cpu") -> dict:
     from .io import write_json
 
     task, networks, record, tile_size = load_run(run_dir, device)
-    sets = load_sets(task, folders, tile_size)
+    own = {k.removeprefix("data."): v for k, v in record.items() if k.startswith("data.")}
+    sets = load_sets(task, folders, tile_size, training_data=own)
     stale = [k for k in record if k.split(SEPARATOR)[0] in sets and SEPARATOR in k]
     record = {k: v for k, v in record.items() if k not in stale}
     record.update(external_record(task, networks, sets))
@@ -137,7 +174,7 @@ def external_table(record: dict, metrics=("map50", "map", "auroc", "accuracy")) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtml.external", description=__doc__,
+    p = Parser(prog="python -m mtml.external", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="folders of finished runs (with metrics.json and checkpoints/)")
     p.add_argument("--data", action="append", required=True, metavar="FOLDER",

@@ -61,7 +61,7 @@ def typed(params: dict) -> dict:
     return out
 
 
-def config_from_parameters(params: dict, task: str = "classification") -> CohortConfig:
+def config_from_parameters(params: dict, task: str) -> CohortConfig:
     """A validated CohortConfig from notebook parameters; missing ones take `task`'s defaults."""
     params = typed(params)
     return CohortConfig.for_task(task_from_parameters(task, params),

@@ -101,13 +101,20 @@ def as_own_columns(runs: pd.DataFrame, name: str) -> pd.DataFrame:
     return runs.drop(columns=own).rename(columns=renamed)
 
 
-def summarise_sets(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+def summarise_sets(runs: pd.DataFrame, metric: str, sets=None) -> pd.DataFrame:
     """`summarise` per evaluation set: the runs' own test split (`test`), then each external set
-    (`mtml.external`), as rows tagged `eval_set`. A run without a set is left out of its rows."""
+    (`mtml.external`; only those in `sets` when given), as rows tagged `eval_set`. A run without
+    a set is left out of its rows; runs tested on different contents under one name raise."""
     own = runs[[c for c in runs.columns if SEPARATOR not in str(c)]]
     parts = [summarise(own, metric).assign(eval_set="test")]
     for name in sets_in(runs.columns):
+        if sets is not None and name not in sets:
+            continue
         tested = runs[runs[f"{name}{SEPARATOR}items"].notna()]
+        digest = f"{name}{SEPARATOR}manifest_sha256"
+        if digest in tested and tested[digest].nunique() > 1:
+            raise ValueError(f"the runs were tested on {tested[digest].nunique()} different contents of external "
+                             f"set {name!r}: test them all on one (python -m mtml.external, or run the grid again)")
         parts.append(summarise(as_own_columns(tested, name), metric).assign(eval_set=name))
     table = pd.concat(parts, ignore_index=True)
     return table[["eval_set", *[c for c in table.columns if c != "eval_set"]]]

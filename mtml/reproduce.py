@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cli import Parser
 from .io import save_figure, write_csv
 from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
@@ -163,19 +164,23 @@ def collect(runs: list[PlannedRun], runs_dir: Path) -> tuple[pd.DataFrame, dict]
 
 
 def _add_external_sets(run: PlannedRun, out_dir: Path, record: dict) -> None:
-    """A finished run asked for external sets it was not tested on: test it on them from its
-    final checkpoint (no training)."""
-    from .external import evaluate_run, set_name, sets_in
+    """A finished run asked for external sets it was not tested on, or whose content changed
+    since: test it on them from its final checkpoint (no training)."""
+    import torch
 
-    wanted = run.parameters.get("EXTERNAL_DATA_DIRS") or []
-    missing = [f for f in wanted if set_name(f) not in sets_in(record)]
-    if missing:
-        evaluate_run(out_dir, missing)
-        print(f"  tested on external sets {[set_name(f) for f in missing]} from its checkpoint")
+    from .external import SEPARATOR, evaluate_run, set_fingerprint, set_name
+
+    size = run.parameters.get("FRAME_SIZE", 160)
+    stale = [f for f in run.parameters.get("EXTERNAL_DATA_DIRS") or []
+             if record.get(f"{set_name(f)}{SEPARATOR}manifest_sha256") != set_fingerprint(run.spec.task, f, size)]
+    if stale:
+        evaluate_run(out_dir, stale, "cuda" if torch.cuda.is_available() else "cpu")
+        print(f"  tested on external sets {[set_name(f) for f in stale]} from its checkpoint")
 
 
 def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Path | None]:
     """Writes the grid's tables and figure; prints the paper-shaped and the paired tables."""
+    from .external import set_name
     from .plots import comparison_figure
     from .report import paired_differences, paper_table, sets_in, summarise_sets
 
@@ -196,8 +201,9 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Pat
         print(paired.round(4).to_string(index=False))
     external = runs_dir / f"{task}_external.csv"
     external.unlink(missing_ok=True)
-    if len(table) and sets_in(table.columns):
-        per_set = summarise_sets(table, METRIC[task])
+    wanted = {set_name(f) for run in runs for f in run.parameters.get("EXTERNAL_DATA_DIRS") or []}
+    if len(table) and wanted & set(sets_in(table.columns)):
+        per_set = summarise_sets(table, METRIC[task], sets=wanted)
         write_csv(external, per_set, index=False)
         print(f"\nper evaluation set ({METRIC[task]}; mean and 95% t-interval over seeds; {external}):")
         print(per_set.round(4).to_string(index=False))
@@ -252,7 +258,7 @@ def _load_grid(path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtml.reproduce", description=__doc__,
+    p = Parser(prog="python -m mtml.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="YAML file with keys task, modes, versions, seeds, params")
     p.add_argument("--task", default="classification", choices=sorted(RUNNERS))

@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from .cli import Parser
 from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
                          task_from_parameters, typed)
 from .report import mean_ci, paired_differences, sets_in, summarise, summarise_sets
@@ -83,7 +83,7 @@ class Study:
         if raw["name"] != Path(path).stem:
             raise ValueError(f"{path}: name {raw['name']!r} must be the file's name {Path(path).stem!r}")
         external = raw.get("external") or []
-        if isinstance(external, str) or not all(isinstance(f, str) for f in external):
+        if not isinstance(external, list) or not all(isinstance(f, str) for f in external):
             raise ValueError(f"{path}: external must be a list of prepared data folders")
         claims = tuple(tuple(c) for c in raw.get("claims") or CLAIMS)
         if any(len(c) != 2 or not set(c) <= set(raw["modes"]) or c[0] == c[1] for c in claims):
@@ -111,13 +111,12 @@ _DATA: dict = {}
 
 
 def load_data(study: Study, params: dict):
-    """(train, val, test, description, augment, networks builder) for a run's parameters, cached
-    per process (every run of a study sees the same data)."""
+    """(train, val, test, description, augment) for a run's parameters, cached per process (every
+    run of a study sees the same data); the networks come from the task."""
     key = (study.task, params.get("DATA_DIR"), params.get("FRAME_SIZE"), params.get("TILE_SIZE"),
            params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("SPLIT_SEED"), params.get("SPLIT_BY"))
     if key not in _DATA:
         if study.task == "detection":
-            from .detectors import build_detection_networks
             from .polyp import flip_augment, polyp_splits
 
             size = params.get("FRAME_SIZE", 160)
@@ -127,9 +126,8 @@ def load_data(study: Study, params: dict):
                                           **extra)
             if study.data == "real" and label.startswith("SYNTHETIC"):
                 raise FileNotFoundError(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
-            _DATA[key] = (*splits, label, flip_augment, partial(build_detection_networks, size=size))
+            _DATA[key] = (*splits, label, flip_augment)
         else:
-            from .models import build_cohort_networks
             from .parameters import classification_manifest
             from .tiles import TileDataset, augment_tiles
 
@@ -138,7 +136,7 @@ def load_data(study: Study, params: dict):
                 raise ValueError(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
             splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True)
                       for s in ("train", "val", "test")]
-            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", augment_tiles, build_cohort_networks)
+            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", augment_tiles)
     return _DATA[key]
 
 
@@ -162,13 +160,13 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     from .experiment import run_cohort
 
     torch.set_num_threads(threads)
-    train, val, test, label, augment, networks = load_data(study, params)
+    train, val, test, label, augment = load_data(study, params)
     task = task_from_parameters(study.task, params)
     spec = spec_from_parameters(study.task, params)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run_cohort(config_from_parameters(params, study.task), task, train, val, test, device=device,
-                        augment=augment, networks=networks, progress=False, spec=spec,
+                        augment=augment, progress=False, spec=spec,
                         external=external_sets(study, task, params))
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=_commit(), machine=_machine(threads))
@@ -538,7 +536,7 @@ def committed(name: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtml.study", description=__doc__,
+    p = Parser(prog="python -m mtml.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study file, e.g. studies/kvasir_tiny_cpu.yaml")
     p.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each")

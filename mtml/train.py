@@ -245,7 +245,7 @@ class Cohort:
         from `networks`, else `task.networks`, else the classification builder; with `task`,
         networks of another task's kind raise at once, naming both."""
         cfg.validate()
-        networks = networks or (task.networks if task is not None else build_cohort_networks)
+        networks = networks or getattr(task, "networks", None) or build_cohort_networks
         if cfg.mode == "offline" and teacher is None:
             raise ValueError("mode 'offline' needs a trained teacher: "
                              "Cohort.build(cfg, teacher=pretrain_teacher(...))")

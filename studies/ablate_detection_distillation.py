@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -71,7 +70,6 @@ def append(row: dict) -> None:
 def run_one(variant: str, params: dict) -> dict:
     import torch
 
-    from mtml.detectors import build_detection_networks
     from mtml.experiment import run_cohort
     from mtml.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
     from mtml.polyp import default_polyp_root, flip_augment, load_polyp_dataset
@@ -87,7 +85,7 @@ def run_one(variant: str, params: dict) -> dict:
     spec = spec_from_parameters("detection", params)
     start = time.perf_counter()
     result = run_cohort(config_from_parameters(params, "detection"), task_from_parameters("detection", params), train, val,
-                        None, augment=flip_augment, networks=partial(build_detection_networks, size=size),
+                        None, augment=flip_augment,
                         progress=False, spec=spec)  # test=None: evaluated on the validation frames
     record = result.record(variant=variant, data=label, split_evaluated="val",
                            train_time_s=round(time.perf_counter() - start, 1))
@@ -145,7 +143,9 @@ def report(seeds) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mtml.cli import Parser
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -180,4 +180,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtml.cli import run_main
+
+    sys.exit(run_main(main))

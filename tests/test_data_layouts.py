@@ -62,6 +62,23 @@ def test_every_published_cvc_layout_gives_the_same_boxes(tmp_path, frames, masks
     assert by_frame.loc["27", "n_boxes"] == 0
 
 
+def test_cvc_tar_archive_of_the_authors_layout_and_a_fresh_raw_folder_each_time(tmp_path):
+    import tarfile
+
+    src = cvc_tree(tmp_path / "src" / "CVC-ClinicDB", "Original", "Ground Truth", ".tif")
+    archive = tmp_path / "CVC-ClinicDB.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname="CVC-ClinicDB")
+    data = tmp_path / "data"
+    few = cvc_tree(tmp_path / "few" / "CVC-ClinicDB", "images", "masks", ".png", numbers=(1, 2))
+    assert run_cli("cvc", "--from", few, "--data-dir", data).returncode == 0
+    run = run_cli("cvc", "--from", archive, "--data-dir", data)  # a second preparation replaces the first
+    assert run.returncode == 0, run.stderr
+    manifest = (data / "cvc-clinicdb" / "manifest.csv").read_text()
+    assert "raw/CVC-ClinicDB/Original/51.tif" in manifest and "images/" not in manifest
+    assert len(load_polyp_dataset(data / "cvc-clinicdb", split=None, size=64)) == 5
+
+
 def test_cvc_archive_through_the_cli_and_the_prepared_folder_moves(tmp_path):
     src = cvc_tree(tmp_path / "src" / "CVC-ClinicDB", "images", "masks", ".jpg")
     archive = tmp_path / "CVC-ClinicDB.zip"
@@ -114,6 +131,8 @@ def _one_line_error(run: subprocess.CompletedProcess, *words: str) -> str:
 
 def test_polyp_cli_errors_are_one_line_with_the_fix(tmp_path, http_server):
     _one_line_error(run_cli("cvc", "--from", tmp_path / "nope"), "does not exist", "give the folder")
+    _one_line_error(run_cli("cvc"), "--from", "see --help")  # argparse's own errors: one line too
+    _one_line_error(run_cli("kvasir", "--split-seed", "x"), "invalid int value", "see --help")
     wrong = tmp_path / "wrong"
     (wrong / "photos").mkdir(parents=True)
     _one_line_error(run_cli("cvc", "--from", wrong, "--data-dir", tmp_path / "d"),
@@ -130,12 +149,13 @@ def test_polyp_cli_errors_are_one_line_with_the_fix(tmp_path, http_server):
     http_server.files["/kvasir-seg.zip"] = body
     wrong_sha = "0" * 64
     line = _one_line_error(run_cli("kvasir", "--quiet", "--url", http_server.url("/kvasir-seg.zip"),
-                                   "--sha256", wrong_sha, "--data-dir", tmp_path / "d"), "sha256 mismatch", "--sha256")
+                                   "--sha256", wrong_sha, "--data-dir", tmp_path / "d"),
+                           "sha256 mismatch", "check the expected checksum")
     assert hashlib.sha256(body).hexdigest() in line and wrong_sha in line
     _one_line_error(run_cli("kvasir", "--quiet", "--url", "http://127.0.0.1:9/kvasir-seg.zip",
                             "--data-dir", tmp_path / "d"), "failed 3 times", "check the network")
     _one_line_error(run_cli("kvasir", "--quiet", "--url", http_server.url("/missing.zip"),
-                            "--data-dir", tmp_path / "d"), "404", "--url")
+                            "--data-dir", tmp_path / "d"), "404", "check the download address")
 
 
 def test_other_clis_fail_in_one_line_too(tmp_path):

@@ -83,7 +83,19 @@ def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):
     train, val = (TileDataset(home, s, size=32, cache=True) for s in ("train", "val"))
     cfg = CohortConfig.for_task(task, mode="kd", epochs=1, batch_size=8)
     result = run_cohort(cfg, task, train, val, progress=False, external=sets)
-    assert 0 <= result.record()[f"{name}:ensemble/auroc"] <= 1
+    direct = task.evaluate(result.cohort.networks, sets[name][0])  # the same networks on the second manifest
+    for net in ("teacher", "student_1", "student_2", "ensemble"):
+        assert result.record()[f"{name}:{net}/auroc"] == pytest.approx(direct.loc[net, "auroc"])
+    with pytest.raises(ValueError, match="holds the run's own data"):
+        load_sets(task, [home.parent], tile_size=32, training_data={"manifest_sha256": _sha(home)})
+    with pytest.raises(ValueError, match="holds MSI/MSS tiles .* a detection run needs polyp frames"):
+        load_sets(DetectionTask(size=SIZE), [other.parent])
+
+
+def _sha(manifest):
+    from mtml.parameters import file_fingerprint
+
+    return file_fingerprint(manifest)
 
 
 def test_per_set_summary_keeps_sets_apart_and_leaves_out_runs_without_the_set():
@@ -103,12 +115,36 @@ def test_per_set_summary_keeps_sets_apart_and_leaves_out_runs_without_the_set():
     assert table.loc[("cvc", "kd"), "teacher_mean"] == pytest.approx(0.4)
 
 
-def test_repeated_set_names_are_refused(tmp_path):
-    a, b = tmp_path / "a" / "sets", tmp_path / "b" / "sets"
-    for root in (a, b):
+def test_repeated_reserved_and_wrong_kind_sets_are_refused(tmp_path):
+    a, b, own = tmp_path / "a" / "sets", tmp_path / "b" / "sets", tmp_path / "test"
+    for root in (a, b, own):
         prepare_cvc(cvc_tree(root / "src", "images", "masks", ".png"), out_dir=root)
     with pytest.raises(ValueError, match="two external sets are named 'sets'"):
         load_sets(DetectionTask(size=SIZE), [a, b])
+    with pytest.raises(ValueError, match="cannot be named 'test'"):
+        load_sets(DetectionTask(size=SIZE), str(own))  # one folder as a string is one set
+    with pytest.raises(ValueError, match="holds polyp frames .* a classification run needs MSI/MSS tiles"):
+        load_sets(ClassificationTask(), [a])
+    assert list(load_sets(DetectionTask(size=SIZE), str(a))) == ["sets"]
+
+
+def test_a_folder_without_a_single_runs_record_is_refused_in_one_line(tmp_path):
+    from mtml.external import load_run
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"kind": "comparison"}))
+    with pytest.raises(ValueError, match="not a single run's record"):
+        load_run(tmp_path)
+
+
+def test_per_set_summary_refuses_one_name_with_two_contents():
+    rows = [{"version": "tiny", "mode": "kd", "seed": s, "ensemble/map50": 0.5, "students_mean/map50": 0.5,
+             "cvc:items": 10, "cvc:ensemble/map50": 0.3, "cvc:students_mean/map50": 0.3,
+             "cvc:manifest_sha256": f"hash{s}", "old:items": 5, "old:ensemble/map50": 0.1,
+             "old:students_mean/map50": 0.1} for s in range(2)]
+    with pytest.raises(ValueError, match="2 different contents of external set 'cvc'"):
+        summarise_sets(pd.DataFrame(rows), "map50")
+    only_old = summarise_sets(pd.DataFrame(rows), "map50", sets={"old"})
+    assert list(only_old["eval_set"]) == ["test", "old"]
 
 
 # task defaults ---------------------------------------------------------------------------------
