@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,23 @@ def test_a_cohort_of_the_wrong_networks_is_refused_at_once_naming_both():
     built = Cohort.build(CohortConfig(mode="ml"), task=task)  # the task's own builder by default
     assert all(task.is_own_network(m) for m in built.networks.values())
     assert torch.is_tensor(next(built.students[0].parameters()))
+
+
+def test_a_finished_run_is_tested_again_only_on_new_or_changed_sets(tmp_path, monkeypatch):
+    from mtml import external, reproduce
+
+    folders = {name: tmp_path / name for name in ("same", "changed", "new")}
+    for folder in folders.values():
+        folder.mkdir()
+    monkeypatch.setattr(external, "set_fingerprint", lambda task, folder, size=160: f"now-{Path(folder).name}")
+    calls = []
+    monkeypatch.setattr(external, "evaluate_run", lambda out, stale, device: calls.append(sorted(Path(f).name for f in stale)))
+    monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # the synthetic frames: no data needed
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    run = reproduce.plan("detection", ["kd"], ["tiny"], [0], {"EXTERNAL_DATA_DIRS": [str(f) for f in folders.values()]})[0]
+    record = {"same:items": 3, "same:manifest_sha256": "now-same", "changed:items": 3, "changed:manifest_sha256": "before"}
+    reproduce._add_external_sets(run, tmp_path, record)
+    assert calls == [["changed", "new"]]
+    reproduce._add_external_sets(run, tmp_path, {**record, "changed:manifest_sha256": "now-changed",
+                                                 "new:manifest_sha256": "now-new"})
+    assert len(calls) == 1  # nothing stale: nothing tested again
