@@ -77,12 +77,11 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def wrap_cohort(cohort: Cohort) -> Cohort:
     """Wraps the trainable networks used by `cohort_step` in DDP, with BatchNorm synchronised.
-    Feature knowledge (adapters outside the networks) is refused: DDP would not average their
-    gradients.
+    The students' feature adapters (`mtml.features`) live outside the networks: their gradients
+    are averaged over the ranks by `cohort_step` after each backward, as DDP does for the networks.
     `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
     if len(cohort.adapters):
-        raise ValueError("feature knowledge (mode kd_ml_styles, or teacher/peer_knowledge with features) "
-                         "does not run under DDP yet: train it on one device")
+        cohort.sync_adapter_grads = lambda: _average_grads(cohort.adapters.parameters())
     ids = [cohort.device.index or 0] if cohort.device.type == "cuda" else None
 
     def wrap(m):  # synced BN keeps the buffers equal on all ranks: no buffer broadcasts needed
@@ -93,6 +92,20 @@ def wrap_cohort(cohort: Cohort) -> Cohort:
         cohort.teacher = wrap(cohort.teacher)
     cohort.students = [wrap(s) for s in cohort.students]
     return cohort
+
+
+def _average_grads(parameters) -> None:
+    """All-reduce mean of the gradients (the ranks' shards are equal in size)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or not _distributed():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def reduce_history(history: pd.DataFrame) -> pd.DataFrame:
@@ -194,16 +207,12 @@ def main(argv=None) -> pd.DataFrame:
                        channels_last=args.channels_last, compile=args.compile)
     train_data, val_data = _datasets(args)
     if args.task == "detection":
-        from functools import partial
-
         from .detection import DetectionTask
-        from .detectors import build_detection_networks
 
-        cohort = Cohort.build(cfg, device, networks=partial(build_detection_networks, size=args.image_size))
         task = DetectionTask(size=args.image_size)
     else:
-        cohort = Cohort.build(cfg, device)
         task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
+    cohort = Cohort.build(cfg, device, task=task)
     try:
         history = fit_distributed(cohort, task, train_data, val_data, checkpoint_dir=args.out)
         if not _distributed() or dist.get_rank() == 0:

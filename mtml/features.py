@@ -5,7 +5,8 @@ other from the teacher's feature maps, and the students exchange both with each 
 How features are matched is not public; the kit's choices (OURS, all parameters):
 
 * Which maps: classification, the output of the last `feature_levels` stages of the network
-  (`stage_modules`); detection, the first `feature_levels` FPN levels (P3 first: the finest,
+  (`stage_modules`: ResNet layer1-4, DenseNet blocks and the final norm, ShuffleNet stages and
+  conv5, MobileNetV2 blocks, the tiny network's pooled stages); detection, the first `feature_levels` FPN levels (P3 first: the finest,
   where small polyps are), which line up by stride between teacher and students.
 * Adapters: a 1x1 convolution per (student, target network, level) maps the student's channels
   to the target's (FitNets' regressor, Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep
@@ -61,13 +62,18 @@ def stage_modules(model: nn.Module) -> list[nn.Module]:
         return [model.layer1, model.layer2, model.layer3, model.layer4]
     if hasattr(model, "stage4"):  # ShuffleNetV2
         return [model.stage2, model.stage3, model.stage4, model.conv5]
-    if hasattr(model, "features"):  # DenseNet, MobileNetV2
+    if hasattr(model, "features") and hasattr(model.features, "denseblock4"):  # DenseNet
+        return [model.features.denseblock1, model.features.denseblock2, model.features.denseblock3,
+                model.features.norm5]
+    if hasattr(model, "features"):  # MobileNetV2: its blocks, the last one the 1x1 conv before pooling
         return list(model.features.children())
     raise ValueError(f"no feature stages known for {type(model).__name__}")
 
 
 def feature_channels(model: nn.Module, levels: int) -> list[int]:
-    """Channels of the maps `feature_maps` returns, without running the network."""
+    """Channels of the maps `outputs_and_features` returns: the FPN width (detection), or those
+    of one dry forward of a 64 px image through the stages (eval mode, no gradient, no random
+    draw), so concatenating or re-projecting stages are counted as they run."""
     from .task import is_detector
 
     model = getattr(model, "module", model)
@@ -77,21 +83,14 @@ def feature_channels(model: nn.Module, levels: int) -> list[int]:
                          f"{'FPN levels' if is_detector(model) else 'stages'}")
     if is_detector(model):
         return [model.backbone.out_channels] * levels
-    channels, last = {}, None
-    stages = stage_modules(model)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            last = module.out_channels
-        for k, stage in enumerate(stages):
-            if module is stage:
-                channels[k] = _last_conv_channels(stage) or last
-    return [channels[k] for k in range(len(stages))][-levels:]
-
-
-def _last_conv_channels(module: nn.Module) -> int | None:
-    convs = [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
-    bns = [m.num_features for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    return (bns or convs or [None])[-1]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tap(stage_modules(model)[-levels:]) as maps:
+            model(torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+    return [m.shape[1] for m in maps]
 
 
 @contextmanager
@@ -122,14 +121,14 @@ class Adapters(nn.Module):
 
 
 def parse_knowledge(value: str, n_students: int, what: str) -> list[str]:
-    """'predictions', 'features', 'both', or one per student joined by '|' -> one per student."""
+    """'predictions', 'features', 'both', or (n_students > 1) one per student joined by '|' ->
+    one per student."""
     parts = [p.strip() for p in str(value).split("|")]
     if len(parts) == 1:
         parts = parts * n_students
-    bad = [p for p in parts if p not in KNOWLEDGE]
-    if bad or len(parts) != n_students:
-        raise ValueError(f"{what} must be one of {KNOWLEDGE}, or one per student joined by '|' "
-                         f"({n_students} students), got {value!r}")
+    if any(p not in KNOWLEDGE for p in parts) or len(parts) != n_students:
+        per_student = f", or one per student joined by '|' ({n_students} students)" if n_students > 1 else ""
+        raise ValueError(f"{what} must be one of {KNOWLEDGE}{per_student}, got {value!r}")
     return parts
 
 

@@ -13,6 +13,18 @@ own folder. The tables hold exactly the runs of the grid given (never stray reco
 (paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
 `runs/<task>_comparison.png`. A failed run does not stop the others; they are listed at the end
 and the exit status is 1.
+
+Many devices and machines (the grid's runs are independent):
+
+    python -m mtml.reproduce --grid grid.yaml --jobs 4         # 4 runs at once, one GPU each
+    python -m mtml.reproduce --grid grid.yaml --shard 2/8 --runs-dir runs/shard2   # part 2 of 8
+    python -m mtml.reproduce --grid grid.yaml --report --runs-dir runs --collect-from runs/shard*
+
+`--jobs N` starts N worker processes on this machine, each pinned to one GPU
+(`CUDA_VISIBLE_DEVICES`) or, on CPU, to its share of the cores (`OMP_NUM_THREADS`). `--shard K/M`
+runs the K-th of M disjoint parts of the grid (every M-th run, so each part mixes modes and
+seeds), for a scheduler's job array (`docs/slurm_grid.sbatch`); `--report` then collects the
+union of the shards' folders.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -142,18 +155,21 @@ def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False,
     return failed
 
 
-def collect(runs: list[PlannedRun], runs_dir: Path) -> tuple[pd.DataFrame, dict]:
-    """The records of exactly these runs (finished ones), one row each with its folder, and
-    their test units {(version, mode, seed): DataFrame} for bootstrap intervals."""
+def collect(runs: list[PlannedRun], runs_dir: Path, also=()) -> tuple[pd.DataFrame, dict]:
+    """The records of exactly these runs (finished ones, found in `runs_dir` or in the folders
+    `also`, e.g. the shards'), one row each with its folder, and their test units
+    {(version, mode, seed): DataFrame} for bootstrap intervals."""
     from .experiment import UNITS_FILE
     from .report import check_one_run_per_cell
 
     records, units = [], {}
     for run in runs:
-        out_dir = run.out_dir(runs_dir)
-        record = _record(out_dir)
-        if record is None or record.get("spec_hash") != run.spec.hash:
+        found = [d for d in (run.out_dir(root) for root in (runs_dir, *also))
+                 if (_record(d) or {}).get("spec_hash") == run.spec.hash]
+        if not found:
             continue
+        out_dir = found[0]  # one spec hash is one run, wherever it finished
+        record = _record(out_dir)
         records.append({**record, "path": str(out_dir)})
         if (out_dir / UNITS_FILE).is_file():
             units[run.cell] = pd.read_csv(out_dir / UNITS_FILE)
@@ -178,13 +194,14 @@ def _add_external_sets(run: PlannedRun, out_dir: Path, record: dict) -> None:
         print(f"  tested on external sets {[set_name(f) for f in stale]} from its checkpoint")
 
 
-def report(runs: list[PlannedRun], runs_dir: Path, task: str) -> tuple[Path, Path | None]:
-    """Writes the grid's tables and figure; prints the paper-shaped and the paired tables."""
+def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[Path, Path | None]:
+    """Writes the grid's tables and figure into `runs_dir` (from the runs finished there or in
+    the folders `also`); prints the paper-shaped and the paired tables."""
     from .external import set_name
     from .plots import comparison_figure
     from .report import paired_differences, paper_table, sets_in, summarise_sets
 
-    table, units = collect(runs, runs_dir)
+    table, units = collect(runs, runs_dir, also)
     csv = write_csv(runs_dir / f"{task}_results.csv", table, index=False)
     figure = None
     for stale in (runs_dir / f"{task}_paired.csv", runs_dir / f"{task}_comparison.png"):
@@ -250,6 +267,54 @@ def demo(runs_dir: Path, smoke: bool) -> None:
         print(f"\n{kind}:" if paths else f"\n{kind}: none written", *paths, sep="\n  ")
 
 
+def parse_part(text: str, what: str) -> tuple[int, int]:
+    """'K/M' -> (K, M), 1 <= K <= M."""
+    try:
+        k, m = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        k = m = 0
+    if not 1 <= k <= m:
+        raise ValueError(f"{what} takes K/M with 1 <= K <= M (e.g. 2/8), got {text!r}")
+    return k, m
+
+
+def shard(runs: list, k: int, m: int) -> list:
+    """The K-th of M disjoint parts of `runs` (every M-th run, starting at the K-th): the parts
+    cover the grid and never overlap."""
+    return runs[k - 1::m]
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` or `name=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(f"{name}="):
+            out.append(a)
+    return out
+
+
+def _run_jobs(argv: list[str], jobs: int) -> int:
+    """Runs the grid as `jobs` worker processes (`--job j/N`), each pinned to one GPU or to its
+    share of the CPU cores; returns the number of workers that failed."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = []
+    for j in range(1, jobs + 1):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str((j - 1) % gpus)
+        pinned = f"GPU {(j - 1) % gpus}" if gpus else f"{threads} CPU thread(s)"
+        print(f"job {j}/{jobs}: {pinned}", flush=True)
+        procs.append(subprocess.Popen([sys.executable, "-m", "mtml.reproduce", *argv, "--job", f"{j}/{jobs}"], env=env))
+    return sum(proc.wait() != 0 for proc in procs)
+
+
 def _load_grid(path) -> dict:
     import yaml
 
@@ -270,6 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=str(REPO / "runs"))
     p.add_argument("--smoke", action="store_true", help="MTML_SMOKE=1: tiny, fast runs")
     p.add_argument("--demo", action="store_true", help="run every notebook once (make demo)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine, one GPU (or CPU share) each")
+    p.add_argument("--shard", default=None, metavar="K/M", help="run only the K-th of M disjoint parts of the grid")
+    p.add_argument("--report", action="store_true", help="run nothing: collect and report the finished runs")
+    p.add_argument("--collect-from", nargs="+", default=[], metavar="DIR",
+                   help="other runs folders (e.g. the shards') whose finished runs join the report")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     runs_dir = Path(args.runs_dir)
     smoke = args.smoke or os.environ.get("MTML_SMOKE") == "1"
@@ -277,15 +348,36 @@ def main(argv=None) -> int:
         demo(runs_dir, smoke)
         return 0
     extra = parse_parameters(args.param)  # a bad --param: one line, exit 2 (mtml.cli)
+    part = parse_part(args.shard, "--shard") if args.shard else (1, 1)
+    job = parse_part(args.job, "--job") if args.job else None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     grid = _load_grid(args.grid) if args.grid else {}
-    resume = " ".join(["python -m mtml.reproduce", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    failed = []
+    argv = sys.argv[1:] if argv is None else list(argv)
+    resume = " ".join(["python -m mtml.reproduce", *map(shlex.quote, argv)])
+    failed, workers_failed = [], 0
+    if args.jobs > 1 and not args.report and job is None:
+        workers_failed = _run_jobs(_without_option(argv, "--jobs"), args.jobs)
     for task in grid.get("task", [args.task]):
         runs = plan(task, grid.get("modes", args.modes), grid.get("versions", args.versions),
                     grid.get("seeds", args.seeds), {**grid.get("params", [{}])[0], **extra}, smoke)
-        failed += run_grid(runs, runs_dir, smoke, resume_command=resume)
-        csv, figure = report(runs, runs_dir, task)
+        mine = shard(runs, *part)
+        if job is not None:
+            mine = shard(mine, *job)
+        if not args.report and (args.jobs == 1 or job is not None):
+            failed += run_grid(mine, runs_dir, smoke, resume_command=resume)
+        if job is not None:
+            continue  # the parent process reports
+        if part != (1, 1) and not args.report:
+            print(f"shard {part[0]}/{part[1]}: {len(mine)} of {len(runs)} runs in {runs_dir}; collect every "
+                  f"shard with: python -m mtml.reproduce ... --report --collect-from <the shards' runs folders>")
+            continue
+        csv, figure = report(runs, runs_dir, task, [Path(d) for d in args.collect_from])
         print(f"results: {csv}\nfigure: {figure}")
+    if workers_failed:
+        print(f"\n{workers_failed} of {args.jobs} job(s) had failed runs (listed above); run the same command "
+              "again to retry them", file=sys.stderr)
+        return 1
     if failed:
         print(f"\n{len(failed)} run(s) failed (the tables leave them out); run the same command "
               "again to retry them, finished runs are skipped:", file=sys.stderr)

@@ -85,9 +85,12 @@ class Study:
         external = raw.get("external") or []
         if not isinstance(external, list) or not all(isinstance(f, str) for f in external):
             raise ValueError(f"{path}: external must be a list of prepared data folders")
-        claims = tuple(tuple(c) for c in raw.get("claims") or CLAIMS)
-        if any(len(c) != 2 or not set(c) <= set(raw["modes"]) or c[0] == c[1] for c in claims):
-            raise ValueError(f"{path}: claims must be pairs [a, b] of two of the study's modes {raw['modes']}")
+        if "claims" in raw:
+            claims = tuple(tuple(c) for c in raw["claims"] or ())
+            if not claims or any(len(c) != 2 or not set(c) <= set(raw["modes"]) or c[0] == c[1] for c in claims):
+                raise ValueError(f"{path}: claims must be pairs [a, b] of two of the study's modes {raw['modes']}")
+        else:  # the default claims whose modes the study has
+            claims = tuple(c for c in CLAIMS if set(c) <= set(raw["modes"]))
         reuse = raw.get("reuse") or []
         return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
                       "params": raw.get("params", {}), "external": tuple(external), "claims": claims,
@@ -245,7 +248,11 @@ def adopt(study: Study, out: Path) -> int:
         source = RESULTS / other
         table = read_runs(source)
         for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
-            units = pd.read_csv(source / "units" / f"{row['spec_hash']}.csv.gz")
+            units_file = source / "units" / f"{row['spec_hash']}.csv.gz"
+            if not units_file.is_file():  # a row without its test units cannot enter the report
+                print(f"not taken from {other}: run {row['spec_hash']} has no {units_file.name}", file=sys.stderr)
+                continue
+            units = pd.read_csv(units_file)
             append(out, {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}, units)
             taken += 1
     return taken
@@ -339,8 +346,10 @@ def verdicts(runs: pd.DataFrame, metric: str, units: dict | None, claims=CLAIMS)
     return pd.DataFrame(rows)
 
 
-def _count(n: int) -> str:
-    return {1: "one", 2: "two", 3: "three"}.get(n, str(n))
+def _holm_phrase(n: int) -> str:
+    if n == 1:
+        return "p of the paired t-test (one claim: Holm leaves it as it is)"
+    return f"p of the paired t-test, Holm-adjusted over the {({2: 'two', 3: 'three'}).get(n, str(n))} claims"
 
 
 def _pm(mean, half, digits=3) -> str:
@@ -399,7 +408,7 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     too_coarse = decided["detectable"].gt(study.target_difference).any() or decided["detectable"].isna().any()
     lines += ["## Verdicts" + (f" (PROVISIONAL: {len(runs)} of {len(runs) + len(missing)} runs)" if missing else ""), "",
               f"Paired by seed; mean difference of the ensembles' {metric} with its 95% t-interval over seeds; "
-              f"p of the paired t-test, Holm-adjusted over the {_count(len(study.claims))} claims; the 95% bootstrap "
+              f"{_holm_phrase(len(study.claims))}; the 95% bootstrap "
               f"interval over test {'frames' if study.task == 'detection' else 'patients'} (one shared resampling of "
               "the test set, the networks fixed); detectable: the smallest true difference a paired t-test at alpha "
               f"0.05 / {len(study.claims)} "

@@ -94,6 +94,9 @@ class CohortConfig:
         if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.knowledge()  # names a bad knowledge value
+        if self.compile and self.uses_features:
+            raise ValueError("compile=True cannot be combined with feature knowledge (the feature hooks "
+                             "would not fire in a compiled network): turn compile off")
         for name in ("w_ce", "w_kd", "w_ml", "w_feat", "lr", "momentum", "weight_decay", "clip_grad_norm",
                      "distill_warmup_epochs"):
             value = getattr(self, name)
@@ -235,6 +238,7 @@ class Cohort:
             foreach=True)
         self.scheduler = None
         self.steps_per_epoch: int | None = None  # set by fit; the distillation warm-up needs it
+        self.sync_adapter_grads = None  # set by mtml.distributed.wrap_cohort
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
@@ -294,7 +298,7 @@ def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
     teacher_k, peer_k = cfg.knowledge()
     students = [n for n in networks if n.startswith("student_")]
     channels = {n: feature_channels(m, cfg.feature_levels) for n, m in networks.items()}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # every device's stream restored
         torch.manual_seed(cfg.seed * 1000 + 991)
         for i, name in enumerate(students):
             targets = {}
@@ -429,6 +433,8 @@ def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.T
     total, terms = _cohort_losses(cohort, batch, task, step)
     _check_finite(total, terms, step)
     total.backward()
+    if cohort.sync_adapter_grads is not None:  # under DDP (mtml.distributed): the adapters' share
+        cohort.sync_adapter_grads()
     if cohort.cfg.clip_grad_norm > 0:  # one param group per network
         for group in cohort.optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(group["params"], cohort.cfg.clip_grad_norm, foreach=True)
@@ -458,7 +464,8 @@ def _set_rng_state(s: dict) -> None:
 
 def _check_finite_weights(cohort: Cohort, step: int) -> None:
     """Called before each checkpoint, so that a checkpoint never holds NaN or infinite weights."""
-    for name, m in cohort.networks.items():
+    modules = {**cohort.networks, **{f"{name}/adapters": m for name, m in cohort.adapters.items()}}
+    for name, m in modules.items():
         for value in m.state_dict().values():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise NonFiniteLossError(name, "weights", step, float(value[~torch.isfinite(value)][0]))

@@ -78,18 +78,28 @@ def test_fit_shard_trains_on_its_slice_and_only_rank_0_writes(tmp_path):
     assert len(history) == 1 and not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, one_torch_thread):
-    """Same seed, same global batch: 2 gloo ranks (DDP + synced BatchNorm) end where 1 process ends."""
-    single = main(ARGS + ["--out", str(tmp_path / "one")])
+@pytest.mark.parametrize("mode", ["kd_ml", "kd_ml_styles"])
+def test_torchrun_two_processes_match_one_process(tmp_path, one_torch_thread, mode):
+    """Same seed, same global batch: 2 gloo ranks (DDP + synced BatchNorm; the feature adapters'
+    gradients averaged by cohort_step) end where 1 process ends."""
+    args = [*ARGS[:3], mode, *ARGS[4:]]
+    single = main(args + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "-m", "mtml.distributed", *ARGS,
+                          "--nproc_per_node=2", "-m", "mtml.distributed", *args,
                           "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["cohort"]["networks"]
-    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["cohort"]["networks"]
+    one_state = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["cohort"]
+    two_state = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["cohort"]
+    one, two = one_state["networks"], two_state["networks"]
     assert one.keys() == two.keys() == {"teacher", "student_1", "student_2"}
+    if mode == "kd_ml_styles":
+        start = Cohort.build(CohortConfig(mode=mode, seed=3), task=ClassificationTask()).adapters.state_dict()
+        assert one_state["adapters"].keys() == two_state["adapters"].keys() == start.keys()
+        for key, value in one_state["adapters"].items():
+            torch.testing.assert_close(two_state["adapters"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+            assert not torch.equal(value, start[key]), key  # the adapters trained
     start = Cohort.build(CohortConfig(mode="kd_ml", seed=3)).state_dict()["networks"]
     for net in one:
         for key, value in one[net].items():
