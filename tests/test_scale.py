@@ -1,0 +1,60 @@
+"""The reproduction grid on many devices and machines: `--shard K/M` parts are disjoint and cover
+the grid, `--jobs N` gives the same records as one job, and a report collects the shards' folders."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mtml import reproduce
+
+ARGV = ["--task", "classification", "--modes", "kd", "ml", "--seeds", "0", "1", "--smoke",
+        "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
+
+
+@pytest.fixture
+def synthetic_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernels of one job use what --jobs 2 gives each
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7])
+def test_shards_are_disjoint_and_cover_the_grid(m):
+    runs = list(range(17))  # any list of planned runs
+    parts = [reproduce.shard(runs, k, m) for k in range(1, m + 1)]
+    assert sorted(sum(parts, [])) == runs
+    assert all(not set(a) & set(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "2", "a/b", "1/0"])
+def test_bad_parts_are_refused(text):
+    with pytest.raises(ValueError, match="K/M"):
+        reproduce.parse_part(text, "--shard")
+
+
+def _records(folder) -> pd.DataFrame:
+    rows = [json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))]
+    return pd.DataFrame(rows).sort_values(["mode", "seed"]).reset_index(drop=True)
+
+
+def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp_path, synthetic_only):
+    assert reproduce.main([*ARGV, "--runs-dir", str(tmp_path / "one")]) == 0
+    assert reproduce.main([*ARGV, "--jobs", "2", "--runs-dir", str(tmp_path / "two")]) == 0
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    metrics = [c for c in one if "/" in c]
+    assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
+    pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
+    assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
+
+    for k in (1, 2):  # two "machines", each with its own folder
+        assert reproduce.main([*ARGV, "--shard", f"{k}/2", "--runs-dir", str(tmp_path / f"shard{k}")]) == 0
+    sizes = [len(_records(tmp_path / f"shard{k}")) for k in (1, 2)]
+    assert sizes == [2, 2] and not (tmp_path / "shard1" / "classification_results.csv").exists()
+    assert reproduce.main([*ARGV, "--report", "--runs-dir", str(tmp_path / "all"),
+                           "--collect-from", str(tmp_path / "shard1"), str(tmp_path / "shard2")]) == 0
+    table = pd.read_csv(tmp_path / "all" / "classification_results.csv")
+    assert sorted(table["spec_hash"]) == sorted(one["spec_hash"])
+    pd.testing.assert_frame_equal(table.sort_values(["mode", "seed"]).reset_index(drop=True)[metrics], one[metrics])
