@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean-runs
+.PHONY: demo test bench bench-gpu venv clean-runs
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# one table of GPU figures in about 8 minutes on one H100/H200 (bench/results/gpu_check.md)
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 clean-runs:
 	rm -rf runs

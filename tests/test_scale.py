@@ -58,3 +58,18 @@ def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp
     table = pd.read_csv(tmp_path / "all" / "classification_results.csv")
     assert sorted(table["spec_hash"]) == sorted(one["spec_hash"])
     pd.testing.assert_frame_equal(table.sort_values(["mode", "seed"]).reset_index(drop=True)[metrics], one[metrics])
+
+
+def test_the_gpu_check_runs_its_code_path_on_cpu(tmp_path):
+    """bench/gpu_check.py is meant for a GPU; --small runs every row's code on CPU in seconds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", reproduce.REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main(["--device", "cpu", "--small", "--out", str(tmp_path / "gpu.md")])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 9 and (tmp_path / "gpu.md").read_text() == text
+    assert "skipped (compile is CUDA only)" in text and "skipped (no GPU)" in text
+    rates = [float(r.split("|")[2].replace(",", "")) for r in rows if "fp32" in r or "AMP |" in r]
+    assert rates and all(v > 0 for v in rates)

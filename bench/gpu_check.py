@@ -1,0 +1,175 @@
+"""A ready GPU check: one table of what the kit does on one GPU, in about 8 minutes on an H100/H200.
+
+    python bench/gpu_check.py                 # or: make bench-gpu
+    python bench/gpu_check.py --device cpu --small   # the same code path in seconds (CI)
+
+Rows (each: training images/s of the whole cohort step, peak GPU memory):
+  * v1 classification cohort (ResNet-50 teacher + 2 ResNet-18 students, kd_ml, 224 px, batch 64) in
+    fp32, bf16 AMP, AMP + channels_last, AMP + torch.compile;
+  * the v1 detection cohort (FCOS ResNet-50 -> ResNet-18, 512 px, batch 8), fp32 and AMP;
+  * the cohort step against the sum of its networks trained alone (efficiency = sum / cohort);
+  * DDP over the GPUs present (NCCL; one rank is a valid run), through `mtml.distributed`;
+  * projections: one epoch over the real CRC_DX training tiles (93,408) at the best classification
+    rate, and the README's full grid (3 versions x 4 modes x 3 seeds x 30 epochs, v1's rate for all).
+Writes bench/results/gpu_check.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: E402
+from mtml.detection import DetectionTask  # noqa: E402
+
+CRC_DX_TRAIN_TILES = 93_408
+GRID_RUNS, GRID_EPOCHS = 3 * 4 * 3, 30  # the README's full classification grid
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(task, size, n, device):
+    g = torch.Generator().manual_seed(0)
+    if task.name == "classification":
+        items = [{"image": torch.rand(3, size, size, generator=g), "label": int(i % 2)} for i in range(n)]
+    else:
+        items = [{"image": (torch.rand(3, size, size, generator=g) * 255).to(torch.uint8),
+                  "boxes": torch.tensor([[size * 0.2, size * 0.3, size * 0.6, size * 0.7]])} for _ in range(n)]
+    return task.to_device(task.collate(items), device)
+
+
+def rate(task, cfg, size, n, device, steps, warmup) -> tuple[float, float]:
+    """(images/s of cohort_step, peak memory GiB)."""
+    cohort = Cohort.build(cfg, device, task=task)
+    batch = _batch(task, size, n, device)
+    for _ in range(warmup):
+        cohort_step(cohort, batch, task)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        cohort_step(cohort, batch, task)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del cohort
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return steps * n / elapsed, peak
+
+
+def parts_rate(task, cfg, size, n, device, steps, warmup) -> float:
+    """images/s of the cohort's networks each trained alone on the same batch, one after another."""
+    cohort = Cohort.build(cfg, device, task=task)
+    batch = _batch(task, size, n, device)
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9) for k, m in cohort.networks.items()}
+
+    def one_pass():
+        for name, net in cohort.networks.items():
+            optimizers[name].zero_grad(set_to_none=True)
+            task.supervised_loss(task.outputs(net, batch), batch).backward()
+            optimizers[name].step()
+
+    for _ in range(warmup):
+        one_pass()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        one_pass()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
+def ddp_check(args, device) -> str:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if not gpus:
+        return "skipped (no GPU)"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "mtml.distributed", "--version", "v1", "--mode", "kd_ml", "--epochs", "1",
+           "--n-train", str(64 * gpus * 4), "--batch-size", str(64 * gpus), "--image-size", "224",
+           "--out", str(REPO / "runs" / "gpu_check_ddp")]
+    start = time.perf_counter()
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.ddp_timeout)
+    elapsed = time.perf_counter() - start
+    if run.returncode:
+        return f"FAILED ({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode})"
+    return f"{gpus} rank(s), NCCL: 4 steps of batch {64 * gpus} + start-up in {elapsed:.0f} s"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny networks, small images, 2 steps: the code path only")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ddp-timeout", type=int, default=180)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.md"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    version, csize, cbatch, dsize, dbatch = ("tiny", 32, 8, 64, 2) if args.small else ("v1", 224, 64, 512, 8)
+    steps, warmup = (2, 1) if args.small else (args.steps, 3)
+    cls, det = ClassificationTask(2), DetectionTask(size=dsize)
+    rows = []
+
+    def add(what, task, size, n, **speed):
+        channels_last = speed.pop("channels_last", False)
+        task = ClassificationTask(2, channels_last=channels_last) if task.name == "classification" else task
+        cfg = CohortConfig.for_task(task, mode="kd_ml", version=version, channels_last=channels_last, **speed)
+        if cfg.compile and device.type != "cuda":
+            rows.append((what, "skipped (compile is CUDA only)", ""))
+            return None
+        try:
+            images, peak = rate(task, cfg, size, n, device, steps, warmup)
+        except torch.OutOfMemoryError:
+            rows.append((what, "out of memory", ""))
+            return None
+        rows.append((what, f"{images:,.0f}", f"{peak:.1f}" if peak == peak else "-"))
+        return images
+
+    c = f"{version} classification kd_ml, {csize} px, batch {cbatch}"
+    best = [add(f"{c}, fp32", cls, csize, cbatch), add(f"{c}, bf16 AMP", cls, csize, cbatch, amp=True),
+            add(f"{c}, AMP + channels_last", cls, csize, cbatch, amp=True, channels_last=True),
+            add(f"{c}, AMP + compile", cls, csize, cbatch, amp=True, compile=True)]
+    d = f"{version} detection kd_ml, {dsize} px, batch {dbatch}"
+    add(f"{d}, fp32", det, dsize, dbatch)
+    add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
+    cfg = CohortConfig.for_task(cls, mode="kd_ml", version=version)
+    alone = parts_rate(cls, cfg, csize, cbatch, device, steps, warmup)
+    rows.append((f"{c}: networks trained alone, one after another (fp32)", f"{alone:,.0f}", ""))
+    if best[0]:
+        rows.append(("cohort step efficiency (alone time / cohort time)", f"{best[0] / alone:.2f}", ""))
+    rows.append(("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device), ""))
+    top = max((b for b in best if b), default=None)
+    if top and not args.small:
+        epoch_min = CRC_DX_TRAIN_TILES / top / 60
+        rows.append((f"projected: one epoch over the {CRC_DX_TRAIN_TILES:,} CRC_DX training tiles (best rate)",
+                     f"{epoch_min:.1f} min", ""))
+        rows.append((f"projected: the README's grid ({GRID_RUNS} runs x {GRID_EPOCHS} epochs, v1's rate for all)",
+                     f"{GRID_RUNS * GRID_EPOCHS * epoch_min / 60:.0f} GPU-hours", ""))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"GPU check on {name}, torch {torch.__version__} ({'small: code path only' if args.small else 'full'})",
+             "", "| what | images/s (or value) | peak GiB |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {peak} |" for what, value, peak in rows]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
