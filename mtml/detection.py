@@ -54,7 +54,7 @@ class DetectionTask:
         return build_detection_networks(version, n_students, num_classes, pretrained, with_teacher, size=self.size)
 
     def is_own_network(self, model):
-        from .task import is_detector
+        from .detectors import is_detector
 
         return is_detector(model)
 

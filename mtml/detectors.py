@@ -119,6 +119,11 @@ class GlobalCountFCOSHead(FCOSHead):
         return {k: v * scale for k, v in losses.items()}
 
 
+def is_detector(model: nn.Module) -> bool:
+    """Whether `model` is a detector (FCOS) rather than a classifier."""
+    return isinstance(getattr(model, "module", model), FCOS)
+
+
 class DenseFCOS(FCOS):
     """torchvision's FCOS whose `forward(images)` returns the dense outputs used for training,
     distillation and the mean ensemble: `cls_logits` (B, L, C), `bbox_regression` (B, L, 4),

@@ -74,7 +74,7 @@ def feature_channels(model: nn.Module, levels: int) -> list[int]:
     """Channels of the maps `outputs_and_features` returns: the FPN width (detection), or those
     of one dry forward of a 64 px image through the stages (eval mode, no gradient, no random
     draw), so concatenating or re-projecting stages are counted as they run."""
-    from .task import is_detector
+    from .detectors import is_detector
 
     model = getattr(model, "module", model)
     available = len(model.anchor_generator.sizes) if is_detector(model) else len(stage_modules(model))

@@ -15,10 +15,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .train import CohortConfig
 
 SPEC_FORMAT = 1            # bump when the meaning of a field changes
 SPEED_ONLY = ("num_workers",)  # CohortConfig fields that change speed, never results
@@ -62,8 +58,9 @@ class RunSpec:
 KNOWLEDGE_FIELDS = ("teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels")
 
 
-def spec_of(cfg: CohortConfig, task, data: dict | None = None) -> RunSpec:
-    """The spec of a run of `cfg` on `task` with data described by `data`. The knowledge fields
+def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
+    """The spec of a run of `cfg` (a `mtml.train.CohortConfig`; not imported here, which keeps
+    this module below train.py) on `task` with data described by `data`. The knowledge fields
     (added with feature distillation) enter it resolved, and only when some student learns
     features: a predictions-only run keeps the identity it had before they existed."""
     config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}

@@ -57,6 +57,8 @@ class ClassificationTask:
         return build_cohort_networks(version, n_students, num_classes, pretrained, with_teacher)
 
     def is_own_network(self, model):
+        from .detectors import is_detector
+
         return not is_detector(model)
 
     def outputs(self, model, batch):
@@ -111,17 +113,13 @@ class ClassificationTask:
         return evaluate_classification(networks, data, self, batch_size=batch_size, **kw)
 
 
-def is_detector(model: torch.nn.Module) -> bool:
-    from torchvision.models.detection import FCOS
-
-    return isinstance(model, FCOS)
-
-
 def check_networks(task, networks: dict) -> None:
     """ValueError naming the task and the network when a network is not the task's kind (a
     classifier in a detection cohort, or the reverse), before any step runs."""
     if not hasattr(task, "is_own_network"):  # a task of one's own without the check
         return
+    from .detectors import is_detector
+
     for name, model in networks.items():
         if not task.is_own_network(model):
             kind = "detector" if is_detector(model) else "classifier"
