@@ -60,11 +60,14 @@ def _data_dir(args) -> Path:
 
 def kvasir(args) -> None:
     from mtml.download import fetch, file_hash
-    from mtml.polyp import prepare_kvasir
+    from mtml.polyp import kvasir_images, prepare_kvasir
 
     out = _data_dir(args) / "kvasir-seg"
     if args.source:
-        root = _unpack(Path(args.source).expanduser(), out / "raw")
+        source = Path(args.source).expanduser()
+        if source.is_dir() and kvasir_images(source) is None:  # named as given, before anything is copied
+            raise FileNotFoundError(f"no images/ folder under {source}; is this the Kvasir-SEG folder?")
+        root = _unpack(source, out / "raw")
     else:
         archive = fetch(args.url, _data_dir(args) / "downloads", sha256=args.sha256,
                         progress=not args.quiet)
@@ -76,7 +79,7 @@ def kvasir(args) -> None:
 
 
 def cvc(args) -> None:
-    from mtml.polyp import CVC_SEQUENCE_ENDS, prepare_cvc
+    from mtml.polyp import CVC_SEQUENCE_ENDS, cvc_folders, prepare_cvc
 
     try:
         ends = tuple(int(x) for x in args.sequence_ends.split(",")) if args.sequence_ends else CVC_SEQUENCE_ENDS
@@ -85,7 +88,10 @@ def cvc(args) -> None:
     if not ends or list(ends) != sorted(set(ends)) or ends[0] < 1:
         raise ValueError("--sequence-ends must be increasing frame numbers, e.g. 25,50,67,...")
     out = _data_dir(args) / "cvc-clinicdb"
-    root = _unpack(Path(args.source).expanduser(), out / "raw")
+    source = Path(args.source).expanduser()
+    if source.is_dir():
+        cvc_folders(source)  # a wrong folder is named as given, before anything is copied
+    root = _unpack(source, out / "raw")
     frame, report = prepare_cvc(root, out_dir=out, seed=args.split_seed, min_area=args.min_area,
                                 sequence_ends=ends)
     _summary(out, frame, report)

@@ -195,6 +195,11 @@ def _check_split_by(split_by: str) -> None:
         raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
 
 
+def kvasir_images(root) -> Path | None:
+    """The `images/` folder of a Kvasir-SEG copy (depth <= 3), or None."""
+    return _find_dir(Path(root), ("images",))
+
+
 def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0, fractions=(0.8, 0.1, 0.1),
                    min_area: int = 64, split_by: str = "near_duplicates",
                    max_distance: int = MAX_DISTANCE) -> tuple[pd.DataFrame, PrepReport]:
@@ -207,7 +212,7 @@ def prepare_kvasir(root, out_dir=None, boxes: str = "json", seed: int = 0, fract
     old runs can be reproduced."""
     _check_split_by(split_by)
     root = Path(root)
-    images_dir = _find_dir(root, ("images",))
+    images_dir = kvasir_images(root)
     if images_dir is None:
         raise FileNotFoundError(f"no images/ folder under {root}; is this the Kvasir-SEG folder?")
     base = images_dir.parent
