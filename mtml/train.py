@@ -353,7 +353,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
     for i, (out, maps) in enumerate(forwards):
         name = f"student_{i + 1}"
         peers = [j for j in range(len(forwards)) if j != i]
-        sup = task.supervised_loss(out, batch)
+        sup = terms[f"{name}/sup"] = task.supervised_loss(out, batch)  # first: a NaN is named by its first term
         kd = ml = None
         if teacher_out is not None:
             kd = _knowledge_terms(terms, f"{name}/kd", teacher_k[i], cfg.w_feat,
@@ -365,7 +365,6 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
                 lambda: torch.stack([task.distill_loss(out, student_outs[j], cfg.temperature) for j in peers]).mean(),
                 lambda: torch.stack([cohort.adapters[name].loss(f"student_{j + 1}", maps, forwards[j][1])
                                      for j in peers]).mean())
-        terms[f"{name}/sup"] = sup
         loss = student_objective(sup, kd, ml, cfg.w_ce, ramp * cfg.w_kd, ramp * cfg.w_ml)
         terms[f"{name}/loss"] = loss
         total = total + loss
