@@ -79,3 +79,17 @@ def test_reproduce_rejects_bad_grid(tmp_path):
         list(reproduce.grid_runs("segmentation", ["kd"], ["tiny"], [0]))
     with pytest.raises(ValueError):  # the command line shows it in one line (mtml.cli)
         reproduce.main(["--param", "epochs=3", "--runs-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_papermill_reads_every_parameter(path):
+    """papermill infers the parameters cell's names line by line; a line it cannot parse (an '='
+    in a comment, say) makes it warn "Passed unknown parameter" for a perfectly good parameter."""
+    import re
+
+    from papermill.translators import papermill_translators
+
+    cell = nbformat.read(path, as_version=4).cells[1]
+    inferred = {p.name for p in papermill_translators.find_translator("python", "python").inspect(cell)}
+    written = set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", cell.source, re.M)) - {"SMOKE"}  # SMOKE reads the env
+    assert written - inferred == set()
