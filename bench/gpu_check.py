@@ -95,20 +95,26 @@ def parts_rate(task, cfg, size, n, device, steps, warmup) -> float:
     return n / statistics.median(times)
 
 
-def ddp_check(args, device) -> str:
+def ddp_check(args, device, version, size, batch) -> str:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if not gpus:
         return "skipped (no GPU)"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "mtml.distributed", "--version", "v1", "--mode", "kd_ml", "--epochs", "1",
-           "--n-train", str(64 * gpus * 4), "--batch-size", str(64 * gpus), "--image-size", "224",
+           "-m", "mtml.distributed", "--version", version, "--mode", "kd_ml", "--epochs", "1",
+           "--n-train", str(batch * gpus * 4), "--batch-size", str(batch * gpus), "--image-size", str(size),
            "--out", str(REPO / "runs" / "gpu_check_ddp")]
+    log = Path(args.out).with_suffix(".ddp.log")
     start = time.perf_counter()
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.ddp_timeout)
+    try:
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.ddp_timeout)
+    except subprocess.TimeoutExpired as err:
+        log.write_text(f"{err.stdout or ''}\n{err.stderr or ''}")
+        return f"TIMED OUT after {args.ddp_timeout} s (log: {log})"
     elapsed = time.perf_counter() - start
+    log.write_text(run.stdout + "\n" + run.stderr)
     if run.returncode:
-        return f"FAILED ({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode})"
-    return f"{gpus} rank(s), NCCL: 4 steps of batch {64 * gpus} + start-up in {elapsed:.0f} s"
+        return f"FAILED with exit code {run.returncode} (log: {log})"
+    return f"{gpus} rank(s), NCCL: 4 steps of batch {batch * gpus} + start-up in {elapsed:.0f} s"
 
 
 def main(argv=None) -> str:
@@ -120,6 +126,7 @@ def main(argv=None) -> str:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.md"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     version, csize, cbatch, dsize, dbatch = ("tiny", 32, 8, 64, 2) if args.small else ("v1", 224, 64, 512, 8)
     steps, warmup = (2, 1) if args.small else (args.steps, 3)
     cls, det = ClassificationTask(2), DetectionTask(size=dsize)
@@ -152,7 +159,7 @@ def main(argv=None) -> str:
     rows.append((f"{c}: networks trained alone, one after another (fp32)", f"{alone:,.0f}", ""))
     if best[0]:
         rows.append(("cohort step efficiency (alone time / cohort time)", f"{best[0] / alone:.2f}", ""))
-    rows.append(("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device), ""))
+    rows.append(("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device, version, csize, cbatch), ""))
     top = max((b for b in best if b), default=None)
     if top and not args.small:
         epoch_min = CRC_DX_TRAIN_TILES / top / 60
@@ -165,7 +172,6 @@ def main(argv=None) -> str:
              "", "| what | images/s (or value) | peak GiB |", "|---|---|---|"]
     lines += [f"| {what} | {value} | {peak} |" for what, value, peak in rows]
     text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
     return text

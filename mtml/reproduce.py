@@ -136,7 +136,7 @@ def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False,
             print(f"skip (finished): {out_dir}")
             try:
                 _add_external_sets(run, out_dir, record)
-            except (OSError, ValueError) as err:
+            except Exception as err:  # one failed run never stops the grid
                 failed.append((run, f"external sets: {err}"))
                 print(f"FAILED external sets: {out_dir}\n  {err}", file=sys.stderr)
             continue
@@ -297,19 +297,25 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _run_jobs(argv: list[str], jobs: int) -> int:
-    """Runs the grid as `jobs` worker processes (`--job j/N`), each pinned to one GPU or to its
-    share of the CPU cores; returns the number of workers that failed."""
+RESUME_ENV = "MTML_RESUME_COMMAND"
+
+
+def _run_jobs(argv: list[str], jobs: int, resume: str) -> int:
+    """Runs the grid as `jobs` worker processes (`--job j/N`), each pinned to one GPU (one of
+    those this process may use: CUDA_VISIBLE_DEVICES is respected) or to its share of the CPU
+    cores; returns the number of workers that failed."""
     import torch
 
-    gpus = torch.cuda.device_count()
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    gpus = visible or [str(i) for i in range(torch.cuda.device_count())]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     procs = []
     for j in range(1, jobs + 1):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str((j - 1) % gpus)
-        pinned = f"GPU {(j - 1) % gpus}" if gpus else f"{threads} CPU thread(s)"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), RESUME_ENV: resume}
+        if gpus and torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = gpus[(j - 1) % len(gpus)]
+        pinned = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and torch.cuda.is_available() \
+            else f"{threads} CPU thread(s)"
         print(f"job {j}/{jobs}: {pinned}", flush=True)
         procs.append(subprocess.Popen([sys.executable, "-m", "mtml.reproduce", *argv, "--job", f"{j}/{jobs}"], env=env))
     return sum(proc.wait() != 0 for proc in procs)
@@ -345,6 +351,9 @@ def main(argv=None) -> int:
     runs_dir = Path(args.runs_dir)
     smoke = args.smoke or os.environ.get("MTML_SMOKE") == "1"
     if args.demo:
+        if args.jobs != 1 or args.shard or args.report or args.collect_from:
+            raise ValueError("--demo runs every notebook once, in order: it takes no --jobs, --shard, --report "
+                             "or --collect-from")
         demo(runs_dir, smoke)
         return 0
     extra = parse_parameters(args.param)  # a bad --param: one line, exit 2 (mtml.cli)
@@ -354,13 +363,15 @@ def main(argv=None) -> int:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     grid = _load_grid(args.grid) if args.grid else {}
     argv = sys.argv[1:] if argv is None else list(argv)
-    resume = " ".join(["python -m mtml.reproduce", *map(shlex.quote, argv)])
+    # a worker's stuck-cell message names the command the user typed, not the worker's own
+    resume = os.environ.get(RESUME_ENV) or " ".join(["python -m mtml.reproduce", *map(shlex.quote, argv)])
     failed, workers_failed = [], 0
+    grids = {task: plan(task, grid.get("modes", args.modes), grid.get("versions", args.versions),
+                        grid.get("seeds", args.seeds), {**grid.get("params", [{}])[0], **extra}, smoke)
+             for task in grid.get("task", [args.task])}  # planned once, before any worker starts (data too)
     if args.jobs > 1 and not args.report and job is None:
-        workers_failed = _run_jobs(_without_option(argv, "--jobs"), args.jobs)
-    for task in grid.get("task", [args.task]):
-        runs = plan(task, grid.get("modes", args.modes), grid.get("versions", args.versions),
-                    grid.get("seeds", args.seeds), {**grid.get("params", [{}])[0], **extra}, smoke)
+        workers_failed = _run_jobs(_without_option(argv, "--jobs"), args.jobs, resume)
+    for task, runs in grids.items():
         mine = shard(runs, *part)
         if job is not None:
             mine = shard(mine, *job)

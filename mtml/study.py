@@ -241,11 +241,15 @@ def append(out: Path, row: dict, units: pd.DataFrame) -> None:
 def adopt(study: Study, out: Path) -> int:
     """Takes the finished runs of the studies in `study.reuse` whose spec hash this study plans
     (the same run identity: the same computation) into `out`, with their test units; returns how
-    many were taken."""
+    many were taken. They carry only the sets they were tested on: a study that names `external`
+    sets trains its runs itself or tests reused ones with `python -m mtml.external`."""
     planned = {spec_from_parameters(study.task, p).hash for p in study.planned()}
     taken = 0
     for other in study.reuse:
         source = RESULTS / other
+        if not (source / "runs.csv").is_file():
+            raise FileNotFoundError(f"study {study.name} reuses {other!r}, but {source / 'runs.csv'} does not exist: "
+                                    "check the name under reuse:")
         table = read_runs(source)
         for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
             units_file = source / "units" / f"{row['spec_hash']}.csv.gz"

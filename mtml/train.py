@@ -288,8 +288,9 @@ class Cohort:
 
 def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
     """Each student's feature adapters (`mtml.features.Adapters`) towards the networks whose
-    maps it matches; none without feature knowledge. Drawn from their own seed, so the global
-    RNG (and thus every other draw of the run) is the same as without them."""
+    maps it matches; none without feature knowledge. Initialised from their own generator, so no
+    global random stream (CPU or GPU, and thus every other draw of the run) differs from a run
+    without them."""
     from .features import Adapters, feature_channels, uses
 
     adapters = nn.ModuleDict()
@@ -298,8 +299,7 @@ def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
     teacher_k, peer_k = cfg.knowledge()
     students = [n for n in networks if n.startswith("student_")]
     channels = {n: feature_channels(m, cfg.feature_levels) for n, m in networks.items()}
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # every device's stream restored
-        torch.manual_seed(cfg.seed * 1000 + 991)
+    with torch.random.fork_rng(devices=[]):  # the modules' default init draws from the CPU stream: restored
         for i, name in enumerate(students):
             targets = {}
             if teacher_k and uses(teacher_k[i], "features"):
@@ -308,6 +308,12 @@ def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
                 targets.update({peer: channels[peer] for peer in students if peer != name})
             if targets:
                 adapters[name] = Adapters(channels[name], targets)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 991)  # the adapters' own stream
+    for module in adapters.modules():
+        if isinstance(module, nn.Conv2d):  # PyTorch's default Conv2d init, drawn from `generator`
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
     return adapters
 
 
@@ -595,7 +601,7 @@ def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
     """Trains the version's teacher alone on its supervised loss, for the `offline` baseline.
     It starts from the same weights as the online teacher of kd and kd_ml. `data` (the run
     spec's data fingerprint) makes its checkpoint resume only on the same data."""
-    solo = replace(cfg, mode="independent", n_students=1)
+    solo = replace(cfg, mode="independent", n_students=1, teacher_knowledge=AUTO, peer_knowledge=AUTO)
     teacher = build_teacher(cfg, networks)
     seed_everything(cfg.seed)
     cohort = Cohort(solo, None, [teacher], device)

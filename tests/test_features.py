@@ -235,3 +235,23 @@ def test_a_study_without_claims_takes_the_default_claims_its_modes_allow(tmp_pat
     path.write_text(path.read_text() + "claims: [[kd_ml, ml]]\n")
     with pytest.raises(ValueError, match="claims must be pairs"):
         Study.load(path)
+
+
+def test_an_offline_teacher_with_feature_knowledge_pretrains_like_any_other():
+    from mtml import pretrain_teacher
+
+    data = make_separable(16, 16, seed=0)
+    plain = pretrain_teacher(TASK, data, CohortConfig(mode="offline", epochs=1, batch_size=8), progress=False)
+    styled = pretrain_teacher(TASK, data, CohortConfig(mode="offline", teacher_knowledge="features", epochs=1,
+                                                       batch_size=8), progress=False)
+    for a, b in zip(plain.parameters(), styled.parameters()):
+        assert torch.equal(a, b)  # the teacher's own training ignores what students take from it
+
+
+def test_adapters_draw_from_their_own_generator_only():
+    torch.manual_seed(0)
+    Cohort.build(CohortConfig(mode="kd_ml"), task=TASK)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    Cohort.build(CohortConfig(mode="kd_ml_styles"), task=TASK)
+    assert torch.equal(torch.rand(3), after_plain)  # the global stream is where it would be without them
