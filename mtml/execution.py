@@ -40,7 +40,7 @@ BUDGET_S = {
     "06_detection_ml_only": (1200, 60),
     "07_detection_kd_plus_ml": (1200, 60),
     "08_detection_comparison": (900, 120),
-    "09_learning_styles": (600, 120),
+    "09_learning_styles": (900, 240),  # one run, then 2 modes x 3 seeds, like 04
 }
 UNKNOWN_BUDGET_S = (600, 60)
 SAFETY = 4
