@@ -117,6 +117,11 @@ def ddp_check(args, device, version, size, batch) -> str:
     return f"{gpus} rank(s), NCCL: 4 steps of batch {batch * gpus} + start-up in {elapsed:.0f} s"
 
 
+def _rate(images_per_s: float) -> str:
+    """Three significant figures at least: a slow CPU row must not print as 0."""
+    return f"{images_per_s:,.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +149,7 @@ def main(argv=None) -> str:
         except torch.OutOfMemoryError:
             rows.append((what, "out of memory", ""))
             return None
-        rows.append((what, f"{images:,.0f}", f"{peak:.1f}" if peak == peak else "-"))
+        rows.append((what, _rate(images), f"{peak:.1f}" if peak == peak else "-"))
         return images
 
     c = f"{version} classification kd_ml, {csize} px, batch {cbatch}"
@@ -156,7 +161,7 @@ def main(argv=None) -> str:
     add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
     cfg = CohortConfig.for_task(cls, mode="kd_ml", version=version)
     alone = parts_rate(cls, cfg, csize, cbatch, device, steps, warmup)
-    rows.append((f"{c}: networks trained alone, one after another (fp32)", f"{alone:,.0f}", ""))
+    rows.append((f"{c}: networks trained alone, one after another (fp32)", _rate(alone), ""))
     if best[0]:
         rows.append(("cohort step efficiency (alone time / cohort time)", f"{best[0] / alone:.2f}", ""))
     rows.append(("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device, version, csize, cbatch), ""))
