@@ -62,12 +62,17 @@ def set_fingerprint(task_name: str, folder, size: int = 160) -> str:
         return polyp_fingerprint(folder, size)["manifest_sha256"]
     from .parameters import file_fingerprint
 
-    return file_fingerprint(folder if folder.is_file() else folder / "manifest.csv")
+    return file_fingerprint(_manifest(folder))
+
+
+def _manifest(folder: Path) -> Path:
+    """A prepared folder's manifest (or the manifest file given itself)."""
+    return folder if folder.is_file() else folder / "manifest.csv"
 
 
 def _check_kind(task_name: str, folder: Path) -> None:
     """ValueError when a prepared folder is of the other task's kind (frames vs tiles)."""
-    manifest = folder if folder.is_file() else folder / "manifest.csv"
+    manifest = _manifest(folder)
     if not manifest.is_file():
         return  # an unprepared Kvasir-SEG folder (detection) or a missing one: the loader says which
     columns = set(pd.read_csv(manifest, nrows=0).columns)
@@ -88,7 +93,7 @@ def _load_one(task, folder: Path, tile_size: int):
     else:
         from .tiles import TileDataset
 
-        data = TileDataset(folder if folder.is_file() else folder / "manifest.csv", None, size=tile_size, cache=True)
+        data = TileDataset(_manifest(folder), None, size=tile_size, cache=True)
     if len(data) == 0:
         raise ValueError(f"external set {folder} holds no frames or tiles: check the folder")
     return data, {"items": len(data), "source": str(folder.resolve()), "manifest_sha256": digest}
