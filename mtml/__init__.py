@@ -8,8 +8,9 @@ from .losses import kd_loss, mutual_loss, soft_kl, student_objective
 from .train import MODES, Cohort, CohortConfig, NonFiniteLossError, cohort_step, fit, pretrain_teacher, seed_everything
 from .task import ClassificationTask
 
-_SUBMODULES = {"cli", "data", "detection", "distributed", "download", "evaluate", "execution", "experiment", "external", "io",
-               "models", "parameters", "plots", "polyp", "report", "reproduce", "spec", "stats", "synthetic",
+_SUBMODULES = {"cli", "data", "detection", "detection_eval", "distributed", "download", "evaluate",
+               "execution", "experiment", "external", "handout", "io", "models", "parameters",
+               "plots", "polyp", "reading", "report", "reproduce", "spec", "stats", "synthetic",
                "tiles", "widgets"}
 
 

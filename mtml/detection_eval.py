@@ -153,3 +153,10 @@ def operating_point(val_units: pd.DataFrame, test_units: pd.DataFrame, network: 
     row = at.iloc[-1] if len(at) else {"precision": float("nan"), "recall": 0.0, "f1": 0.0}
     return {"op_threshold": threshold, "op_precision": float(row["precision"]),
             "op_recall": float(row["recall"]), "op_f1": float(row["f1"])}
+
+
+def operating_points(val_units: pd.DataFrame, test_units: pd.DataFrame) -> pd.DataFrame:
+    """`operating_point` of every network in `test_units` (index: network)."""
+    names = list(dict.fromkeys(test_units["network"]))
+    return pd.DataFrame([operating_point(val_units, test_units, n) for n in names],
+                        index=pd.Index(names, name="network"))

@@ -79,3 +79,20 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
 
         result.external = external_record(task, cohort.networks, external)
     return result
+
+
+def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, store,
+                         device="cpu", augment=None) -> RunResult:
+    """The baseline of a notebook's run: the same students, seed, data and settings in mode
+    `independent` (no teacher, no peers). Its checkpoint lives in `store/<spec hash>`, so the
+    notebooks sharing `store` train it once and load it after that."""
+    from .parameters import config_from_parameters, spec_from_parameters
+
+    base = {**knobs, "MODE": "independent"}
+    for key in ("TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE"):  # independent students have neither
+        if key in base:
+            base[key] = "auto"
+    spec = spec_from_parameters(task_name, base)
+    return run_cohort(config_from_parameters(base, task_name), task, train, val, test, device=device,
+                      augment=augment, checkpoint_dir=Path(store) / spec.hash, resume=True,
+                      progress=False, spec=spec)

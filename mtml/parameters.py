@@ -31,7 +31,7 @@ FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP
 INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
                   "TRAIN_FRAMES", "EVAL_FRAMES", "FEATURE_LEVELS")
 # knobs that never change what a run computes (tests/test_spec.py checks every other knob is mapped)
-NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC",
+NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC", "BASELINE",
                 "EXTERNAL_DATA_DIRS")  # extra test sets: evaluated after training (mtml.external)
 
 

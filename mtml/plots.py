@@ -103,7 +103,8 @@ def _t_interval(values):
 def draw_detections(data, preds: dict, targets: list[dict], frames=(0, 1, 2), score_threshold=0.3,
                     task=None):
     """A grid: one row per frame, one column per network; ground truth green, predictions red
-    with their score. `preds`, `targets` come from `evaluate(..., return_predictions=True)`."""
+    with their score. `preds`, `targets` come from `evaluate(..., return_predictions=True)`.
+    `score_threshold`: one for all, or {network: threshold} (e.g. each one's operating point)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -111,6 +112,7 @@ def draw_detections(data, preds: dict, targets: list[dict], frames=(0, 1, 2), sc
 
     task = task or DetectionTask()
     names = list(preds)
+    thresholds = score_threshold if isinstance(score_threshold, dict) else dict.fromkeys(names, score_threshold)
     fig, axes = plt.subplots(len(frames), len(names), figsize=(2.4 * len(names), 2.4 * len(frames)),
                              squeeze=False)
     for r, i in enumerate(frames):
@@ -120,12 +122,13 @@ def draw_detections(data, preds: dict, targets: list[dict], frames=(0, 1, 2), sc
             ax.imshow(image)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title(name, fontsize=9)
+                ax.set_title(name if len(set(thresholds.values())) == 1 else f"{name} (>= {thresholds[name]:.2f})",
+                             fontsize=9)
             for x0, y0, x1, y1 in targets[i]["boxes"].tolist():
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
             p = preds[name][i]
             for (x0, y0, x1, y1), s in zip(p["boxes"].tolist(), p["scores"].tolist()):
-                if s >= score_threshold:
+                if s >= thresholds[name]:
                     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=1.2))
                     ax.text(x0, y0, f"{s:.2f}", color="white", fontsize=6, backgroundcolor="red")
     fig.tight_layout()
@@ -179,3 +182,55 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, costs: pd.DataFrame, metric: st
                 for prefix, (model, label, marker) in who.items() if prefix in drawn]
     ax.legend(handles=handles, fontsize=8)
     return ax
+
+
+FLOW_COLORS = {"kd": "tab:blue", "ml": "tab:orange", "label": "0.45"}
+
+
+def knowledge_flows(modes=("independent", "kd", "ml", "kd_ml"), highlight=None, n_students: int = 2):
+    """One small diagram per mode: who learns from whom. Grey arrows: the label's cross-entropy;
+    blue: teacher -> student (KD); orange: student <-> student (ML). `offline` draws the teacher
+    frozen (dashed); `highlight` (a mode) is drawn bold, the others faded."""
+    from matplotlib.patches import FancyArrowPatch
+
+    from .train import MODES, USES_ML, USES_TEACHER
+
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    fig, axes = plt.subplots(1, len(modes), figsize=(2.6 * len(modes), 2.6), squeeze=False)
+    xs = np.linspace(0.2, 0.8, n_students) if n_students > 1 else np.array([0.5])
+    for ax, mode in zip(axes[0], modes):
+        alpha = 1.0 if highlight in (None, mode) else 0.3
+        ax.set(xlim=(-0.05, 1), ylim=(0, 1), xticks=[], yticks=[])
+        ax.set_title(mode, fontweight="bold" if mode == highlight else "normal", alpha=max(alpha, 0.6))
+
+        def node(x, y, text, dashed=False):
+            ax.text(x, y, text, ha="center", va="center", fontsize=8, alpha=alpha,
+                    bbox=dict(boxstyle="round", fc="white", ec="black", ls="--" if dashed else "-"))
+
+        def arrow(a, b, color, both=False, rad=0.0):
+            ax.add_patch(FancyArrowPatch(a, b, arrowstyle="<|-|>" if both else "-|>", mutation_scale=10,
+                                         color=color, lw=1.5, alpha=alpha, shrinkA=14, shrinkB=14,
+                                         connectionstyle=f"arc3,rad={rad}"))
+
+        node(0.5, 0.08, "label y")
+        for i, x in enumerate(xs):
+            node(x, 0.45, f"S{i + 1}")
+            arrow((0.5, 0.08), (x, 0.45), FLOW_COLORS["label"])
+            if mode in USES_TEACHER:
+                arrow((0.5, 0.85), (x, 0.45), FLOW_COLORS["kd"])
+        if mode in USES_TEACHER:
+            node(0.5, 0.85, "teacher\n(frozen)" if mode == "offline" else "teacher", dashed=mode == "offline")
+            if mode != "offline":
+                arrow((0.4, 0.08), (0.4, 0.85), FLOW_COLORS["label"], rad=-0.9)  # the teacher learns the label
+        if mode in USES_ML:
+            for i in range(n_students):
+                for j in range(i + 1, n_students):
+                    arrow((xs[i], 0.45), (xs[j], 0.45), FLOW_COLORS["ml"], both=True, rad=-0.4)
+    handles = [plt.Line2D([], [], color=c, lw=2, label=label) for c, label in
+               ((FLOW_COLORS["label"], "label (cross-entropy)"), (FLOW_COLORS["kd"], "KD: teacher -> student"),
+                (FLOW_COLORS["ml"], "ML: student <-> student"))]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

@@ -98,7 +98,8 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
         unknown = sorted(set(params or {}) - set(defaults))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(defaults)}")
-        resolved = {**defaults, **(params or {}),
+        grid_only = {"BASELINE": False} if "BASELINE" in defaults else {}  # the grid has its own independent runs
+        resolved = {**defaults, **grid_only, **(params or {}),
                     "MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"], "RESUME": True}
         for key in ("SMOKE", "OUT_DIR"):
             resolved.pop(key, None)
@@ -265,6 +266,10 @@ def demo(runs_dir: Path, smoke: bool) -> None:
     for kind, pattern in (("tables", "*/*.csv"), ("figures", "*/*.png")):
         paths = sorted(out.glob(pattern))
         print(f"\n{kind}:" if paths else f"\n{kind}: none written", *paths, sep="\n  ")
+    from .handout import write_handout
+
+    index = write_handout(out)
+    print(f"\nhandout (static HTML copies, open offline): {index}")
 
 
 def parse_part(text: str, what: str) -> tuple[int, int]:

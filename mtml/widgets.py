@@ -1,51 +1,126 @@
 """ipywidgets for the notebooks. Every widget shows its default state at once, so headless runs
-(papermill, nbval) never wait for a click."""
+(papermill, nbval) never wait for a click. Each also carries a static copy of that state in its
+display data (`image/png` of the figure, or a `text/html` note for the form): JupyterLab shows
+the live widget, an offline HTML copy (`mtml.handout`) shows the static one."""
 from __future__ import annotations
 
+import base64
+import html
+import io
+
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from .losses import kd_loss
 from .train import MODES
 
+TEMPERATURES = dict(min=0.5, max=20.0, step=0.5)  # the temperature sliders' range
+WIDE_LABEL = {"description_width": "initial"}     # a slider's whole description, never "temperat..."
 
-def softening_figure(teacher_logits, student_logits, temperature: float, class_names=None):
-    """Teacher and student probabilities at `temperature`, and the KD gradient on the student's
-    logits: d/dz_S [tau^2 KL(p_T^tau || p_S^tau)] = tau (p_S^tau - p_T^tau)."""
+
+def kd_gradient(teacher_logits, student_logits, temperature: float) -> np.ndarray:
+    """d/dz_S [tau^2 KL(p_T^tau || p_S^tau)] = tau (p_S^tau - p_T^tau), one sample."""
     t = torch.as_tensor(teacher_logits, dtype=torch.float64)
     s = torch.as_tensor(student_logits, dtype=torch.float64).clone().requires_grad_(True)
     kd_loss(s[None], t[None], temperature).backward()
+    return s.grad.numpy()
+
+
+def softening_figure(teacher_logits, student_logits, temperature: float, class_names=None,
+                     grad_ylim: float | None = None):
+    """Teacher and student probabilities at `temperature`, and the KD gradient on the student's
+    logits. `grad_ylim`: the gradient panel's y axis is fixed to [-grad_ylim, grad_ylim]
+    (otherwise it fits the bars)."""
+    t = torch.as_tensor(teacher_logits, dtype=torch.float64)
+    s = torch.as_tensor(student_logits, dtype=torch.float64)
     names = class_names or [f"class {k}" for k in range(len(t))]
-    x = torch.arange(len(t)).numpy()
+    x = np.arange(len(t))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     axes[0].bar(x - 0.2, torch.softmax(t / temperature, 0).numpy(), 0.4, label="teacher")
-    axes[0].bar(x + 0.2, torch.softmax(s.detach() / temperature, 0).numpy(), 0.4, label="student")
+    axes[0].bar(x + 0.2, torch.softmax(s / temperature, 0).numpy(), 0.4, label="student")
     axes[0].set(xticks=x, xticklabels=names, ylim=(0, 1), title=f"softmax(z / {temperature:.1f})")
     axes[0].legend()
-    axes[1].bar(x, s.grad.numpy(), color="tab:red")
+    axes[1].bar(x, kd_gradient(t, s, temperature), color="tab:red")
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].set(xticks=x, xticklabels=names, title="KD gradient on the student's logits")
+    if grad_ylim:
+        axes[1].set_ylim(-grad_ylim, grad_ylim)
     fig.tight_layout()
     return fig
 
 
+def _with_static(widget, png: bytes | None = None, note: str | None = None):
+    """`widget`, whose display data also holds `png` (image/png) or `note` (text/html): JupyterLab
+    renders the widget view, a viewer without the live widget (an offline HTML copy) the static
+    one. The widget stays itself (its attributes, inside boxes), only its display data grows."""
+    static = {}
+    if png is not None:
+        static["image/png"] = base64.b64encode(png).decode("ascii")
+    if note is not None:
+        static["text/html"] = f"<p><em>{html.escape(note)}</em></p>"
+    live = widget._repr_mimebundle_  # ipywidgets itself sets this attribute per instance on close()
+    widget._repr_mimebundle_ = lambda **kwargs: {**static, **(live(**kwargs) or {})}
+    return widget
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure_widget(draw, name: str, control):
+    """An `interactive` (its argument `name` set by `control`) redrawing `draw(value) -> Figure`
+    whenever `control` changes, with the figure at the control's first value as its static copy."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    first = []
+
+    def show(**kwargs):
+        fig = draw(kwargs[name])
+        if not first:
+            first.append(_png(fig))
+        display(fig)
+        plt.close(fig)
+
+    ui = w.interactive(show, **{name: control})
+    return _with_static(ui, png=first[0] if first else None)
+
+
 def temperature_explorer(teacher_logits, student_logits, class_names=None, value: float = 4.0):
-    """A slider over the temperature redrawing `softening_figure`."""
+    """A slider over the temperature redrawing `softening_figure`; the gradient panel keeps one
+    y axis over the slider's whole range, so the bars' size changes as tau moves."""
     import ipywidgets as w
 
-    def show(temperature):
-        fig = softening_figure(teacher_logits, student_logits, temperature, class_names)
-        plt.show(fig)
+    taus = np.arange(TEMPERATURES["min"], TEMPERATURES["max"] + TEMPERATURES["step"] / 2, TEMPERATURES["step"])
+    ylim = 1.1 * max(np.abs(kd_gradient(teacher_logits, student_logits, tau)).max() for tau in taus)
+    slider = w.FloatSlider(value=value, **TEMPERATURES, description="temperature",
+                           continuous_update=False, style=WIDE_LABEL)
+    return _figure_widget(lambda tau: softening_figure(teacher_logits, student_logits, tau, class_names, ylim),
+                          "temperature", slider)
 
-    slider = w.FloatSlider(value=value, min=0.5, max=20.0, step=0.5, description="temperature",
-                           continuous_update=False)
-    return w.interactive(show, temperature=slider)
+
+def dropdown_figure(draw, options, description: str = "", value=None):
+    """A dropdown over `options` redrawing `draw(option) -> matplotlib Figure` (return the
+    figure, don't call plt.show)."""
+    import ipywidgets as w
+
+    options = list(options)
+    dropdown = w.Dropdown(options=options, value=options[0] if value is None else value,
+                          description=description, style=WIDE_LABEL)
+    return _figure_widget(draw, "value", dropdown)
+
+
+NAME_ERROR_HINT = "Run the cells above first (the Data cell defines train/val/test)."
 
 
 def cohort_form(run, defaults: dict | None = None):
     """A small form (mode, students, temperature, weights) and a button that calls
     `run(mode=..., n_students=..., temperature=..., w_ce=..., w_kd=..., w_ml=...)` and shows its
-    output below. Nothing runs until the button is pressed."""
+    output below. Nothing runs until the button is pressed; an error shows as one line in the
+    form's output, and the form stays usable."""
     import ipywidgets as w
 
     d = {"mode": "kd_ml", "n_students": 2, "temperature": 4.0, "w_ce": 1.0, "w_kd": 1.0,
@@ -53,8 +128,8 @@ def cohort_form(run, defaults: dict | None = None):
     controls = {
         "mode": w.Dropdown(options=list(MODES), value=d["mode"], description="mode"),
         "n_students": w.IntSlider(value=d["n_students"], min=1, max=6, description="students"),
-        "temperature": w.FloatSlider(value=d["temperature"], min=0.5, max=20, step=0.5,
-                                     description="temperature"),
+        "temperature": w.FloatSlider(value=d["temperature"], **TEMPERATURES, description="temperature",
+                                     style=WIDE_LABEL),
         **{k: w.FloatSlider(value=d[k], min=0, max=5, step=0.1, description=k)
            for k in ("w_ce", "w_kd", "w_ml")},
     }
@@ -66,8 +141,10 @@ def cohort_form(run, defaults: dict | None = None):
         with out:
             try:
                 run(**{k: c.value for k, c in controls.items()})
-            except ValueError as err:  # impossible settings: say why, keep the form usable
-                print(f"cannot run: {err}")
+            except Exception as err:  # say why in one line, keep the form usable (Ctrl-C still stops)
+                message = f"cannot run: {type(err).__name__}: {err}"
+                print(f"{message}. {NAME_ERROR_HINT}" if isinstance(err, NameError) else message)
 
     button.on_click(clicked)
-    return w.VBox([*controls.values(), button, out])
+    return _with_static(w.VBox([*controls.values(), button, out]),
+                        note="interactive form: open the notebook in JupyterLab to train")

@@ -40,6 +40,36 @@ def test_notebook_contract(path):
         assert "\ndef cohort_step" not in c.source and "class Cohort" not in c.source
 
 
+SINGLE_RUNS = ("01_kd_only", "02_ml_only", "03_kd_plus_ml", "05_detection_kd_only", "06_detection_ml_only",
+               "07_detection_kd_plus_ml")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_teaches(path):
+    """Exercises with folded solutions and key takeaways everywhere; in the single-run notebooks
+    the knowledge-flow diagram, the independent baseline and a generated reading of the results;
+    in the comparisons a generated reading and the paper's claim against the committed study."""
+    nb = nbformat.read(path, as_version=4)
+    text = "\n".join(c.source for c in nb.cells)
+    exercises = next(c.source for c in nb.cells if c.source.startswith("## Exercises"))
+    assert exercises.count("<details><summary>Solution</summary>") >= 2
+    assert nb.cells[-1].source.startswith("## Key takeaways")
+    if path.stem in SINGLE_RUNS:
+        assert "knowledge_flows(highlight=MODE" in text and "independent_baseline(" in text
+        assert "## Reading the results" in text and "mtml.reading.read_run(" in text
+        assert "BASELINE = True" in nb.cells[1].source
+    if "comparison" in path.stem:
+        assert "read_verdicts(verdict_table" in text and "## What the paper claims vs what we see" in text
+        assert "**Budget.**" in nb.cells[0].source
+
+
+def test_the_training_form_comes_after_the_data():
+    """Pressing train before the data exist raised NameError inside the widget (notebook 03)."""
+    nb = nbformat.read(next(p for p in NOTEBOOKS if p.stem == "03_kd_plus_ml"), as_version=4)
+    order = [i for i, c in enumerate(nb.cells) for key in ("train, val, test = (", "cohort_form(short_run")
+             if key in c.source]
+    assert len(order) == 2 and order[0] < order[1]
+
 def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
     """A 2 x 2 grid (modes x seeds) in smoke mode: one finite row per run; a second call
     executes nothing."""

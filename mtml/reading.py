@@ -1,0 +1,186 @@
+""""Reading the results": sentences computed from a run's own numbers, so that a notebook's words
+can never contradict its tables. Each function returns plain facts; `reading` joins them into the
+Markdown of a notebook's last results cell."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SMALL_TEST_PATIENTS = 30  # below this, patient-level metrics move in large steps
+
+
+def _students(index) -> list[str]:
+    return [str(n) for n in index if str(n).startswith("student_")]
+
+
+def _both(values) -> str:
+    values = [f"{v:.3f}" for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def premise(history: pd.DataFrame, metric: str) -> dict | None:
+    """The teacher against each student on validation at the last epoch; None without a teacher
+    (or without validation columns). `holds`: the teacher beats every student."""
+    last = history.iloc[-1] if len(history) else None
+    col = f"val/teacher/{metric}"
+    if last is None or col not in history:
+        return None
+    students = {c.split("/")[1]: float(last[c]) for c in history
+                if c.startswith("val/student_") and c.endswith(f"/{metric}")}
+    teacher = float(last[col])
+    return {"teacher": teacher, "students": students, "holds": all(teacher > s for s in students.values())}
+
+
+def paired_spread(runs: pd.DataFrame, spec_hash, mode: str, against: str = "independent",
+                  metric: str = "auroc", min_seeds: int = 3) -> dict | None:
+    """The seed-to-seed spread of the ensemble difference `mode` - `against` among `runs` (a runs
+    table with spec_hash, mode, seed and `ensemble/<metric>`, e.g. a committed study's runs.csv)
+    whose settings equal this run's: `spec_hash(mode, seed)` gives the hash a run with this run's
+    settings has, so only runs of exactly these settings count. None below `min_seeds` pairs."""
+    col = f"ensemble/{metric}"
+    if runs is None or col not in runs or "spec_hash" not in runs:
+        return None
+    by_hash = runs.set_index("spec_hash")[col]
+    diffs = []
+    for seed in sorted(set(runs.loc[runs["mode"] == mode, "seed"])):
+        a, b = spec_hash(mode, int(seed)), spec_hash(against, int(seed))
+        if a in by_hash.index and b in by_hash.index:
+            diffs.append(float(by_hash[a]) - float(by_hash[b]))
+    if len(diffs) < min_seeds:
+        return None
+    diffs = np.array(diffs)
+    return {"sd": float(diffs.std(ddof=1)), "mean": float(diffs.mean()), "seeds": len(diffs)}
+
+
+def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFrame | None = None,
+            baseline: pd.DataFrame | None = None, spread: dict | None = None, spread_source: str = "",
+            patients: int | None = None, unit: str = "tiles") -> str:
+    """The "Reading the results" Markdown of one run: teacher vs students (validation and test),
+    ensemble vs best student, the run vs its independent `baseline` (metrics of the same seed),
+    that difference against the seed-to-seed `spread` (`paired_spread`, from `spread_source`),
+    and a warning when `patients` (test patients) are too few to separate networks."""
+    m = metrics[metric]
+    students = _students(m.index)
+    lines = []
+    fact = premise(history, metric) if history is not None and "teacher" in m.index else None
+    if "teacher" in m.index:
+        if fact is not None:
+            losers = [n for n, v in fact["students"].items() if v >= fact["teacher"]]
+            verdict = ("the teacher is the stronger network, as distillation assumes" if fact["holds"] else
+                       f"the teacher does not beat {', '.join(losers)}: distillation's premise, a stronger "
+                       "teacher, does not hold in this run")
+            lines.append(f"**Teacher vs students.** Validation {metric} at the last epoch: teacher "
+                         f"{fact['teacher']:.3f}, students {_both(fact['students'].values())}; {verdict}.")
+        better = [n for n in students if m[n] >= m["teacher"]]
+        lines.append(f"On the test {unit} the teacher scores {m['teacher']:.3f} and the students "
+                     f"{_both(m[students])}" + (f"; {', '.join(better)} match or beat it." if better else "."))
+    else:
+        lines.append(f"**No teacher.** Mode `{mode}` trains the students without a teacher.")
+    if "ensemble" in m.index and students:
+        best = max(students, key=lambda n: m[n])
+        gain = m["ensemble"] - m[best]
+        lines.append(f"**Ensemble vs best student.** The ensemble scores {m['ensemble']:.3f}, "
+                     + (f"{gain:+.3f} above its best student ({best}, {m[best]:.3f})."
+                        if gain > 0 else f"not above its best student ({best}, {m[best]:.3f}): "
+                        "averaging these students did not help here."))
+    if baseline is not None and mode != "independent":
+        diff = m["ensemble"] - baseline.loc["ensemble", metric]
+        lines.append(f"**Against the baseline.** Independent students of the same seed (no KD, no ML) "
+                     f"reach an ensemble {metric} of {baseline.loc['ensemble', metric]:.3f}; this run's "
+                     + (f"ensemble is {abs(diff):.3f} {'higher' if diff > 0 else 'lower'}." if round(diff, 3)
+                        else "ensemble is the same to three decimals."))
+        if spread is not None:
+            within = abs(diff) <= 2 * spread["sd"]
+            where = ("exactly these settings" if not spread.get("budget") else "these settings but the budget "
+                     + ", ".join(f"{k}={v}" for k, v in spread["budget"].items())
+                     + ", so take it as a rough guide for this run")
+            lines.append(f"**Is it more than seed noise?** Over {spread['seeds']} seeds with {where} "
+                         f"({spread_source}) the difference {mode} - independent varied with a "
+                         f"standard deviation of {spread['sd']:.3f} (mean {spread['mean']:+.3f}). This run's "
+                         f"{diff:+.3f} is " + ("within two standard deviations of zero: one seed cannot tell "
+                         "it from noise." if within else "beyond two standard deviations, but it is still "
+                         "one seed.") + " Compare modes over seeds (notebooks 04 and 08).")
+        else:
+            lines.append("**Is it more than seed noise?** Not measured for these settings: no runs over "
+                         "several seeds share them. One seed cannot separate a real difference from seed "
+                         "noise; notebooks 04 and 08 compare modes over seeds with intervals.")
+    if patients is not None and patients < SMALL_TEST_PATIENTS and "patient_accuracy" in metrics:
+        right = (metrics["patient_accuracy"] * patients).round().astype(int)
+        same = right.nunique() == 1
+        lines.append(f"**A small test set.** {patients} test patients: patient accuracy moves in steps of "
+                     f"1/{patients} = {1 / patients:.3f}" + (f", and every network gets {right.iloc[0]} of "
+                     f"{patients} right, so it cannot separate them here." if same else
+                     f"; the networks get {' to '.join(str(k) for k in (right.min(), right.max()))} of "
+                     f"{patients} right (one or two patients apart is noise)."))
+    return "\n\n".join(lines)
+
+
+def committed_spread(study: str, knobs: dict, task_name: str, mode: str, metric: str,
+                     budget_keys=("EPOCHS", "TRAIN_FRAMES", "EVAL_FRAMES")) -> dict | None:
+    """`paired_spread` of `mode` against independent students among the runs of the kit's
+    committed study `study` (docs/results/<study>/runs.csv) that have exactly `knobs`' settings;
+    failing that, with the study's own `budget_keys` values and every other setting of `knobs`
+    (then `budget` in the result names the study's values)."""
+    from .parameters import spec_from_parameters
+    from .study import REPO, RESULTS, Study
+
+    path = RESULTS / study / "runs.csv"
+    if mode == "independent" or not path.is_file():
+        return None
+    runs = pd.read_csv(path)
+    tries = [{}]
+    study_file = REPO / "studies" / f"{study}.yaml"
+    if study_file.is_file():
+        params = Study.load(study_file).params
+        budget = {k: params[k] for k in budget_keys if k in params and k in knobs and params[k] != knobs[k]}
+        if budget:
+            tries.append(budget)
+    for budget in tries:
+        hash_of = lambda m, seed: spec_from_parameters(  # noqa: E731
+            task_name, {**knobs, **budget, "MODE": m, "SEED": seed}).hash
+        spread = paired_spread(runs, hash_of, mode, metric=metric)
+        if spread is not None:
+            return {**spread, "budget": budget}
+    return None
+
+
+def read_run(result, metric: str, mode: str, knobs: dict, task_name: str, *, baseline=None,
+             study: str | None = None, patients: int | None = None, unit: str = "tiles") -> str:
+    """`reading` of a notebook's `RunResult` (and its independent `baseline` RunResult), with the
+    seed spread taken from the committed `study` when it holds runs of exactly these settings."""
+    spread = committed_spread(study, knobs, task_name, mode, metric) if study else None
+    return reading(result.metrics, metric, mode, history=result.history,
+                   baseline=None if baseline is None else baseline.metrics, spread=spread,
+                   spread_source=f"the kit's committed study docs/results/{study}", patients=patients, unit=unit)
+
+
+def read_verdicts(verdicts: pd.DataFrame, metric: str) -> str:
+    """One sentence per claim of a verdict table (`mtml.study.verdicts`), in the study's words."""
+    lines = []
+    for r in verdicts.itertuples():
+        if not r.seeds:
+            lines.append(f"**{r.claim}:** not tested (a mode is missing).")
+            continue
+        boot = (f", bootstrap 95% over test units [{r.boot_lo:+.3f}, {r.boot_hi:+.3f}]"
+                if np.isfinite(r.boot_lo) else "")
+        meaning = {"confirmed": "the difference is positive beyond these seeds' noise",
+                   "refuted": "the difference is negative beyond these seeds' noise: the claim does not hold here",
+                   "inconclusive": "these seeds cannot tell the modes apart"}[r.verdict]
+        detect = f"; only differences above about {r.detectable:.3f} were detectable" if np.isfinite(r.detectable) else ""
+        lines.append(f"**{r.claim}:** {r.mean:+.3f} {metric} (± {r.ci95:.3f}, 95% t-interval over {r.seeds} "
+                     f"seeds; Holm p {r.p_holm:.3f}{boot}): *{r.verdict}*, {meaning}{detect}.")
+    return "\n\n".join(lines)
+
+
+def read_teachers(summary: pd.DataFrame) -> str:
+    """Teacher against the students' mean per mode over seeds (`mtml.report.summarise`)."""
+    rows = summary.dropna(subset=["teacher_mean"]) if "teacher_mean" in summary else summary.iloc[:0]
+    if rows.empty:
+        return "**Teacher vs students.** No mode here has a teacher."
+    parts = [f"{r.mode}: teacher {r.teacher_mean:.3f} vs students {r.students_mean_mean:.3f}"
+             for r in rows.itertuples()]
+    beaten = [r.mode for r in rows.itertuples() if r.teacher_mean <= r.students_mean_mean]
+    return ("**Teacher vs students (test, mean over seeds).** " + "; ".join(parts) + ". "
+            + (f"In {', '.join(beaten)} the students' mean matches or beats the teacher: distillation's "
+               "premise, a stronger teacher, does not hold there." if beaten else
+               "The teacher is ahead in every mode, as distillation assumes."))

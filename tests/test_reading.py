@@ -1,0 +1,110 @@
+"""The generated "Reading the results" text and the knowledge-flow diagram."""
+import matplotlib
+import pandas as pd
+import pytest
+
+from mtml.reading import paired_spread, premise, reading
+
+matplotlib.use("Agg")
+
+
+def table(**networks):
+    return pd.DataFrame({"auroc": networks}).rename_axis("network")
+
+
+def history(teacher, s1, s2):
+    return pd.DataFrame({"epoch": [1, 2], "val/teacher/auroc": [0.5, teacher],
+                         "val/student_1/auroc": [0.5, s1], "val/student_2/auroc": [0.5, s2]})
+
+
+def test_premise_reads_the_last_epoch():
+    assert premise(history(0.9, 0.8, 0.85), "auroc")["holds"]
+    fact = premise(history(0.8, 0.7, 0.81), "auroc")
+    assert not fact["holds"] and fact["students"] == {"student_1": 0.7, "student_2": 0.81}
+    assert premise(pd.DataFrame({"epoch": [1], "val/student_1/auroc": [0.5]}), "auroc") is None
+
+
+def test_reading_names_a_student_that_beats_the_teacher():
+    m = table(teacher=0.79, student_1=0.75, student_2=0.80, ensemble=0.78)
+    text = reading(m, "auroc", "kd", history=history(0.77, 0.70, 0.81))
+    assert "does not beat student_2" in text and "premise" in text
+    assert "student_2 match or beat it" in text  # test split too
+    assert "not above its best student (student_2, 0.800)" in text
+    assert "stronger network" not in text
+
+
+def test_reading_when_the_premise_holds_and_the_ensemble_helps():
+    m = table(teacher=0.9, student_1=0.75, student_2=0.80, ensemble=0.82)
+    text = reading(m, "auroc", "kd_ml", history=history(0.9, 0.7, 0.8))
+    assert "the teacher is the stronger network" in text
+    assert "+0.020 above its best student (student_2, 0.800)" in text
+
+
+def test_reading_compares_with_the_baseline_against_the_spread():
+    m = table(student_1=0.75, student_2=0.80, ensemble=0.79)
+    base = table(student_1=0.7, student_2=0.74, ensemble=0.75)
+    noisy = reading(m, "auroc", "ml", baseline=base, spread={"sd": 0.03, "mean": 0.01, "seeds": 5},
+                    spread_source="study x")
+    assert "No teacher" in noisy and "0.040 higher" in noisy
+    assert "5 seeds" in noisy and "study x" in noisy and "within two standard deviations" in noisy
+    clear = reading(m, "auroc", "ml", baseline=base, spread={"sd": 0.01, "mean": 0.04, "seeds": 5})
+    assert "beyond two standard deviations" in clear
+    unknown = reading(m, "auroc", "ml", baseline=base)
+    assert "Not measured for these settings" in unknown
+    assert "Against the baseline" not in reading(m, "auroc", "independent", baseline=base)
+
+
+def test_reading_warns_about_a_small_test_set():
+    m = table(teacher=0.8, student_1=0.7, student_2=0.75, ensemble=0.76)
+    m["patient_accuracy"] = 11 / 14
+    text = reading(m, "auroc", "kd", patients=14)
+    assert "every network gets 11 of 14 right" in text and "1/14 = 0.071" in text
+    m.loc["student_1", "patient_accuracy"] = 8 / 14
+    assert "get 8 to 11 of 14 right" in reading(m, "auroc", "kd", patients=14)
+    assert "small test set" not in reading(m, "auroc", "kd", patients=40)
+
+
+def test_paired_spread_counts_only_runs_with_these_settings():
+    runs = pd.DataFrame({
+        "spec_hash": ["kd0", "in0", "kd1", "in1", "kd2", "in2", "other-kd3", "in3"],
+        "mode": ["kd", "independent"] * 4, "seed": [0, 0, 1, 1, 2, 2, 3, 3],
+        "ensemble/auroc": [0.8, 0.7, 0.75, 0.75, 0.9, 0.8, 0.1, 0.9]})
+    spread = paired_spread(runs, lambda mode, seed: f"{mode[:2]}{seed}", "kd")
+    assert spread["seeds"] == 3  # seed 3's kd run has other settings
+    assert spread["mean"] == pytest.approx((0.1 + 0.0 + 0.1) / 3)
+    assert spread["sd"] == pytest.approx(pd.Series([0.1, 0.0, 0.1]).std())
+    assert paired_spread(runs, lambda mode, seed: f"{mode[:2]}{seed}", "kd", min_seeds=4) is None
+
+
+def test_the_committed_synthetic_study_matches_the_classification_defaults():
+    """Notebooks 01-03 read their seed spread from the committed study: it must hold runs of
+    exactly their default settings (if this fails, the defaults changed: rerun the study)."""
+    from mtml.parameters import notebook_defaults, spec_from_parameters
+    from mtml.study import RESULTS
+
+    runs = pd.read_csv(RESULTS / "synthetic_tiny_cpu" / "runs.csv")
+    knobs = notebook_defaults("notebooks/01_kd_only.ipynb")
+    hash_of = lambda mode, seed: spec_from_parameters("classification", {**knobs, "MODE": mode, "SEED": seed}).hash  # noqa: E731
+    for mode in ("kd", "ml", "kd_ml"):
+        assert paired_spread(runs, hash_of, mode)["seeds"] == 5
+
+
+@pytest.mark.parametrize("mode,arrows", [("independent", 2), ("kd", 5), ("ml", 3), ("kd_ml", 6), ("offline", 4)])
+def test_knowledge_flows_draws_each_modes_arrows(mode, arrows):
+    from matplotlib.patches import FancyArrowPatch
+
+    from mtml.plots import knowledge_flows
+
+    fig = knowledge_flows((mode,), highlight=mode)
+    assert sum(isinstance(p, FancyArrowPatch) for p in fig.axes[0].patches) == arrows
+    with pytest.raises(ValueError, match="unknown mode"):
+        knowledge_flows(("kd", "nope"))
+
+
+def test_grid_runs_skip_the_notebooks_baseline():
+    """A reproduction grid trains independent runs itself: its notebooks do not train a baseline too."""
+    from mtml.reproduce import plan
+
+    runs = plan("classification", ["kd", "ml"], ["tiny"], [0])
+    assert [r.parameters["BASELINE"] for r in runs] == [False, False]
+    assert plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": True})[0].parameters["BASELINE"] is True
