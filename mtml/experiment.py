@@ -82,10 +82,11 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
 
 
 def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, store,
-                         device="cpu", augment=None) -> RunResult:
+                         device="cpu", augment=None, resume: bool = True) -> RunResult:
     """The baseline of a notebook's run: the same students, seed, data and settings in mode
     `independent` (no teacher, no peers). Its checkpoint lives in `store/<spec hash>`, so the
-    notebooks sharing `store` train it once and load it after that."""
+    notebooks sharing `store` train it once and load it after that (`resume=False` trains it
+    again, as the notebook's RESUME does for its own run)."""
     from .parameters import config_from_parameters, spec_from_parameters
 
     base = {**knobs, "MODE": "independent"}
@@ -94,5 +95,5 @@ def independent_baseline(knobs: dict, task_name: str, task, train, val, test=Non
             base[key] = "auto"
     spec = spec_from_parameters(task_name, base)
     return run_cohort(config_from_parameters(base, task_name), task, train, val, test, device=device,
-                      augment=augment, checkpoint_dir=Path(store) / spec.hash, resume=True,
+                      augment=augment, checkpoint_dir=Path(store) / spec.hash, resume=resume,
                       progress=False, spec=spec)

@@ -122,7 +122,12 @@ def write_handout(folder: Path) -> Path:
     mathjax = copy_mathjax(folder / MATHJAX)
     links = []
     for notebook in notebooks:
-        title, body = notebook_html(notebook, mathjax / "MathJax.js")
+        try:
+            title, body = notebook_html(notebook, mathjax / "MathJax.js")
+        except Exception as err:  # one unreadable notebook never costs the others their pages
+            links.append(f"  <li>{html.escape(notebook.stem)}: no HTML copy ({html.escape(type(err).__name__)}: "
+                         f"{html.escape(str(err))})</li>")
+            continue
         page = notebook.with_suffix(".html")
         page.write_text(body, encoding="utf-8")
         links.append(f'  <li><a href="{html.escape(page.relative_to(folder).as_posix())}">'

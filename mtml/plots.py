@@ -122,8 +122,10 @@ def draw_detections(data, preds: dict, targets: list[dict], frames=(0, 1, 2), sc
             ax.imshow(image)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title(name if len(set(thresholds.values())) == 1 else f"{name} (>= {thresholds[name]:.2f})",
-                             fontsize=9)
+                t = thresholds[name]
+                shared = len({round(v, 6) for v in thresholds.values() if np.isfinite(v)}) <= 1
+                ax.set_title(name if shared and np.isfinite(t) else
+                             f"{name} (>= {t:.2f})" if np.isfinite(t) else f"{name} (no val detection)", fontsize=9)
             for x0, y0, x1, y1 in targets[i]["boxes"].tolist():
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5))
             p = preds[name][i]
@@ -195,6 +197,7 @@ def knowledge_flows(modes=("independent", "kd", "ml", "kd_ml"), highlight=None, 
 
     from .train import MODES, USES_ML, USES_TEACHER
 
+    modes = list(modes) + ([highlight] if highlight is not None and highlight not in modes else [])
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")

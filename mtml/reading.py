@@ -18,17 +18,30 @@ def _both(values) -> str:
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
 
 
+def _r(x) -> float:
+    """The value as the reading prints it (3 decimals): every comparison uses it, so a sentence
+    never says "higher" of two numbers it prints equal."""
+    x = float(x)
+    return round(x, 3) if np.isfinite(x) else float("nan")
+
+
+def _ok(*values) -> bool:
+    return all(np.isfinite(v) for v in values)
+
+
 def premise(history: pd.DataFrame, metric: str) -> dict | None:
-    """The teacher against each student on validation at the last epoch; None without a teacher
-    (or without validation columns). `holds`: the teacher beats every student."""
+    """The teacher against each student on validation at the last epoch (3 decimals); None
+    without a teacher or validation columns. `holds`: the teacher beats every student; None when
+    a value is missing (NaN)."""
     last = history.iloc[-1] if len(history) else None
     col = f"val/teacher/{metric}"
     if last is None or col not in history:
         return None
-    students = {c.split("/")[1]: float(last[c]) for c in history
+    students = {c.split("/")[1]: _r(last[c]) for c in history
                 if c.startswith("val/student_") and c.endswith(f"/{metric}")}
-    teacher = float(last[col])
-    return {"teacher": teacher, "students": students, "holds": all(teacher > s for s in students.values())}
+    teacher = _r(last[col])
+    holds = all(teacher > v for v in students.values()) if _ok(teacher, *students.values()) else None
+    return {"teacher": teacher, "students": students, "holds": holds}
 
 
 def paired_spread(runs: pd.DataFrame, spec_hash, mode: str, against: str = "independent",
@@ -36,20 +49,25 @@ def paired_spread(runs: pd.DataFrame, spec_hash, mode: str, against: str = "inde
     """The seed-to-seed spread of the ensemble difference `mode` - `against` among `runs` (a runs
     table with spec_hash, mode, seed and `ensemble/<metric>`, e.g. a committed study's runs.csv)
     whose settings equal this run's: `spec_hash(mode, seed)` gives the hash a run with this run's
-    settings has, so only runs of exactly these settings count. None below `min_seeds` pairs."""
+    settings has, so only runs of exactly these settings count (a hash recorded twice: the last
+    record). None below `min_seeds` pairs."""
     col = f"ensemble/{metric}"
     if runs is None or col not in runs or "spec_hash" not in runs:
         return None
-    by_hash = runs.set_index("spec_hash")[col]
+    by_hash = runs.drop_duplicates("spec_hash", keep="last").set_index("spec_hash")[col]
     diffs = []
     for seed in sorted(set(runs.loc[runs["mode"] == mode, "seed"])):
         a, b = spec_hash(mode, int(seed)), spec_hash(against, int(seed))
-        if a in by_hash.index and b in by_hash.index:
+        if a in by_hash.index and b in by_hash.index and _ok(by_hash[a], by_hash[b]):
             diffs.append(float(by_hash[a]) - float(by_hash[b]))
     if len(diffs) < min_seeds:
         return None
     diffs = np.array(diffs)
     return {"sd": float(diffs.std(ddof=1)), "mean": float(diffs.mean()), "seeds": len(diffs)}
+
+
+def _budget(budget: dict) -> str:
+    return ", ".join(f"{k}={'all' if v is None else v}" for k, v in budget.items())
 
 
 def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFrame | None = None,
@@ -58,15 +76,17 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
     """The "Reading the results" Markdown of one run: teacher vs students (validation and test),
     ensemble vs best student, the run vs its independent `baseline` (metrics of the same seed),
     that difference against the seed-to-seed `spread` (`paired_spread`, from `spread_source`),
-    and a warning when `patients` (test patients) are too few to separate networks."""
-    m = metrics[metric]
+    and a warning when `patients` (test patients) are too few to separate networks. Values are
+    compared as printed (3 decimals); a missing value (NaN) is said to be missing."""
+    m = metrics[metric].map(_r)
     students = _students(m.index)
     lines = []
     fact = premise(history, metric) if history is not None and "teacher" in m.index else None
     if "teacher" in m.index:
         if fact is not None:
             losers = [n for n, v in fact["students"].items() if v >= fact["teacher"]]
-            verdict = ("the teacher is the stronger network, as distillation assumes" if fact["holds"] else
+            verdict = ("a value is missing (NaN), so the premise cannot be checked" if fact["holds"] is None else
+                       "the teacher is the stronger network, as distillation assumes" if fact["holds"] else
                        f"the teacher does not beat {', '.join(losers)}: distillation's premise, a stronger "
                        "teacher, does not hold in this run")
             lines.append(f"**Teacher vs students.** Validation {metric} at the last epoch: teacher "
@@ -76,26 +96,32 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
                      f"{_both(m[students])}" + (f"; {', '.join(better)} match or beat it." if better else "."))
     else:
         lines.append(f"**No teacher.** Mode `{mode}` trains the students without a teacher.")
-    if "ensemble" in m.index and students:
+    if "ensemble" in m.index and len(students) > 1 and _ok(m["ensemble"], *m[students]):
         best = max(students, key=lambda n: m[n])
-        gain = m["ensemble"] - m[best]
+        gain = _r(m["ensemble"] - m[best])
         lines.append(f"**Ensemble vs best student.** The ensemble scores {m['ensemble']:.3f}, "
-                     + (f"{gain:+.3f} above its best student ({best}, {m[best]:.3f})."
+                     + (f"{gain:+.3f} above its best student ({best}, {m[best]:.3f}), in this one run."
                         if gain > 0 else f"not above its best student ({best}, {m[best]:.3f}): "
                         "averaging these students did not help here."))
     if baseline is not None and mode != "independent":
-        diff = m["ensemble"] - baseline.loc["ensemble", metric]
+        base = _r(baseline.loc["ensemble", metric])
+        diff = _r(m["ensemble"] - base)
+        if not _ok(diff):
+            lines.append(f"**Against the baseline.** Not available: an ensemble {metric} is missing (NaN).")
+            return "\n\n".join(lines + _small_test_set(metrics, patients))
         lines.append(f"**Against the baseline.** Independent students of the same seed (no KD, no ML) "
-                     f"reach an ensemble {metric} of {baseline.loc['ensemble', metric]:.3f}; this run's "
-                     + (f"ensemble is {abs(diff):.3f} {'higher' if diff > 0 else 'lower'}." if round(diff, 3)
-                        else "ensemble is the same to three decimals."))
-        if spread is not None:
+                     f"reach an ensemble {metric} of {base:.3f}; this run's ensemble is "
+                     + (f"{abs(diff):.3f} {'higher' if diff > 0 else 'lower'}." if diff else "the same to three decimals."))
+        if spread is not None and spread.get("budget"):  # another budget: context, no verdict
+            lines.append(f"**Is it more than seed noise?** Not measured at this run's budget. For scale: at "
+                         f"{_budget(spread['budget'])} ({spread_source}) the difference {mode} - independent "
+                         f"varied over {spread['seeds']} seeds with a standard deviation of {spread['sd']:.3f} "
+                         f"(mean {spread['mean']:+.3f}); a run with less data can vary more. One seed cannot "
+                         "separate a real difference from seed noise: notebooks 04 and 08 compare over seeds.")
+        elif spread is not None:
             within = abs(diff) <= 2 * spread["sd"]
-            where = ("exactly these settings" if not spread.get("budget") else "these settings but the budget "
-                     + ", ".join(f"{k}={v}" for k, v in spread["budget"].items())
-                     + ", so take it as a rough guide for this run")
-            lines.append(f"**Is it more than seed noise?** Over {spread['seeds']} seeds with {where} "
-                         f"({spread_source}) the difference {mode} - independent varied with a "
+            lines.append(f"**Is it more than seed noise?** Over {spread['seeds']} seeds with exactly these "
+                         f"settings ({spread_source}) the difference {mode} - independent varied with a "
                          f"standard deviation of {spread['sd']:.3f} (mean {spread['mean']:+.3f}). This run's "
                          f"{diff:+.3f} is " + ("within two standard deviations of zero: one seed cannot tell "
                          "it from noise." if within else "beyond two standard deviations, but it is still "
@@ -104,15 +130,21 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
             lines.append("**Is it more than seed noise?** Not measured for these settings: no runs over "
                          "several seeds share them. One seed cannot separate a real difference from seed "
                          "noise; notebooks 04 and 08 compare modes over seeds with intervals.")
-    if patients is not None and patients < SMALL_TEST_PATIENTS and "patient_accuracy" in metrics:
-        right = (metrics["patient_accuracy"] * patients).round().astype(int)
-        same = right.nunique() == 1
-        lines.append(f"**A small test set.** {patients} test patients: patient accuracy moves in steps of "
-                     f"1/{patients} = {1 / patients:.3f}" + (f", and every network gets {right.iloc[0]} of "
-                     f"{patients} right, so it cannot separate them here." if same else
-                     f"; the networks get {' to '.join(str(k) for k in (right.min(), right.max()))} of "
-                     f"{patients} right (one or two patients apart is noise)."))
-    return "\n\n".join(lines)
+    return "\n\n".join(lines + _small_test_set(metrics, patients))
+
+
+def _small_test_set(metrics: pd.DataFrame, patients: int | None) -> list[str]:
+    if patients is None or patients >= SMALL_TEST_PATIENTS or "patient_accuracy" not in metrics:
+        return []
+    right = (metrics["patient_accuracy"] * patients).round()
+    if not right.notna().all():
+        return []
+    right = right.astype(int)
+    return [f"**A small test set.** {patients} test patients: patient accuracy moves in steps of "
+            f"1/{patients} = {1 / patients:.3f}" + (f", and every network gets {right.iloc[0]} of "
+            f"{patients} right, so it cannot separate them here." if right.nunique() == 1 else
+            f"; the networks get {right.min()} to {right.max()} of {patients} right (a difference of one "
+            "or two patients can be luck).")]
 
 
 def committed_spread(study: str, knobs: dict, task_name: str, mode: str, metric: str,
@@ -163,12 +195,20 @@ def read_verdicts(verdicts: pd.DataFrame, metric: str) -> str:
             continue
         boot = (f", bootstrap 95% over test units [{r.boot_lo:+.3f}, {r.boot_hi:+.3f}]"
                 if np.isfinite(r.boot_lo) else "")
-        meaning = {"confirmed": "the difference is positive beyond these seeds' noise",
-                   "refuted": "the difference is negative beyond these seeds' noise: the claim does not hold here",
-                   "inconclusive": "these seeds cannot tell the modes apart"}[r.verdict]
+        if r.verdict == "confirmed":
+            meaning = "positive beyond the noise of these seeds and of the test sample"
+        elif r.verdict == "refuted":
+            meaning = "negative beyond the noise of these seeds and of the test sample: the claim does not hold here"
+        elif r.p_holm < 0.05:
+            meaning = ("the seeds agree, but " + ("the bootstrap interval over the test set includes 0"
+                       if np.isfinite(r.boot_lo) else "this metric has no bootstrap interval over the test set"))
+        else:
+            meaning = "these seeds cannot tell the modes apart"
+        spread = f" (± {r.ci95:.3f}, 95% t-interval over {r.seeds} seeds" if np.isfinite(r.ci95) else \
+            f" ({r.seeds} seed, no interval"
         detect = f"; only differences above about {r.detectable:.3f} were detectable" if np.isfinite(r.detectable) else ""
-        lines.append(f"**{r.claim}:** {r.mean:+.3f} {metric} (± {r.ci95:.3f}, 95% t-interval over {r.seeds} "
-                     f"seeds; Holm p {r.p_holm:.3f}{boot}): *{r.verdict}*, {meaning}{detect}.")
+        lines.append(f"**{r.claim}:** {r.mean:+.3f} {metric}{spread}; Holm p {r.p_holm:.3f}{boot}): "
+                     f"*{r.verdict}*, {meaning}{detect}.")
     return "\n\n".join(lines)
 
 
@@ -179,7 +219,7 @@ def read_teachers(summary: pd.DataFrame) -> str:
         return "**Teacher vs students.** No mode here has a teacher."
     parts = [f"{r.mode}: teacher {r.teacher_mean:.3f} vs students {r.students_mean_mean:.3f}"
              for r in rows.itertuples()]
-    beaten = [r.mode for r in rows.itertuples() if r.teacher_mean <= r.students_mean_mean]
+    beaten = [r.mode for r in rows.itertuples() if _r(r.teacher_mean) <= _r(r.students_mean_mean)]
     return ("**Teacher vs students (test, mean over seeds).** " + "; ".join(parts) + ". "
             + (f"In {', '.join(beaten)} the students' mean matches or beats the teacher: distillation's "
                "premise, a stronger teacher, does not hold there." if beaten else

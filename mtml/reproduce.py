@@ -254,6 +254,7 @@ def demo(runs_dir: Path, smoke: bool) -> None:
         try:
             execute(name, folder, {}, smoke, resume_hint=resume)
         except NotebookRunError as err:
+            _handout(out)  # what ran so far, readable offline
             print(f"{step}: STOPPED after {time.perf_counter() - start:.0f} s\n{err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
@@ -266,10 +267,18 @@ def demo(runs_dir: Path, smoke: bool) -> None:
     for kind, pattern in (("tables", "*/*.csv"), ("figures", "*/*.png")):
         paths = sorted(out.glob(pattern))
         print(f"\n{kind}:" if paths else f"\n{kind}: none written", *paths, sep="\n  ")
+    _handout(out)
+
+
+def _handout(out: Path) -> None:
+    """Writes the demo's offline handout (`mtml.handout`); a failure is reported, never raised."""
     from .handout import write_handout
 
-    index = write_handout(out)
-    print(f"\nhandout (static HTML copies, open offline): {index}")
+    try:
+        print(f"\nhandout (static HTML copies, open offline): {write_handout(out)}", flush=True)
+    except Exception as err:  # the notebooks ran; only their HTML copies are missing
+        print(f"\nhandout not written ({type(err).__name__}: {err}); retry: python -m mtml.handout {out}",
+              file=sys.stderr, flush=True)
 
 
 def parse_part(text: str, what: str) -> tuple[int, int]:

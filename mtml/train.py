@@ -6,7 +6,7 @@ Modes (which loss terms are on):
     ml           students <-> students (deep mutual learning), no teacher
     kd_ml        both (the method of Niyaz & Bathula 2022)
     offline      KD from a frozen, pre-trained teacher (classic Hinton KD baseline)
-    kd_ml_styles kd_ml with learning styles (Niyaz, Sambyal & Bathula 2023): student 1 learns the
+    kd_ml_styles kd_ml with learning styles (Niyaz, Sambyal & Bathula 2024): student 1 learns the
                  teacher's predictions, student 2 its feature maps, the students exchange both
                  (`teacher_knowledge`, `peer_knowledge`; see mtml.features)
 

@@ -120,3 +120,20 @@ def test_formulas_render_offline_in_a_browser(handout, tmp_path):
     assert re.search(r'class="MJX[-_]', dom)
     assert 'class="MathJax_Error"' not in dom and "MathJax_FontWarning" not in dom  # no TeX error, fonts found
     assert "data:image/png;base64" in dom
+
+
+def test_a_broken_notebook_is_listed_not_fatal(tmp_path):
+    """One unreadable executed notebook costs only its own page."""
+    import nbformat
+
+    from mtml.handout import write_handout
+
+    good = tmp_path / "00_good" / "00_good.ipynb"
+    good.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Good")]), good)
+    bad = tmp_path / "01_bad" / "01_bad.ipynb"
+    bad.parent.mkdir()
+    bad.write_text("{ not json")
+    index = write_handout(tmp_path).read_text()
+    assert "00_good/00_good.html" in index and "01_bad: no HTML copy" in index
+    assert (tmp_path / "00_good" / "00_good.html").is_file()

@@ -70,6 +70,7 @@ def test_the_training_form_comes_after_the_data():
              if key in c.source]
     assert len(order) == 2 and order[0] < order[1]
 
+
 def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
     """A 2 x 2 grid (modes x seeds) in smoke mode: one finite row per run; a second call
     executes nothing."""

@@ -108,3 +108,61 @@ def test_grid_runs_skip_the_notebooks_baseline():
     runs = plan("classification", ["kd", "ml"], ["tiny"], [0])
     assert [r.parameters["BASELINE"] for r in runs] == [False, False]
     assert plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": True})[0].parameters["BASELINE"] is True
+
+
+def test_reading_compares_numbers_as_it_prints_them():
+    """0.7014 and 0.7006 both print 0.701: the words must not call one higher."""
+    m = table(teacher=0.0011, student_1=0.0012, student_2=0.0004, ensemble=0.7014)
+    base = table(student_1=0.7, student_2=0.7, ensemble=0.7006)
+    text = reading(m, "auroc", "kd", history=history(0.0011, 0.0012, 0.0004), baseline=base)
+    assert "the same to three decimals" in text and "lower" not in text.split("Against")[1].split("**")[1]
+    assert "does not beat student_1" in text  # 0.001 vs 0.001: a tie is not a win
+    tie = reading(table(student_1=0.8004, student_2=0.7, ensemble=0.8001), "auroc", "ml")
+    assert "not above its best student" in tie and "+0.000" not in tie
+
+
+def test_reading_says_when_a_value_is_missing():
+    nan = float("nan")
+    m = table(teacher=nan, student_1=0.7, student_2=0.8, ensemble=nan)
+    text = reading(m, "auroc", "kd", history=history(nan, 0.7, 0.8), baseline=table(ensemble=0.75))
+    assert "premise cannot be checked" in text and "Not available" in text
+    assert "nan lower" not in text and "nan higher" not in text and "beyond two" not in text
+
+
+def test_reading_gives_no_verdict_from_another_budget():
+    m = table(student_1=0.75, student_2=0.80, ensemble=0.79)
+    spread = {"sd": 0.001, "mean": 0.0, "seeds": 5, "budget": {"TRAIN_FRAMES": None}}
+    text = reading(m, "auroc", "ml", baseline=table(ensemble=0.70), spread=spread, spread_source="s")
+    assert "Not measured at this run's budget" in text and "TRAIN_FRAMES=all" in text
+    assert "beyond two standard deviations" not in text and "within two" not in text
+
+
+def test_paired_spread_takes_the_last_of_a_repeated_record():
+    runs = pd.DataFrame({"spec_hash": ["kd0", "kd0", "in0", "kd1", "in1", "kd2", "in2"],
+                         "mode": ["kd", "kd", "independent", "kd", "independent", "kd", "independent"],
+                         "seed": [0, 0, 0, 1, 1, 2, 2], "ensemble/auroc": [0.1, 0.8, 0.7, 0.8, 0.7, 0.8, 0.7]})
+    assert paired_spread(runs, lambda mode, seed: f"{mode[:2]}{seed}", "kd")["mean"] == pytest.approx(0.1)
+
+
+def test_read_verdicts_says_why_a_claim_is_inconclusive():
+    from mtml.reading import read_verdicts
+
+    rows = pd.DataFrame([
+        {"claim": "kd_ml ensemble > kd ensemble", "seeds": 5, "mean": 0.03, "ci95": 0.01, "p_holm": 0.01,
+         "boot_lo": -0.01, "boot_hi": 0.07, "detectable": 0.02, "verdict": "inconclusive"},
+        {"claim": "kd_ml ensemble > ml ensemble", "seeds": 5, "mean": -0.04, "ci95": 0.01, "p_holm": 0.01,
+         "boot_lo": -0.07, "boot_hi": -0.01, "detectable": 0.02, "verdict": "refuted"},
+        {"claim": "kd_ml ensemble > independent ensemble", "seeds": 1, "mean": 0.01, "ci95": float("nan"),
+         "p_holm": 1.0, "boot_lo": float("nan"), "boot_hi": float("nan"), "detectable": float("nan"),
+         "verdict": "inconclusive"}])
+    text = read_verdicts(rows, "auroc").split("\n\n")
+    assert "the seeds agree, but the bootstrap interval over the test set includes 0" in text[0]
+    assert "the claim does not hold here" in text[1]
+    assert "(1 seed, no interval" in text[2] and "± nan" not in text[2] and "cannot tell" in text[2]
+
+
+def test_knowledge_flows_adds_the_highlighted_mode():
+    from mtml.plots import knowledge_flows
+
+    fig = knowledge_flows(highlight="offline")
+    assert [ax.get_title() for ax in fig.axes] == ["independent", "kd", "ml", "kd_ml", "offline"]
