@@ -64,6 +64,8 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     (added with feature distillation) enter it resolved, and only when some student learns
     features: a predictions-only run keeps the identity it had before they existed."""
     config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}
+    if not config.get("stack_students"):  # added later: runs without it keep their identity
+        config.pop("stack_students", None)
     teacher, peer = cfg.knowledge()
     if cfg.uses_features:
         config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,

@@ -18,6 +18,7 @@ backward per network.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import random
@@ -78,6 +79,7 @@ class CohortConfig:
     channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
     amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
     compile: bool = False      # torch.compile each network on CUDA; ignored (with a warning) on CPU
+    stack_students: bool = False  # tiny classification students in one grouped network (mtml.stacking)
 
     def validate(self) -> "CohortConfig":
         if self.mode not in MODES:
@@ -94,6 +96,9 @@ class CohortConfig:
         if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.knowledge()  # names a bad knowledge value
+        if self.stack_students and self.uses_features:
+            raise ValueError("stack_students=True cannot be combined with feature knowledge (a stacked "
+                             "network has no per-student feature maps): turn stack_students off")
         if self.compile and self.uses_features:
             raise ValueError("compile=True cannot be combined with feature knowledge (the feature hooks "
                              "would not fire in a compiled network): turn compile off")
@@ -217,6 +222,7 @@ class Cohort:
             raise ValueError(f"mode {cfg.mode!r} with n_students={cfg.n_students} needs "
                              f"{'a' if cfg.uses_teacher else 'no'} teacher and {cfg.n_students} "
                              f"students, got teacher={teacher is not None}, {len(students)} students")
+        _check_stackable(cfg, students)
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.students = [s.to(self.device) for s in students]
@@ -262,6 +268,7 @@ class Cohort:
         if task is not None:
             named = {f"student_{i + 1}": s for i, s in enumerate(students)}
             check_networks(task, {"teacher": teacher, **named} if teacher is not None else named)
+            _check_stackable(cfg, None, task)
         return cls(cfg, teacher, students, device)
 
     def train(self):
@@ -317,6 +324,33 @@ def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
     return adapters
 
 
+def _check_stackable(cfg: CohortConfig, students, task=None) -> None:
+    """ValueError (one line) when `cfg.stack_students` cannot apply to these students (and task)."""
+    from .stacking import why_not_stackable
+
+    if not cfg.stack_students:
+        return
+    reason = None if students is None else why_not_stackable(students)
+    if reason is None and task is not None and getattr(task, "name", None) != "classification":
+        reason = f"it runs classifiers only, not the {getattr(task, 'name', type(task).__name__)} task"
+    if reason:
+        raise ValueError(f"stack_students=True cannot stack these students: {reason}; turn stack_students off")
+
+
+def _student_forwards(cohort: Cohort, batch, task, with_maps):
+    """[(outputs, feature maps or None)] per student: one forward each, or one stacked forward."""
+    if cohort.cfg.stack_students:
+        from .stacking import stacked_forward
+
+        _check_stackable(cohort.cfg, None, task)  # the students were checked when the cohort was built
+        context = (torch.autocast(cohort.device.type, dtype=torch.bfloat16) if cohort.cfg.amp
+                   else contextlib.nullcontext())
+        with context:
+            outs = stacked_forward(cohort.students, batch["image"])
+        return [(_float32(out), None) for out in outs]
+    return [with_maps(i, s) for i, s in enumerate(cohort.students)]
+
+
 def _cohort_losses(cohort: Cohort, batch, task, step: int):
     """The forwards and loss terms of one cohort step: (summed loss, {name: term}). An online
     teacher's loss is back-propagated at once (OURS, for speed): its graph is freed before the
@@ -353,8 +387,8 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
             teacher_out = _map_tensors(teacher_out, torch.Tensor.detach)
         teacher_maps = _map_tensors(teacher_maps, torch.Tensor.detach)
     peer_maps_needed = uses(peer_k, "features")
-    forwards = [forward(s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features"))
-                for i, s in enumerate(cohort.students)]
+    forwards = _student_forwards(cohort, batch, task, lambda i, s: forward(
+        s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features")))
     student_outs = [out for out, _ in forwards]
     for i, (out, maps) in enumerate(forwards):
         name = f"student_{i + 1}"
