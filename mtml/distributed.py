@@ -80,6 +80,9 @@ def wrap_cohort(cohort: Cohort) -> Cohort:
     The students' feature adapters (`mtml.features`) live outside the networks: their gradients
     are averaged over the ranks by `cohort_step` after each backward, as DDP does for the networks.
     `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
+    if cohort.cfg.stack_students:  # a stacked forward would bypass DDP's gradient averaging
+        raise ValueError("stack_students=True cannot run under DDP (the stacked forward bypasses the "
+                         "wrapped students): turn stack_students off")
     if len(cohort.adapters):
         cohort.sync_adapter_grads = lambda: _average_grads(cohort.adapters.parameters())
     ids = [cohort.device.index or 0] if cohort.device.type == "cuda" else None

@@ -23,9 +23,28 @@ def why_not_stackable(students) -> str | None:
     shapes = {tuple((k, tuple(v.shape)) for k, v in s.state_dict().items()) for s in students}
     if len(shapes) > 1:
         return "the students differ in architecture"
-    if any(m.momentum is None for s in students for m in s.modules() if isinstance(m, nn.BatchNorm2d)):
-        return "batch norm with a cumulative average (momentum=None) is not supported"
+    layers = [_settings(layer) for s in students for layer in s.features]
+    if None in layers:
+        return "a layer has settings the stacked form does not reproduce (conv bias, groups, dilation, " \
+               "padding mode; pool ceil_mode or dilation; batch norm without affine, running stats or momentum)"
+    if len({tuple(_settings(layer) for layer in s.features) for s in students}) > 1:
+        return "the students' layers differ in their settings"
     return None
+
+
+def _settings(layer):
+    """The settings `stacked_forward` reads from `layer`, or None when it would ignore one that matters."""
+    if isinstance(layer, nn.Conv2d):
+        plain = (layer.bias is None and layer.groups == 1 and layer.padding_mode == "zeros"
+                 and layer.dilation == (1, 1) and not isinstance(layer.padding, str))
+        return ("conv", layer.stride, layer.padding) if plain else None
+    if isinstance(layer, nn.BatchNorm2d):
+        plain = layer.affine and layer.track_running_stats and layer.momentum is not None
+        return ("bn", layer.eps, layer.momentum) if plain else None
+    if isinstance(layer, nn.MaxPool2d):
+        plain = not layer.ceil_mode and layer.dilation in (1, (1, 1)) and not layer.return_indices
+        return ("pool", layer.kernel_size, layer.stride, layer.padding) if plain else None
+    return ("relu",) if isinstance(layer, nn.ReLU) else None
 
 
 def _batch_norm(mods: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,9 @@ class CohortConfig:
         if not self.temperature > 0 or math.isinf(self.temperature):  # also catches NaN
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.knowledge()  # names a bad knowledge value
+        if self.stack_students and self.compile:
+            raise ValueError("stack_students=True cannot be combined with compile=True (the stacked forward "
+                             "would bypass the compiled students): turn one of them off")
         if self.stack_students and self.uses_features:
             raise ValueError("stack_students=True cannot be combined with feature knowledge (a stacked "
                              "network has no per-student feature maps): turn stack_students off")

@@ -21,9 +21,19 @@ def trained(stack: bool, mode="kd_ml", n=3, steps=3):
     return cohort, terms
 
 
-@pytest.mark.parametrize("mode", ["independent", "kd_ml"])
-def test_stacked_students_train_as_one_after_another(mode):
+@pytest.mark.parametrize("mode", ["independent", "ml", "kd_ml"])
+def test_stacked_students_train_as_one_after_another(mode, monkeypatch):
+    from mtml import stacking
+
+    original, calls = stacking.stacked_forward, []
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(stacking, "stacked_forward", spy)
     (plain, plain_terms), (stacked, stacked_terms) = trained(False, mode), trained(True, mode)
+    assert len(calls) == 3  # the stacked path ran once per step
     for name, net in plain.networks.items():
         a, b = net.state_dict(), stacked.networks[name].state_dict()
         assert a.keys() == b.keys()  # a student's checkpoint is the same on disk
@@ -33,16 +43,6 @@ def test_stacked_students_train_as_one_after_another(mode):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
-
-
-def test_a_stacked_checkpoint_loads_into_the_plain_cohort():
-    stacked, _ = trained(True)
-    plain = Cohort.build(CohortConfig(mode="kd_ml", n_students=3, seed=1), task=TASK)
-    plain.load_state_dict(stacked.state_dict())
-    x = batch(9)["image"]
-    for name, net in plain.networks.items():
-        net.eval(), stacked.networks[name].eval()
-        torch.testing.assert_close(net(x), stacked.networks[name](x))
 
 
 def test_the_option_enters_the_run_identity_only_when_on():
@@ -67,3 +67,35 @@ def test_stacking_is_refused_for_detection():
 
     with pytest.raises(ValueError, match="classifiers only, not the detection task"):
         Cohort.build(CohortConfig(mode="kd_ml", stack_students=True), task=DetectionTask(size=64))
+
+
+def test_settings_the_stacked_form_would_ignore_are_refused():
+    from torch import nn
+
+    from mtml.models import TinyConvNet
+    from mtml.stacking import why_not_stackable
+
+    def students(change=None, every=False):
+        nets = [TinyConvNet((8, 16, 32)) for _ in range(2)]
+        for net in nets if every else nets[1:]:
+            if change:
+                change(net)
+        return nets
+
+    assert why_not_stackable(students()) is None
+    pool = lambda net: setattr(net.features[6], "ceil_mode", True)  # noqa: E731
+    assert "ceil_mode" in why_not_stackable(students(pool))
+    bias = lambda net: setattr(net.features[0], "bias", nn.Parameter(torch.zeros(8)))  # noqa: E731
+    assert "conv bias" in why_not_stackable(students(bias, every=True))
+    eps = lambda net: setattr(net.features[1], "eps", 1e-3)  # noqa: E731
+    assert "differ in their settings" in why_not_stackable(students(eps))
+
+
+def test_stacking_is_refused_with_compile_and_under_ddp():
+    from mtml.distributed import wrap_cohort
+
+    with pytest.raises(ValueError, match="compile=True"):
+        CohortConfig(mode="kd_ml", stack_students=True, compile=True).validate()
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", stack_students=True), task=TASK)
+    with pytest.raises(ValueError, match="cannot run under DDP"):  # before any process group is needed
+        wrap_cohort(cohort)
