@@ -26,7 +26,7 @@ SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
               "detection": {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}}
 
 
-FLOAT_PARAMETERS = ("TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
+FLOAT_PARAMETERS = ("STAIN_JITTER", "TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
                     "SCORE_THRESHOLD", "W_DISTILL_CLS", "W_DISTILL_BOX", "W_DISTILL_CTR")
 INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
                   "TRAIN_FRAMES", "EVAL_FRAMES", "FEATURE_LEVELS")
@@ -72,7 +72,7 @@ def task_from_parameters(task: str, params: dict):
     if task == "classification":
         from .task import ClassificationTask
 
-        return ClassificationTask(num_classes=2)
+        return ClassificationTask(num_classes=2, stain_jitter=typed(params).get("STAIN_JITTER", 0.0))
     if task == "detection":
         from .detection import DetectionTask
 

@@ -66,6 +66,10 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}
     if not config.get("stack_students"):  # added later: runs without it keep their identity
         config.pop("stack_students", None)
+    if cfg.version == "tiny" and task.name == "classification":  # the widths changed once (mtml.models)
+        from .models import TINY_WIDTHS
+
+        config["tiny_widths"] = "/".join("-".join(map(str, w)) for w in TINY_WIDTHS.values())  # teacher/student
     teacher, peer = cfg.knowledge()
     if cfg.uses_features:
         config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,

@@ -132,14 +132,14 @@ def load_data(study: Study, params: dict):
             _DATA[key] = (*splits, label, flip_augment)
         else:
             from .parameters import classification_manifest
-            from .tiles import TileDataset, augment_tiles
+            from .tiles import TileDataset
 
             manifest, kind = classification_manifest(params.get("DATA_DIR"))
             if (study.data == "real") != (kind == "real"):
                 raise ValueError(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
             splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True)
                       for s in ("train", "val", "test")]
-            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", augment_tiles)
+            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", None)  # the task's own augmentation
     return _DATA[key]
 
 
@@ -169,7 +169,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run_cohort(config_from_parameters(params, study.task), task, train, val, test, device=device,
-                        augment=augment, progress=False, spec=spec,
+                        augment=augment or task.augment, progress=False, spec=spec,
                         external=external_sets(study, task, params))
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=_commit(), machine=_machine(threads))

@@ -37,12 +37,12 @@ EOSIN = np.array([0.07, 0.99, 0.11])
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size of the synthetic cohort (defaults: the demo's default dataset, OURS)."""
-    n_patients: int = 48
-    tiles_per_patient: int = 40
+    n_patients: int = 120          # 68 train, 16 validation, 36 test (48 x 40 until 2026-11-28)
+    tiles_per_patient: int = 16
     size: int = 64
     msi_fraction: float = 0.5
     test_fraction: float = 0.3     # patients in the official TEST folder
-    signal: float = 1.0            # 0: classes identical, larger: easier
+    signal: float = 2.0            # 0: classes identical, larger: easier (1.0 until 2026-11-28)
     seed: int = 0
 
 

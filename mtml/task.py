@@ -45,11 +45,20 @@ class ClassificationTask:
     history_metrics = ("accuracy", "auroc")
     config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see the README
 
-    def __init__(self, num_classes: int = 2, channels_last: bool = False):
+    def __init__(self, num_classes: int = 2, channels_last: bool = False, stain_jitter: float = 0.0):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 0 <= stain_jitter < 1:
+            raise ValueError(f"stain_jitter must be in [0, 1) (0 turns it off), got {stain_jitter}")
         self.num_classes = num_classes
         self.channels_last = channels_last
+        self.stain_jitter = float(stain_jitter)
+
+    def augment(self, batch, generator=None):
+        """The training augmentation: `mtml.tiles.augment_tiles` with this task's stain jitter."""
+        from .tiles import augment_tiles
+
+        return augment_tiles(batch, stain=self.stain_jitter, generator=generator)
 
     def networks(self, version, n_students, num_classes=2, pretrained=False, with_teacher=True):
         from .models import build_cohort_networks
@@ -93,11 +102,13 @@ class ClassificationTask:
         return out
 
     def settings(self):
-        return {"num_classes": self.num_classes}
+        if not self.stain_jitter:  # added later: runs without it keep their identity
+            return {"num_classes": self.num_classes}
+        return {"num_classes": self.num_classes, "stain_jitter": self.stain_jitter}
 
     @classmethod
     def from_settings(cls, s: dict) -> "ClassificationTask":
-        return cls(num_classes=s["num_classes"])
+        return cls(num_classes=s["num_classes"], stain_jitter=s.get("stain_jitter", 0.0))
 
     def test_units(self, probs, labels, data=None):
         from .evaluate import classification_units

@@ -321,10 +321,12 @@ class TileDataset(Dataset):
         return {"image": (tile - self._mean) / self._std, "label": self.labels[i], "index": i}
 
 
-def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1,
+def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1, stain: float = 0.0,
                   mean=MEAN, std=STD, generator: torch.Generator | None = None) -> dict:
     """Histology batch augmentation on a collated batch (any device): random horizontal flips,
-    90-degree rotations, and light brightness/saturation jitter (OURS). Draws only from the CPU
+    90-degree rotations, light brightness/saturation jitter and, when `stain` > 0, stain jitter
+    (OURS): each tile's optical density -log(RGB) is scaled by 1 +- `stain` and shifted by
+    +- `stain`/5 per channel, so a network cannot tell slides apart by their staining. Draws only from the CPU
     `generator` (`mtml.fit` passes one per step, equal across modes, so resumed runs repeat
     exactly); None draws from torch's global RNG."""
     x, g = batch["image"], generator
@@ -347,4 +349,10 @@ def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1,
     gray = (rgb * luma).sum(1, keepdim=True)
     rgb = gray + sat.to(device, x.dtype).view(b, 1, 1, 1) * (rgb - gray)
     rgb = (rgb * gain.to(device, x.dtype).view(b, 1, 1, 1)).clamp(0, 1)
+    if stain > 0:  # drawn after the rest: stain 0 draws exactly what it drew before it existed
+        scale = 1 + (torch.rand(b, 3, generator=g) * 2 - 1) * stain
+        shift = (torch.rand(b, 3, generator=g) * 2 - 1) * stain * 0.2
+        od = -torch.log(rgb.clamp(min=1 / 255))
+        od = od * scale.to(device, x.dtype).view(b, 3, 1, 1) + shift.to(device, x.dtype).view(b, 3, 1, 1)
+        rgb = torch.exp(-od.clamp(min=0))
     return {**batch, "image": (rgb - m) / s}

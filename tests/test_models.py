@@ -31,7 +31,7 @@ def expected_count(arch: str, num_classes: int) -> int:
     if arch == "tiny_teacher":
         return tiny_count((32, 64, 128), num_classes)
     if arch == "tiny_student":
-        return tiny_count((8, 16, 32), num_classes)
+        return tiny_count((6, 12, 24), num_classes)
     imagenet = torchvision.models.get_model_weights(arch).DEFAULT.meta["num_params"]  # 1000 classes
     return imagenet - (CLASSIFIER_IN[arch] + 1) * (1000 - num_classes)
 
