@@ -81,12 +81,23 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     return result
 
 
-def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, store,
+STORE = "store"
+
+
+def checkpoint_folder(out_dir, spec_hash: str) -> Path:
+    """The checkpoint folder of run `spec_hash` for a notebook writing into `out_dir`: the run
+    store beside it, `<out_dir>/../store/<spec hash>`. Notebooks writing beside each other share
+    it, so a run one of them finished is loaded, not trained again, by the next (04 reloads the
+    seed-0 runs of 01-03, 09 the kd_ml runs of 04)."""
+    return Path(out_dir).parent / STORE / spec_hash
+
+
+def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, out_dir,
                          device="cpu", augment=None, resume: bool = True) -> RunResult:
     """The baseline of a notebook's run: the same students, seed, data and settings in mode
-    `independent` (no teacher, no peers). Its checkpoint lives in `store/<spec hash>`, so the
-    notebooks sharing `store` train it once and load it after that (`resume=False` trains it
-    again, as the notebook's RESUME does for its own run)."""
+    `independent` (no teacher, no peers), kept in the run store beside `out_dir`
+    (`checkpoint_folder`), so the notebooks sharing it train it once and load it after that
+    (`resume=False` trains it again, as the notebook's RESUME does for its own run)."""
     from .parameters import config_from_parameters, spec_from_parameters
 
     base = {**knobs, "MODE": "independent"}
@@ -95,5 +106,5 @@ def independent_baseline(knobs: dict, task_name: str, task, train, val, test=Non
             base[key] = "auto"
     spec = spec_from_parameters(task_name, base)
     return run_cohort(config_from_parameters(base, task_name), task, train, val, test, device=device,
-                      augment=augment, checkpoint_dir=Path(store) / spec.hash, resume=resume,
+                      augment=augment, checkpoint_dir=checkpoint_folder(out_dir, spec.hash), resume=resume,
                       progress=False, spec=spec)

@@ -112,7 +112,8 @@ def external_record(task, networks: dict, sets: dict) -> dict:
 # a finished run --------------------------------------------------------------------------------
 def load_run(run_dir, device: str = "cpu"):
     """(task, networks, record, tile_size) of a finished notebook run: its `metrics.json` and the
-    final checkpoint of the same spec (`checkpoints/<spec hash>/checkpoint.pt`)."""
+    final checkpoint of the same spec (in the run store beside it, `../store/<spec hash>/`, or in
+    `checkpoints/<spec hash>/` for runs made before the store)."""
     import torch
 
     from .detection import DetectionTask
@@ -129,8 +130,13 @@ def load_run(run_dir, device: str = "cpu"):
         raise FileNotFoundError(f"{run_dir} has no readable metrics.json ({err}): {hint}") from err
     if not isinstance(record, dict) or "spec_hash" not in record:
         raise ValueError(f"{run_dir / 'metrics.json'} is not a single run's record (a comparison?): {hint}")
-    checkpoint = run_dir / "checkpoints" / record["spec_hash"] / "checkpoint.pt"
-    if not checkpoint.is_file():
+    from .experiment import checkpoint_folder
+
+    found = [c for c in (checkpoint_folder(run_dir, record["spec_hash"]) / "checkpoint.pt",  # the run store
+                         run_dir / "checkpoints" / record["spec_hash"] / "checkpoint.pt")  # runs before it
+             if c.is_file()]
+    checkpoint = found[0] if found else checkpoint_folder(run_dir, record["spec_hash"]) / "checkpoint.pt"
+    if not found:
         raise FileNotFoundError(f"{checkpoint} is missing: the run's final checkpoint is needed; run it again "
                                 "(mtml.reproduce or the notebook) to write it")
     state = load_checkpoint(checkpoint)

@@ -11,7 +11,7 @@ import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.detection import DetectionTask
-from mtml.experiment import run_cohort
+from mtml.experiment import checkpoint_folder, run_cohort
 from mtml.external import evaluate_run, external_table, load_sets
 from mtml.models import build_cohort_networks
 from mtml.parameters import config_from_parameters, notebook_defaults
@@ -49,7 +49,7 @@ def test_a_detection_run_is_tested_on_an_external_set_and_again_from_its_checkpo
     train, val = make_synthetic_polyps(16, SIZE), make_synthetic_polyps(8, SIZE, split=1)
     spec = spec_of(cfg, task, {"train_items": len(train)})
     result = run_cohort(cfg, task, train, val, device="cpu", progress=False, external=sets,
-                        checkpoint_dir=tmp_path / "run" / "checkpoints" / spec.hash, spec=spec)
+                        checkpoint_dir=checkpoint_folder(tmp_path / "run", spec.hash), spec=spec)
     record = result.save(tmp_path / "run")
     assert sets_in(record) == ["cvc-like"]
     for net in ("teacher", "student_1", "student_2", "students_mean", "ensemble"):
@@ -67,6 +67,11 @@ def test_a_detection_run_is_tested_on_an_external_set_and_again_from_its_checkpo
         pytest.approx(before["cvc-like:ensemble/map50"])
     table = external_table(again)
     assert sorted(table["network"]) == ["ensemble", "student_1", "student_2", "students_mean", "teacher"]
+    # a run made before the run store kept its checkpoint in <run>/checkpoints/<hash>: still found
+    (tmp_path / "run" / "checkpoints").mkdir()
+    checkpoint_folder(tmp_path / "run", spec.hash).rename(tmp_path / "run" / "checkpoints" / spec.hash)
+    older = evaluate_run(tmp_path / "run", [tmp_path / "cvc-like"])
+    assert {k: older[k] for k in before} == pytest.approx(before, abs=1e-6)
 
 
 def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):

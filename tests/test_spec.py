@@ -129,6 +129,25 @@ def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
     assert state["spec_hash"] == spec_of(cfg, task, {"box_loss": "giou"}).hash
 
 
+def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
+    """The run store: 04 writing beside 01 reloads 01's finished run of the same identity (its
+    stored history, to the second, and its weights) instead of training it again."""
+    from mtml.experiment import checkpoint_folder, run_cohort
+
+    data, val = make_separable(64, 16, seed=0), make_separable(32, 16, seed=1)
+    cfg, task = CohortConfig(mode="kd", epochs=1, batch_size=32), ClassificationTask()
+    spec = spec_of(cfg, task, {"train_items": len(data)})
+    first = run_cohort(cfg, task, data, val, progress=False, spec=spec,
+                       checkpoint_dir=checkpoint_folder(tmp_path / "01_kd_only", spec.hash))
+    again = run_cohort(cfg, task, data, val, progress=False, spec=spec, resume=True,
+                       checkpoint_dir=checkpoint_folder(tmp_path / "04_classification_comparison", spec.hash))
+    assert checkpoint_folder(tmp_path / "01_kd_only", spec.hash) == tmp_path / "store" / spec.hash
+    pd.testing.assert_frame_equal(first.history, again.history)  # time_s too: nothing trained again
+    for name, net in first.cohort.networks.items():
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                     again.cohort.networks[name].state_dict().values()))
+
+
 # -- paired runs ----------------------------------------------------------------------------------
 
 def _students(mode, networks=None, seed=4):
@@ -282,9 +301,9 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
         records.append(json.loads((out / "metrics.json").read_text()))
     assert [r["task.box_loss"] for r in records] == ["giou", "l1"]
     assert records[0]["spec_hash"] != records[1]["spec_hash"]
-    folders = sorted(p.name for p in (out / "checkpoints").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "store").iterdir())  # the run store beside OUT_DIR
     assert folders == sorted(r["spec_hash"] for r in records)
-    weights = [torch.load(out / "checkpoints" / h / "checkpoint.pt", weights_only=True)["cohort"]["networks"]
+    weights = [torch.load(tmp_path / "store" / h / "checkpoint.pt", weights_only=True)["cohort"]["networks"]
                for h in folders]
     student = [w["student_1"] for w in weights]
     assert any(not torch.equal(student[0][k], student[1][k]) for k in student[0])
