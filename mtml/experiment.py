@@ -58,6 +58,9 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
                            {"config": actual.config, "task": actual.task_settings})
         raise ValueError(f"the spec ({spec.task}) is not this run's ({task.name}; spec vs run: {diff or 'task'}); "
                          "build both from the same parameters")
+    if getattr(task, "stain_jitter", 0) and augment != task.augment:
+        raise ValueError(f"the task's stain_jitter {task.stain_jitter} is part of this run's identity, but another "
+                         "augmentation was passed: pass augment=task.augment")
     for name, (_, info) in (external or {}).items():
         if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
             raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")

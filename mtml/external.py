@@ -146,6 +146,12 @@ def load_run(run_dir, device: str = "cpu"):
                          "the folder mixes two runs; run it again")
     task = {"detection": DetectionTask, "classification": ClassificationTask}[spec.task].from_settings(spec.task_settings)
     cfg = CohortConfig.from_dict(state["config"])
+    from .spec import spec_of
+
+    built, stored = spec_of(cfg, task).config.get("tiny_widths"), spec.config.get("tiny_widths")
+    if built != stored:  # the tiny classifiers' widths changed once (mtml.models)
+        raise ValueError(f"{run_dir} was trained with tiny networks of widths {stored or '32-64-128/8-16-32'} "
+                         f"(teacher/student), this kit builds {built}: train the run again")
     saved = state["cohort"]["networks"]
     teacher, students = task.networks(cfg.version, cfg.n_students, cfg.num_classes, with_teacher="teacher" in saved)
     networks = {**({"teacher": teacher} if teacher is not None else {}),

@@ -201,8 +201,12 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
 
 
 def _commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (the run used code
+    that no commit holds as it was)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mtml", "notebooks"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def _machine(threads: int) -> str:

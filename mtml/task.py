@@ -48,8 +48,8 @@ class ClassificationTask:
     def __init__(self, num_classes: int = 2, channels_last: bool = False, stain_jitter: float = 0.0):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not 0 <= stain_jitter < 1:
-            raise ValueError(f"stain_jitter must be in [0, 1) (0 turns it off), got {stain_jitter}")
+        if isinstance(stain_jitter, bool) or not isinstance(stain_jitter, (int, float)) or not 0 <= stain_jitter < 1:
+            raise ValueError(f"stain_jitter (STAIN_JITTER) must be a number in [0, 1), 0 turns it off; got {stain_jitter!r}")
         self.num_classes = num_classes
         self.channels_last = channels_last
         self.stain_jitter = float(stain_jitter)

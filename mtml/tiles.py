@@ -326,9 +326,11 @@ def augment_tiles(batch: dict, brightness: float = 0.1, saturation: float = 0.1,
     """Histology batch augmentation on a collated batch (any device): random horizontal flips,
     90-degree rotations, light brightness/saturation jitter and, when `stain` > 0, stain jitter
     (OURS): each tile's optical density -log(RGB) is scaled by 1 +- `stain` and shifted by
-    +- `stain`/5 per channel, so a network cannot tell slides apart by their staining. Draws only from the CPU
+    +- `stain`/5 per channel, so that staining tells the slides apart less. Draws only from the CPU
     `generator` (`mtml.fit` passes one per step, equal across modes, so resumed runs repeat
     exactly); None draws from torch's global RNG."""
+    if not 0 <= stain < 1:
+        raise ValueError(f"stain must be in [0, 1) (0 turns it off), got {stain}")
     x, g = batch["image"], generator
     b, device = x.shape[0], x.device
     flip = torch.rand(b, generator=g) < 0.5

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mtml import tiles
+from mtml import CohortConfig, tiles
+from mtml.data import make_separable
 from mtml.download import MissingDatasetError
 from mtml.synthetic import FOLDER, SyntheticConfig, ensure_synthetic_default, generate
 from mtml.tiles import (TileDataset, augment_tiles, build_manifest, load_image, parse_tile_name,
@@ -220,6 +221,45 @@ def test_augment_tiles_uses_global_rng_and_keeps_content():
         assert match, i
         seen.add(match[0])
     assert seen == set(range(8))
+
+
+def test_stain_jitter_scales_each_tiles_optical_density_and_is_drawn_last():
+    """stain 0 draws exactly what the augmentation drew before stain jitter existed; stain s
+    scales each tile's optical density per channel within 1 +- s (shift within +- s/5)."""
+    torch.manual_seed(0)
+    rgb = torch.rand(32, 3, 8, 8) * 0.8 + 0.1
+    norm = (rgb - torch.tensor(tiles.MEAN).view(1, 3, 1, 1)) / torch.tensor(tiles.STD).view(1, 3, 1, 1)
+    plain_g, stained_g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    plain = augment_tiles({"image": norm}, brightness=0, saturation=0, generator=plain_g)["image"]
+    stained = augment_tiles({"image": norm}, brightness=0, saturation=0, stain=0.3, generator=stained_g)["image"]
+    assert torch.equal(augment_tiles({"image": norm}, brightness=0, saturation=0, stain=0.0,
+                                     generator=torch.Generator().manual_seed(3))["image"], plain)
+    back = lambda x: x * torch.tensor(tiles.STD).view(1, 3, 1, 1) + torch.tensor(tiles.MEAN).view(1, 3, 1, 1)  # noqa: E731
+    od_plain, od_stained = -torch.log(back(plain)), -torch.log(back(stained))
+    for i in range(32):
+        for c in range(3):  # od' = a od + b with one (a, b) per tile and channel
+            a, b = np.polyfit(od_plain[i, c].flatten().numpy(), od_stained[i, c].flatten().numpy(), 1)
+            assert 0.7 - 1e-3 <= a <= 1.3 + 1e-3 and abs(b) <= 0.06 + 1e-3
+    assert not torch.allclose(stained, plain)
+    with pytest.raises(ValueError, match="stain must be in"):
+        augment_tiles({"image": norm}, stain=1.0)
+
+
+def test_the_task_owns_its_stain_jitter_and_refuses_another_augmentation():
+    from mtml.experiment import run_cohort
+    from mtml.task import ClassificationTask
+
+    for bad in (None, 1.0, -0.1, True, "0.3"):
+        with pytest.raises(ValueError, match="STAIN_JITTER"):
+            ClassificationTask(stain_jitter=bad)
+    task = ClassificationTask(stain_jitter=0.3)
+    assert task.settings() == {"num_classes": 2, "stain_jitter": 0.3}
+    assert ClassificationTask().settings() == {"num_classes": 2}  # runs without it keep their identity
+    assert ClassificationTask.from_settings(task.settings()).stain_jitter == 0.3
+    data = make_separable(32, 8, seed=0)
+    cfg = CohortConfig(mode="independent", epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="pass augment=task.augment"):
+        run_cohort(cfg, task, data, data, augment=augment_tiles, progress=False)
 
 
 # -- synthetic default + fit smoke ---------------------------------------------------------------
