@@ -92,8 +92,9 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
             lines.append(f"**Teacher vs students.** Validation {metric} at the last epoch: teacher "
                          f"{fact['teacher']:.3f}, students {_both(fact['students'].values())}; {verdict}.")
         better = [n for n in students if m[n] >= m["teacher"]]
+        verb = "matches or beats" if len(better) == 1 else "match or beat"
         lines.append(f"On the test {unit} the teacher scores {m['teacher']:.3f} and the students "
-                     f"{_both(m[students])}" + (f"; {', '.join(better)} match or beat it." if better else "."))
+                     f"{_both(m[students])}" + (f"; {', '.join(better)} {verb} it." if better else "."))
     else:
         lines.append(f"**No teacher.** Mode `{mode}` trains the students without a teacher.")
     if "ensemble" in m.index and len(students) > 1 and _ok(m["ensemble"], *m[students]):

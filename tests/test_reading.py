@@ -28,7 +28,7 @@ def test_reading_names_a_student_that_beats_the_teacher():
     m = table(teacher=0.79, student_1=0.75, student_2=0.80, ensemble=0.78)
     text = reading(m, "auroc", "kd", history=history(0.77, 0.70, 0.81))
     assert "does not beat student_2" in text and "premise" in text
-    assert "student_2 match or beat it" in text  # test split too
+    assert "student_2 matches or beats it" in text  # test split too
     assert "not above its best student (student_2, 0.800)" in text
     assert "stronger network" not in text
 
