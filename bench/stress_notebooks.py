@@ -67,7 +67,7 @@ def stress(notebook: str, repeat: int, smoke: bool, parameters: dict) -> dict:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="mtml-stress-") as tmp:
             try:
-                execution.run_notebook(notebook, Path(tmp), parameters, smoke)
+                execution.run_notebook(notebook, Path(tmp) / notebook, parameters, smoke)  # store: tmp/store
                 times.append(time.perf_counter() - start)
                 outcome = "ok"
             except execution.NotebookRunError as err:

@@ -26,10 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 TIMEOUT_ENV = "MTML_CELL_TIMEOUT"
 # Wall time of each whole notebook in seconds, (default run, smoke run), on 2 busy CPU cores, with
-# headroom. Smoke: measured with `make demo` under MTML_SMOKE=1 (00 10 s, 01-03 about 60 s, 04 180 s,
-# 05-07 20-45 s, 08 75 s). Default: measured by `make demo` on a fresh clone, 2026-11-28 (00 17 s,
-# 01-03 28-100 s, 04 341 s, 05-07 81-201 s, 08 330 s, 09 196 s; a notebook alone that trains what
-# the run store would reload takes up to 200 s more).
+# headroom. Smoke: measured with `make demo` under MTML_SMOKE=1 (00 10 s, 01-03 about 60 s, 04 180 s
+# at its old 1-epoch cap, now 2 epochs with seed 0 reloaded from 01-03; 05-07 20-45 s, 08 75 s).
+# Default: measured by `make demo` on a fresh clone, 2026-11-28 (00 17 s, 01-03 28-100 s, 04 341 s,
+# 05-07 81-201 s, 08 330 s, 09 196 s; a notebook alone that trains what the run store would reload
+# takes up to 200 s more).
 # One cell may take the whole notebook's time, so a cell's limit is SAFETY times the budget.
 BUDGET_S = {
     "00_setup_and_data_tour": (60, 30),

@@ -141,6 +141,9 @@ def load_run(run_dir, device: str = "cpu"):
                                 "(mtml.reproduce or the notebook) to write it")
     state = load_checkpoint(checkpoint)
     spec = RunSpec.from_dict(state["spec"])
+    if state.get("step_in_epoch") != 0 or state.get("epoch") != state["config"].get("epochs"):
+        raise ValueError(f"{checkpoint} holds an unfinished run (epoch {state.get('epoch')} of "
+                         f"{state['config'].get('epochs')}): finish it (the notebook or mtml.reproduce) first")
     if spec.hash != record["spec_hash"]:
         raise ValueError(f"{checkpoint} is of run {spec.hash}, metrics.json of run {record['spec_hash']}: "
                          "the folder mixes two runs; run it again")
@@ -193,7 +196,7 @@ def external_table(record: dict, metrics=("map50", "map", "auroc", "accuracy")) 
 def main(argv=None) -> int:
     p = Parser(prog="python -m mtml.external", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="folders of finished runs (with metrics.json and checkpoints/)")
+    p.add_argument("runs", nargs="+", help="folders of finished runs (with metrics.json; checkpoints in the run store beside them)")
     p.add_argument("--data", action="append", required=True, metavar="FOLDER",
                    help="a prepared data folder (manifest.csv) to evaluate on; repeat for more")
     p.add_argument("--device", default="cpu")

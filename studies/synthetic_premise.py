@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         if args.report or spec_hash in set(read_runs()["spec_hash"]):
             continue
         row = run(params)
-        pd.concat([read_runs(), pd.DataFrame([row])]).to_csv(OUT / "runs.csv", index=False)
+        done = read_runs()
+        (pd.concat([done, pd.DataFrame([row])]) if len(done) else pd.DataFrame([row])).to_csv(OUT / "runs.csv", index=False)
         print(row, flush=True)
     print(report(set(hashes)).read_text())
     return 0

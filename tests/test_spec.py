@@ -148,6 +148,26 @@ def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
                                                      again.cohort.networks[name].state_dict().values()))
 
 
+def test_the_comparison_notebooks_default_runs_are_the_single_run_notebooks_runs():
+    """What the run store's reloads rest on: 04's runs at seed 0 are exactly 01-03's and 01's
+    baseline, 09's kd_ml runs are 04's (same identity up to the data, which all read alike)."""
+    from mtml.parameters import config_from_parameters, task_from_parameters
+
+    def identity(notebook, **change):
+        knobs = {**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **change}
+        return spec_of(config_from_parameters(knobs, "classification"), task_from_parameters("classification", knobs)).hash
+
+    for smoke in (False, True):
+        cap = (lambda d: smoke_parameters("classification", d)) if smoke else (lambda d: d)
+        def run(notebook, **change):
+            return identity(notebook, **cap({**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **change}))
+        for notebook, mode in (("01_kd_only", "kd"), ("02_ml_only", "ml"), ("03_kd_plus_ml", "kd_ml"),
+                               ("01_kd_only", "independent")):
+            assert run("04_classification_comparison", MODE=mode, SEED=0) == run(notebook, MODE=mode), (notebook, mode, smoke)
+        for seed in (0, 1, 2):
+            assert run("09_learning_styles", MODE="kd_ml", SEED=seed) == run("04_classification_comparison", MODE="kd_ml", SEED=seed)
+
+
 # -- paired runs ----------------------------------------------------------------------------------
 
 def _students(mode, networks=None, seed=4):
@@ -297,7 +317,7 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
     out = tmp_path / "nb05"
     records = []
     for box_loss in ("giou", "l1"):
-        reproduce.execute("05_detection_kd_only", out, {"BOX_LOSS": box_loss, "EPOCHS": 1}, smoke=True)
+        reproduce.execute("05_detection_kd_only", out, {"BOX_LOSS": box_loss, "EPOCHS": 1, "BASELINE": False}, smoke=True)
         records.append(json.loads((out / "metrics.json").read_text()))
     assert [r["task.box_loss"] for r in records] == ["giou", "l1"]
     assert records[0]["spec_hash"] != records[1]["spec_hash"]

@@ -38,7 +38,9 @@ def test_stacked_students_train_as_one_after_another(mode, monkeypatch):
         a, b = net.state_dict(), stacked.networks[name].state_dict()
         assert a.keys() == b.keys()  # a student's checkpoint is the same on disk
         for key in a:  # weights, BN running statistics and num_batches_tracked
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+            # 3 steps at lr 0.05 let float rounding flip a max-pool or ReLU tie, which moved single
+            # weights of the 6-12-24 students by up to 3e-4 (2026-11-28); a wrong grouping moves them by ~0.1
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3, msg=f"{name}.{key}")
     for a, b in zip(plain_terms, stacked_terms):
         assert a.keys() == b.keys()
         for key in a:
