@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .report import run_record
+from .io import checkpoint_folder
 from .models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from .train import Cohort, CohortConfig, fit, pretrain_teacher
@@ -82,17 +83,6 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
 
         result.external = external_record(task, cohort.networks, external)
     return result
-
-
-STORE = "store"
-
-
-def checkpoint_folder(out_dir, spec_hash: str) -> Path:
-    """The checkpoint folder of run `spec_hash` for a notebook writing into `out_dir`: the run
-    store beside it, `<out_dir>/../store/<spec hash>`. Notebooks writing beside each other share
-    it, so a run one of them finished is loaded, not trained again, by the next (04 reloads the
-    seed-0 runs of 01-03, 09 the kd_ml runs of 04)."""
-    return Path(out_dir).parent / STORE / spec_hash
 
 
 def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, out_dir,

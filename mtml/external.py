@@ -130,7 +130,7 @@ def load_run(run_dir, device: str = "cpu"):
         raise FileNotFoundError(f"{run_dir} has no readable metrics.json ({err}): {hint}") from err
     if not isinstance(record, dict) or "spec_hash" not in record:
         raise ValueError(f"{run_dir / 'metrics.json'} is not a single run's record (a comparison?): {hint}")
-    from .experiment import checkpoint_folder
+    from .io import checkpoint_folder
 
     found = [c for c in (checkpoint_folder(run_dir, record["spec_hash"]) / "checkpoint.pt",  # the run store
                          run_dir / "checkpoints" / record["spec_hash"] / "checkpoint.pt")  # runs before it

@@ -1,4 +1,4 @@
-"""Atomic file writes and safe checkpoint loading.
+"""Atomic file writes, safe checkpoint loading, and where a run keeps its checkpoints (the run store).
 
 Every result file is written to a temporary file in the same folder, flushed to disk, then
 renamed over the target: a reader sees the old file or the new one, never a truncated one.
@@ -79,3 +79,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(f"{path} is not a valid mtml checkpoint (refused to load it safely: "
                          f"{(str(err).splitlines() or [type(err).__name__])[0]}); delete it to "
                          "start over") from err
+
+
+STORE = "store"
+
+
+def checkpoint_folder(out_dir, spec_hash: str) -> Path:
+    """The checkpoint folder of run `spec_hash` for a notebook writing into `out_dir`: the run
+    store beside it, `<out_dir>/../store/<spec hash>`. Notebooks writing beside each other share
+    it, so a run one of them finished is loaded, not trained again, by the next (04 reloads the
+    seed-0 runs of 01-03, 09 the kd_ml runs of 04). `mtml.experiment.checkpoint_folder` is this."""
+    return Path(out_dir).parent / STORE / spec_hash
