@@ -28,6 +28,11 @@ VERSIONS = {
 TINY_WIDTHS = {"tiny_teacher": (32, 64, 128), "tiny_student": (6, 12, 24)}
 
 
+def tiny_widths_label() -> str:
+    """The tiny classifiers' widths as one string, teacher/student: '32-64-128/6-12-24'."""
+    return "/".join("-".join(map(str, w)) for w in TINY_WIDTHS.values())
+
+
 def check_version(version: str) -> None:
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; choose one of {sorted(VERSIONS)}")

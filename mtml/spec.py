@@ -67,9 +67,9 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     if not config.get("stack_students"):  # added later: runs without it keep their identity
         config.pop("stack_students", None)
     if cfg.version == "tiny" and task.name == "classification":  # the widths changed once (mtml.models)
-        from .models import TINY_WIDTHS
+        from .models import tiny_widths_label
 
-        config["tiny_widths"] = "/".join("-".join(map(str, w)) for w in TINY_WIDTHS.values())  # teacher/student
+        config["tiny_widths"] = tiny_widths_label()
     teacher, peer = cfg.knowledge()
     if cfg.uses_features:
         config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,

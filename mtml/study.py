@@ -519,9 +519,9 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
     size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
     setting = f"{study.task} {study.version} size {size} students {int(params.get('N_STUDENTS', 2))}"
     if study.version == "tiny" and study.task == "classification":  # the tiny widths changed once (mtml.models)
-        from .models import TINY_WIDTHS
+        from .models import tiny_widths_label
 
-        setting += " widths " + "/".join("-".join(map(str, w)) for w in TINY_WIDTHS.values())
+        setting += " widths " + tiny_widths_label()
     path = out / "costs.csv"
     if path.is_file():
         kept = pd.read_csv(path, index_col=0)

@@ -71,15 +71,13 @@ def report(planned: set) -> Path:
 
 
 def main(argv=None) -> int:
-    from mtml.parameters import notebook_defaults, typed
+    from mtml.parameters import notebook_defaults, spec_from_parameters, typed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["kd", "kd_ml"])
     p.add_argument("--report", action="store_true", help="write RESULTS.md from runs.csv, run nothing")
     args = p.parse_args(argv)
-    from mtml.parameters import spec_from_parameters
-
     defaults = notebook_defaults(REPO / "notebooks" / "01_kd_only.ipynb")
     plan = [typed({**defaults, "MODE": mode, "SEED": seed}) for mode in args.modes for seed in args.seeds]
     hashes = [spec_from_parameters("classification", params).hash for params in plan]
