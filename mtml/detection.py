@@ -108,6 +108,10 @@ class DetectionTask:
         losses = out["model"].compute_loss(batch["targets"], out, out["anchors"], out["per_level"])
         return sum(losses.values())
 
+    def distill_target(self, out):
+        """The part of a teacher's output that `distill_loss` reads (what a teacher tape keeps)."""
+        return {k: out[k] for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
+
     def distill_loss(self, out, target, temperature):
         """`mtml.dense_distill.DenseDistillation` with this task's settings; `target` is detached."""
         return self.distill(out, target, temperature)

@@ -49,7 +49,9 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     identity (default: the config, the task's settings and the training set's size); pass
     `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only. `networks`
     defaults to the task's own builder (`task.networks`). `external`: sets of
-    `mtml.external.load_sets`, evaluated too (they never change the training)."""
+    `mtml.external.load_sets`, evaluated too (they never change the training). With a
+    `checkpoint_dir`, an online teacher is recorded beside it, or replayed there when a run with
+    the same teacher recorded it (`mtml.teacher_tape`: trained once per seed, same results)."""
     cfg.validate()
     networks = networks or getattr(task, "networks", None) or build_cohort_networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
@@ -72,8 +74,8 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
         teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
                                    checkpoint_dir=teacher_dir, **fit_kw)
     cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
-    history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback,
-                  spec=spec, **fit_kw)
+    history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback, spec=spec,
+                  tape_dir=Path(checkpoint_dir).parent if checkpoint_dir else None, **fit_kw)
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
     result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))

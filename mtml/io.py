@@ -65,6 +65,15 @@ def save_figure(fig, path, **kw) -> Path:
     return path
 
 
+def map_tensors(x, fn):
+    """`fn` applied to every tensor in nested dicts, lists and tuples (task outputs, checkpoints)."""
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: map_tensors(v, fn) for k, v in x.items()}
+    return type(x)(map_tensors(v, fn) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def save_checkpoint(path, state: dict) -> Path:
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)

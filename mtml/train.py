@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .io import load_checkpoint, save_checkpoint
+from .io import load_checkpoint, map_tensors, save_checkpoint
 from .losses import student_objective
 from .models import build_cohort_networks, check_version
 from .sampling import epoch_order, shard_order
@@ -248,6 +248,7 @@ class Cohort:
         self.scheduler = None
         self.steps_per_epoch: int | None = None  # set by fit; the distillation warm-up needs it
         self.sync_adapter_grads = None  # set by mtml.distributed.wrap_cohort
+        self.teacher_tape = None  # set by fit: records the online teacher or replays it (mtml.teacher_tape)
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
@@ -383,12 +384,17 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
             with torch.no_grad():
                 teacher_out, teacher_maps = forward(cohort.teacher, teacher_maps_needed)
         else:
-            teacher_out, teacher_maps = forward(cohort.teacher, teacher_maps_needed)
-            terms["teacher/sup"] = task.supervised_loss(teacher_out, batch)
-            _check_finite(terms["teacher/sup"], terms, step)
-            terms["teacher/sup"].backward()
-            teacher_out = _map_tensors(teacher_out, torch.Tensor.detach)
-        teacher_maps = _map_tensors(teacher_maps, torch.Tensor.detach)
+            def train_teacher():
+                out, maps = forward(cohort.teacher, teacher_maps_needed)
+                sup = terms["teacher/sup"] = task.supervised_loss(out, batch)
+                _check_finite(sup, terms, step)
+                sup.backward()
+                return map_tensors(out, torch.Tensor.detach), maps, sup.detach()
+
+            tape = cohort.teacher_tape  # records the teacher, or replays a recorded one (mtml.teacher_tape)
+            teacher_out, teacher_maps, terms["teacher/sup"] = (
+                tape.step(step, train_teacher, cohort.device) if tape is not None else train_teacher())
+        teacher_maps = map_tensors(teacher_maps, torch.Tensor.detach)
     peer_maps_needed = uses(peer_k, "features")
     forwards = _student_forwards(cohort, batch, task, lambda i, s: forward(
         s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features")))
@@ -426,17 +432,8 @@ def _knowledge_terms(terms: dict, key: str, knowledge: str, w_feat: float, predi
     return total
 
 
-def _map_tensors(x, fn):
-    """`fn` applied to every tensor in nested dicts, lists and tuples (task outputs)."""
-    if torch.is_tensor(x):
-        return fn(x)
-    if isinstance(x, dict):
-        return {k: _map_tensors(v, fn) for k, v in x.items()}
-    return type(x)(_map_tensors(v, fn) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def _float32(x):
-    return _map_tensors(x, lambda t: t.float() if t.is_floating_point() else t)
+    return map_tensors(x, lambda t: t.float() if t.is_floating_point() else t)
 
 
 class _AmpTask:
@@ -535,7 +532,7 @@ CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
         resume: bool = False, checkpoint_every: int | None = None, progress: bool = True,
         callback=None, eval_batch_size: int = 128, shard: tuple[int, int] | None = None,
-        spec: RunSpec | None = None) -> pd.DataFrame:
+        spec: RunSpec | None = None, tape_dir=None) -> pd.DataFrame:
     """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history.
 
     The sample order of an epoch depends only on (seed, epoch) and augmentation draws from the
@@ -547,6 +544,8 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
     `spec` is the run's identity (`mtml.spec`); a checkpoint resumes only under the same spec
     hash. Without it the spec is the config, the task's settings and the training set's size.
     `augment(batch, generator=g)` draws only from `g`, a function of (seed, step).
+    `tape_dir` (the run store): an online teacher is recorded there, or, with `resume`, replayed
+    from a run that trained the same teacher (`mtml.teacher_tape`; the results are the same).
     """
     from tqdm.auto import tqdm
 
@@ -565,7 +564,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             cohort.optimizer, T_max=cfg.epochs * steps_per_epoch)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    epoch, skip, history, sums = 0, 0, [], {}
+    epoch, skip, history, sums, state = 0, 0, [], {}, None
     if resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
         _check_checkpoint(state, spec, ckpt)
@@ -573,6 +572,10 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         _set_rng_state(state["rng"])
         epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
         sums = {k: v for k, v in state["sums"].items()}
+    tape = cohort.teacher_tape = _teacher_tape(cohort, task, tape_dir, spec, state, ckpt, resume, shard,
+                                               steps=cfg.epochs * steps_per_epoch, eval_batch_size=eval_batch_size,
+                                               val_items=len(val_data) if val_data is not None else 0)
+    replaying = tape is not None and tape.replaying
 
     def save(epoch_, step_in_epoch, sums_):
         if ckpt is None or (shard is not None and shard[0] != 0):
@@ -581,7 +584,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "spec": spec.as_dict(), "spec_hash": spec.hash,
                                "config": asdict(cfg), "cohort": cohort.state_dict(), "rng": _rng_state(),
                                "epoch": epoch_, "step_in_epoch": step_in_epoch,
-                               "history": history, "sums": sums_})
+                               "history": history, "sums": sums_, "teacher_tape": tape.key if replaying else None})
 
     while epoch < cfg.epochs:
         start = time.perf_counter()
@@ -611,18 +614,50 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         steps = max(sums.pop("_steps", 1), 1)
         row = {"epoch": epoch + 1, "lr": cohort.optimizer.param_groups[0]["lr"],
                **{f"train/{k}": v / steps for k, v in sums.items()}}
-        if val_data is not None:
-            metrics = task.evaluate(cohort.networks, val_data, batch_size=eval_batch_size)
+        if val_data is not None:  # a replayed teacher's metrics come from its tape
+            evaluated = {k: m for k, m in cohort.networks.items() if not (replaying and k == "teacher")}
+            metrics = task.evaluate(evaluated, val_data, batch_size=eval_batch_size)
             for net, values in metrics.iterrows():
                 for m in getattr(task, "history_metrics", metrics.columns):
                     row[f"val/{net}/{m}"] = float(values[m])
+        if tape is not None:
+            row = tape.epoch_end(row, epoch)
+        if replaying and epoch + 1 == cfg.epochs:
+            cohort.teacher.load_state_dict(tape.teacher)  # the recorded teacher's final weights
         row["time_s"] = time.perf_counter() - start
         history.append(row)
         epoch, skip, sums = epoch + 1, 0, {}
         save(epoch, 0, sums)
         if callback is not None:
             callback(pd.DataFrame(history))
+    if tape is not None and not replaying:
+        tape.save(cohort.teacher)
+    cohort.teacher_tape = None
     return pd.DataFrame(history)
+
+
+def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | None, ckpt, resume: bool,
+                  shard, **meta):
+    """The run's teacher tape (`mtml.teacher_tape`): with `resume`, a replay of a tape recorded for
+    this teacher; else a recorder of the teacher trained from its first step; None without an
+    online teacher or `tape_dir`, in a sharded run, or in a resumed run whose teacher trained so far."""
+    if tape_dir is None or cohort.teacher is None or cohort.frozen_teacher or shard is not None:
+        return None
+    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_path
+
+    path, key = tape_path(tape_dir, spec), tape_key(spec)
+    meta["epochs"] = cohort.cfg.epochs
+    if state is not None:  # resumed: go on as the checkpoint began
+        if not state.get("teacher_tape"):
+            return None
+        replay = open_tape(path, key, meta)
+        if replay is None:
+            raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed: delete "
+                             f"{Path(ckpt).parent} to train the run again")
+        return replay
+    needs_maps = any(uses(k, "features") for k in cohort.cfg.knowledge()[0])  # a tape holds no feature maps
+    replay = open_tape(path, key, meta) if resume and not needs_maps else None
+    return replay if replay is not None else TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
 
 
 def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Module:

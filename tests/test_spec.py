@@ -321,7 +321,9 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
         records.append(json.loads((out / "metrics.json").read_text()))
     assert [r["task.box_loss"] for r in records] == ["giou", "l1"]
     assert records[0]["spec_hash"] != records[1]["spec_hash"]
-    folders = sorted(p.name for p in (tmp_path / "store").iterdir())  # the run store beside OUT_DIR
+    store = tmp_path / "store"  # the run store beside OUT_DIR: runs, and their teachers' tapes
+    folders = sorted(p.name for p in store.iterdir() if not p.name.startswith("teacher-"))
+    assert len([p for p in store.iterdir() if p.name.startswith("teacher-")]) == 2  # box_loss is in the tape's key
     assert folders == sorted(r["spec_hash"] for r in records)
     weights = [torch.load(tmp_path / "store" / h / "checkpoint.pt", weights_only=True)["cohort"]["networks"]
                for h in folders]
