@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .report import run_record
-from .io import checkpoint_folder
+from .io import STORE, checkpoint_folder
 from .models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from .train import Cohort, CohortConfig, fit, pretrain_teacher
@@ -21,12 +21,13 @@ class RunResult:
     spec: RunSpec
     units: pd.DataFrame    # per test unit (tile or frame) predictions, for bootstrap intervals
     external: dict = field(default_factory=dict)  # record keys of the external sets (mtml.external)
+    teacher_replayed: bool = False  # its teacher came from a tape (mtml.teacher_tape): not in its time
 
     def record(self, **fields) -> dict:
         """The run record for metrics.json: its spec hash, every setting of its spec, metrics (and
         the external sets' metrics)."""
-        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(), **fields,
-                                           **self.external})
+        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(),
+                                           "teacher_replayed": self.teacher_replayed, **fields, **self.external})
 
     def save(self, out_dir, **fields) -> dict:
         """Writes `metrics.json` (the record) and `test_units.csv.gz` into `out_dir`."""
@@ -50,8 +51,9 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only. `networks`
     defaults to the task's own builder (`task.networks`). `external`: sets of
     `mtml.external.load_sets`, evaluated too (they never change the training). With a
-    `checkpoint_dir`, an online teacher is recorded beside it, or replayed there when a run with
-    the same teacher recorded it (`mtml.teacher_tape`: trained once per seed, same results)."""
+    `checkpoint_dir` in the run store (`checkpoint_folder`), an online teacher is recorded there,
+    or replayed when a run with the same teacher recorded it (`mtml.teacher_tape`: trained once
+    per seed, same results; the record's `teacher_replayed` says which, since it shortens train_time_s)."""
     cfg.validate()
     networks = networks or getattr(task, "networks", None) or build_cohort_networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
@@ -74,11 +76,13 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
         teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
                                    checkpoint_dir=teacher_dir, **fit_kw)
     cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
+    store = Path(checkpoint_dir).parent if checkpoint_dir else None
     history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback, spec=spec,
-                  tape_dir=Path(checkpoint_dir).parent if checkpoint_dir else None, **fit_kw)
+                  tape_dir=store if store is not None and store.name == STORE else None, **fit_kw)
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
-    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data))
+    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
+                       teacher_replayed=history.attrs.get("teacher_replayed", False))
     if external:
         from .external import external_record
 

@@ -15,6 +15,9 @@ afresh, as it retrains the run itself.
 """
 from __future__ import annotations
 
+import hashlib
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from .spec import RunSpec
 
 TAPE_FORMAT = 1
 TAPE_NAME = "teacher_tape.pt"
-MAX_TAPE_BYTES = 2 * 1024**3  # recorded outputs held in memory at most; a larger run trains its teacher
+MAX_TAPE_BYTES = 1024**3  # recorded outputs held in memory at most; a larger run trains its teacher
 # spec fields that change the students only: runs differing in them share the teacher
 STUDENT_ONLY = ("mode", "n_students", "temperature", "w_ce", "w_kd", "w_ml", "distill_warmup_epochs",
                 "teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels", "stack_students")
@@ -49,12 +52,27 @@ def _plain(x) -> bool:
     return torch.is_tensor(x) or x is None or isinstance(x, (bool, int, float, str))
 
 
-def _rng_states() -> list:
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
+def teacher_meta(teacher: torch.nn.Module, device: torch.device, **run) -> dict:
+    """What a replay must share with the recording besides the key: the teacher's initial weights
+    (a checksum), the device type and torch version (bits differ across them), and `run`'s
+    steps, epochs, validation items and evaluation batch size."""
+    digest = hashlib.sha256()
+    for name, value in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {**run, "teacher_sha256": digest.hexdigest()[:16], "device": torch.device(device).type,
+            "torch": str(torch.__version__)}
+
+
+def _rng_states(device: torch.device) -> list:
+    """The generators a teacher could draw from: the CPU's, and its CUDA device's."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return [torch.get_rng_state(), *cuda]
 
 
 class TapeRecorder:
-    """Records an online teacher while it trains; `save` writes the tape if nothing spoiled it."""
+    """Records an online teacher while it trains; `save` writes the tape unless something spoiled
+    the recording (then it warns, and the next run trains its teacher)."""
 
     replaying = False
 
@@ -64,56 +82,63 @@ class TapeRecorder:
         self.outputs, self.sup, self.val = [], [], []
         self.bytes, self.spoiled = 0, ""
 
-    def step(self, step: int, train_teacher, device=None):
+    def step(self, step: int, train_teacher, device: torch.device):
         """Runs `train_teacher()` -> (detached outputs, feature maps, detached loss) and records it."""
-        before = _rng_states()
+        before = _rng_states(device)
         outputs, maps, sup = train_teacher()
         if not self.spoiled:
-            if any(not torch.equal(a, b) for a, b in zip(before, _rng_states())):
-                self.spoiled = "the teacher draws random numbers"
-            elif step != len(self.outputs):
-                self.spoiled = f"step {step} came after {len(self.outputs)} recorded steps"
-            elif not _plain(self.keep(outputs)):
-                self.spoiled = "its distillation targets hold objects other than tensors"
-            else:
-                kept = map_tensors(self.keep(outputs), lambda t: t.detach().to("cpu", copy=True))
-                sizes = []
-                map_tensors(kept, lambda t: sizes.append(t.numel() * t.element_size()))
-                self.bytes += sum(sizes)
-                self.outputs.append(kept)
-                self.sup.append(sup.detach().to("cpu", copy=True))
-                if self.bytes > MAX_TAPE_BYTES:
-                    self.spoiled = f"its outputs exceed {MAX_TAPE_BYTES} bytes"
-            if self.spoiled:
-                self.outputs, self.sup = [], []
+            self._record(step, outputs, sup, before, device)
         return outputs, maps, sup
+
+    def _record(self, step, outputs, sup, rng_before, device) -> None:
+        kept = self.keep(outputs)
+        if any(not torch.equal(a, b) for a, b in zip(rng_before, _rng_states(device))):
+            self.spoiled = "the teacher draws random numbers (dropout?), which would shift its students' draws"
+        elif step != len(self.outputs):
+            self.spoiled = f"step {step} came after {len(self.outputs)} recorded steps"
+        elif not _plain(kept):
+            self.spoiled = "its distillation targets hold objects other than tensors (give the task a distill_target)"
+        else:
+            kept = map_tensors(kept, lambda t: t.detach().to("cpu", copy=True))
+            sizes = []
+            map_tensors(kept, lambda t: sizes.append(t.numel() * t.element_size()))
+            self.bytes += sum(sizes)
+            self.outputs.append(kept)
+            self.sup.append(sup.detach().to("cpu", copy=True))
+            if self.bytes > MAX_TAPE_BYTES:
+                self.spoiled = f"its outputs exceed MAX_TAPE_BYTES ({MAX_TAPE_BYTES} bytes)"
+        if self.spoiled:
+            self.outputs, self.sup = [], []
 
     def epoch_end(self, row: dict, epoch: int) -> dict:
         """Notes the teacher's validation metrics of epoch `epoch`'s history `row`; returns the row."""
+        if epoch != len(self.val) and not self.spoiled:
+            self.spoiled = f"epoch {epoch} came after {len(self.val)} recorded epochs"
         self.val.append({k: v for k, v in row.items() if k.startswith("val/teacher/")})
         return row
 
     def save(self, teacher: torch.nn.Module) -> Path | None:
         if self.spoiled:
+            warnings.warn(f"the teacher was not recorded ({self.spoiled}): runs with the same teacher train it again")
             return None
         state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
-        return save_checkpoint(self.path, {"format": TAPE_FORMAT, "key": self.key, "meta": self.meta,
-                                           "outputs": self.outputs, "sup": self.sup, "val": self.val,
-                                           "teacher": state})
+        return save_checkpoint(self.path, {"format": TAPE_FORMAT, "key": self.key, "id": uuid.uuid4().hex,
+                                           "meta": self.meta, "outputs": self.outputs, "sup": self.sup,
+                                           "val": self.val, "teacher": state})
 
 
 class TapeReplay:
-    """Plays a recorded teacher back: its outputs per step, its validation rows, its final weights."""
+    """Plays a recorded teacher back: its outputs per step, its validation rows, its final weights.
+    `id` names the recording; a resumed replay goes on only with the same one."""
 
     replaying = True
 
-    def __init__(self, path: Path, tape: dict):
-        self.path, self.key = Path(path), tape["key"]
+    def __init__(self, tape: dict):
+        self.key, self.id = tape["key"], tape["id"]
         self.outputs, self.sup, self.val, self.teacher = tape["outputs"], tape["sup"], tape["val"], tape["teacher"]
 
-    def step(self, step: int, train_teacher=None, device=None):
-        outputs = map_tensors(self.outputs[step], lambda t: t.to(device) if device is not None else t)
-        return outputs, None, self.sup[step]
+    def step(self, step: int, train_teacher, device: torch.device):
+        return map_tensors(self.outputs[step], lambda t: t.to(device)), None, self.sup[step]
 
     def epoch_end(self, row: dict, epoch: int) -> dict:
         """The epoch's history `row` with the teacher's recorded validation metrics, first as in a trained run."""
@@ -121,10 +146,10 @@ class TapeReplay:
                 **{k: v for k, v in row.items() if k.startswith("val/")}}
 
 
-def open_tape(path: Path, key: str, meta: dict):
+def open_tape(path: Path, key: str, meta: dict) -> TapeReplay | None:
     """A `TapeReplay` of the tape at `path` if it was recorded for this teacher (`key`) and this
-    run's steps, validation set and evaluation (`meta`); else None. A damaged or foreign file is
-    treated as absent and recorded over."""
+    run's `meta` (`teacher_meta`); else None. A damaged or foreign file counts as absent and is
+    recorded over."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -136,4 +161,4 @@ def open_tape(path: Path, key: str, meta: dict):
             or tape.get("meta") != meta or len(tape.get("outputs", ())) != meta["steps"] \
             or len(tape.get("val", ())) != meta["epochs"]:
         return None
-    return TapeReplay(path, tape)
+    return TapeReplay(tape)

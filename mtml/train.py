@@ -248,7 +248,6 @@ class Cohort:
         self.scheduler = None
         self.steps_per_epoch: int | None = None  # set by fit; the distillation warm-up needs it
         self.sync_adapter_grads = None  # set by mtml.distributed.wrap_cohort
-        self.teacher_tape = None  # set by fit: records the online teacher or replays it (mtml.teacher_tape)
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
@@ -355,7 +354,7 @@ def _student_forwards(cohort: Cohort, batch, task, with_maps):
     return [with_maps(i, s) for i, s in enumerate(cohort.students)]
 
 
-def _cohort_losses(cohort: Cohort, batch, task, step: int):
+def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
     """The forwards and loss terms of one cohort step: (summed loss, {name: term}). An online
     teacher's loss is back-propagated at once (OURS, for speed): its graph is freed before the
     students run, which lowers peak memory; the gradients are the same."""
@@ -391,9 +390,8 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int):
                 sup.backward()
                 return map_tensors(out, torch.Tensor.detach), maps, sup.detach()
 
-            tape = cohort.teacher_tape  # records the teacher, or replays a recorded one (mtml.teacher_tape)
-            teacher_out, teacher_maps, terms["teacher/sup"] = (
-                tape.step(step, train_teacher, cohort.device) if tape is not None else train_teacher())
+            teacher_out, teacher_maps, terms["teacher/sup"] = (  # a tape records it, or replays a recorded one
+                teacher_tape.step(step, train_teacher, cohort.device) if teacher_tape is not None else train_teacher())
         teacher_maps = map_tensors(teacher_maps, torch.Tensor.detach)
     peer_maps_needed = uses(peer_k, "features")
     forwards = _student_forwards(cohort, batch, task, lambda i, s: forward(
@@ -465,11 +463,12 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
         raise NonFiniteLossError("cohort", "total", step, float(total.detach()))  # finite terms overflowed
 
 
-def cohort_step(cohort: Cohort, batch, task, step: int = 0) -> dict[str, torch.Tensor]:
-    """One optimisation step of the whole cohort on one batch. Returns detached loss terms."""
+def cohort_step(cohort: Cohort, batch, task, step: int = 0, teacher_tape=None) -> dict[str, torch.Tensor]:
+    """One optimisation step of the whole cohort on one batch. Returns detached loss terms.
+    `teacher_tape` (`mtml.teacher_tape`, from fit) records the online teacher or replays it."""
     cohort.optimizer.zero_grad(set_to_none=True)
     task = _AmpTask(task, cohort.device) if cohort.cfg.amp else task
-    total, terms = _cohort_losses(cohort, batch, task, step)
+    total, terms = _cohort_losses(cohort, batch, task, step, teacher_tape)
     _check_finite(total, terms, step)
     total.backward()
     if cohort.sync_adapter_grads is not None:  # under DDP (mtml.distributed): the adapters' share
@@ -572,9 +571,9 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         _set_rng_state(state["rng"])
         epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
         sums = {k: v for k, v in state["sums"].items()}
-    tape = cohort.teacher_tape = _teacher_tape(cohort, task, tape_dir, spec, state, ckpt, resume, shard,
-                                               steps=cfg.epochs * steps_per_epoch, eval_batch_size=eval_batch_size,
-                                               val_items=len(val_data) if val_data is not None else 0)
+    tape = _teacher_tape(cohort, task, tape_dir, spec, state, ckpt, resume, shard, steps=cfg.epochs * steps_per_epoch,
+                         epochs=cfg.epochs, eval_batch_size=eval_batch_size,
+                         val_items=len(val_data) if val_data is not None else 0)
     replaying = tape is not None and tape.replaying
 
     def save(epoch_, step_in_epoch, sums_):
@@ -584,7 +583,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
         save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "spec": spec.as_dict(), "spec_hash": spec.hash,
                                "config": asdict(cfg), "cohort": cohort.state_dict(), "rng": _rng_state(),
                                "epoch": epoch_, "step_in_epoch": step_in_epoch,
-                               "history": history, "sums": sums_, "teacher_tape": tape.key if replaying else None})
+                               "history": history, "sums": sums_, "teacher_tape": tape.id if replaying else None})
 
     while epoch < cfg.epochs:
         start = time.perf_counter()
@@ -604,7 +603,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
             global_step = epoch * steps_per_epoch + step_in_epoch
             if augment is not None:
                 batch = augment(batch, generator=augmentation_generator(cfg.seed, global_step))
-            terms = cohort_step(cohort, batch, task, step=global_step)
+            terms = cohort_step(cohort, batch, task, step=global_step, teacher_tape=tape)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             sums["_steps"] = sums.get("_steps", 0) + 1
@@ -632,26 +631,33 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
             callback(pd.DataFrame(history))
     if tape is not None and not replaying:
         tape.save(cohort.teacher)
-    cohort.teacher_tape = None
-    return pd.DataFrame(history)
+    history = pd.DataFrame(history)
+    history.attrs["teacher_replayed"] = replaying or bool(state and state.get("teacher_tape"))
+    return history
 
 
 def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | None, ckpt, resume: bool,
-                  shard, **meta):
+                  shard, **run):
     """The run's teacher tape (`mtml.teacher_tape`): with `resume`, a replay of a tape recorded for
     this teacher; else a recorder of the teacher trained from its first step; None without an
-    online teacher or `tape_dir`, in a sharded run, or in a resumed run whose teacher trained so far."""
+    online teacher, in a sharded run, in a finished run, or in a resumed run whose teacher trained so far.
+    A resumed run that replayed goes on only with the same tape."""
+    replayed = state is not None and state.get("teacher_tape")
+    if state is not None and state["epoch"] >= cohort.cfg.epochs:
+        return None  # finished: its checkpoint holds the teacher's final weights
+    if replayed and (tape_dir is None or shard is not None):
+        raise ValueError(f"{ckpt} replays a teacher tape: resume it with its tape_dir (the run store) and unsharded, "
+                         f"or delete {Path(ckpt).parent} to train the run again")
     if tape_dir is None or cohort.teacher is None or cohort.frozen_teacher or shard is not None:
         return None
-    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_path
+    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_path, teacher_meta
 
-    path, key = tape_path(tape_dir, spec), tape_key(spec)
-    meta["epochs"] = cohort.cfg.epochs
+    path, key, meta = tape_path(tape_dir, spec), tape_key(spec), teacher_meta(cohort.teacher, cohort.device, **run)
     if state is not None:  # resumed: go on as the checkpoint began
-        if not state.get("teacher_tape"):
+        if not replayed:
             return None
         replay = open_tape(path, key, meta)
-        if replay is None:
+        if replay is None or replay.id != replayed:
             raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed: delete "
                              f"{Path(ckpt).parent} to train the run again")
         return replay

@@ -1,6 +1,6 @@
 """Tests of mtml.teacher_tape: a run that replays a recorded teacher gives exactly the results of
 a run that trains it, in both tasks; what may not replay trains the teacher; a resumed replay
-needs its tape."""
+goes on only with its own tape; a finished run reloads without one."""
 from __future__ import annotations
 
 import pandas as pd
@@ -9,8 +9,8 @@ import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.data import make_separable
-from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, tape_path
 from mtml.spec import spec_of
+from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, tape_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,12 +18,19 @@ TASK = ClassificationTask(2)
 TRAIN, VAL = make_separable(96, 16, seed=0), make_separable(32, 16, seed=1)
 
 
-def run(mode: str, tape_dir, resume: bool = True, ckpt=None, **kw):
-    cfg = CohortConfig(mode=mode, epochs=2, batch_size=16, seed=3, **kw)
-    cohort = Cohort.build(cfg, task=TASK)
-    history = fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tape_dir,
-                  resume=resume, checkpoint_dir=ckpt)
-    return cohort, history
+def cohort_of(mode: str, **kw) -> Cohort:
+    return Cohort.build(CohortConfig(**{"mode": mode, "epochs": 2, "batch_size": 16, "seed": 3, **kw}), task=TASK)
+
+
+def run(cohort: Cohort, tape_dir, **kw):
+    return cohort, fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tape_dir,
+                       **{"resume": True, **kw})
+
+
+def count_teacher_forwards(cohort: Cohort) -> list:
+    calls, forward = [], cohort.teacher.forward
+    cohort.teacher.forward = lambda x: calls.append(1) or forward(x)
+    return calls
 
 
 def assert_same_run(a, b) -> None:
@@ -36,18 +43,17 @@ def assert_same_run(a, b) -> None:
 
 
 def test_replayed_teacher_gives_the_trained_runs_results(tmp_path):
-    trained = run("kd_ml", tape_dir=None)  # no tape: the teacher trains
-    run("kd", tape_dir=tmp_path)  # records this seed's teacher
-    spec = spec_of(trained[0].cfg, TASK, {"train_items": len(TRAIN)})
-    assert tape_path(tmp_path, spec).is_file()
-    cohort = Cohort.build(CohortConfig(mode="kd_ml", epochs=2, batch_size=16, seed=3), task=TASK)
-    calls = []
-    forward = cohort.teacher.forward
-    cohort.teacher.forward = lambda x: calls.append(1) or forward(x)
-    history = fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tmp_path, resume=True)
+    trained = run(cohort_of("kd_ml"), tape_dir=None)  # no tape: the teacher trains
+    assert trained[1].attrs["teacher_replayed"] is False
+    run(cohort_of("kd"), tape_dir=tmp_path)  # records this seed's teacher
+    assert tape_path(tmp_path, spec_of(trained[0].cfg, TASK, {"train_items": len(TRAIN)})).is_file()
+    cohort = cohort_of("kd_ml")
+    calls = count_teacher_forwards(cohort)
+    replayed = run(cohort, tape_dir=tmp_path)
     assert calls == [], "a replayed teacher must not run"
-    assert_same_run(trained, (cohort, history))
-    assert list(history.columns) == list(trained[1].columns)
+    assert replayed[1].attrs["teacher_replayed"] is True
+    assert_same_run(trained, replayed)
+    assert list(replayed[1].columns) == list(trained[1].columns)
 
 
 def test_detection_teacher_replays_exactly(tmp_path):
@@ -57,78 +63,100 @@ def test_detection_teacher_replays_exactly(tmp_path):
     task = DetectionTask(size=64)
     data = make_synthetic_polyps(12, size=64, seed=0)
 
-    def detection_run(mode, tape_dir, calls=None):
-        cfg = CohortConfig.for_task(task, mode=mode, epochs=2, batch_size=4, seed=1)
-        cohort = Cohort.build(cfg, task=task)
-        if calls is not None:
-            forward = cohort.teacher.forward
-            cohort.teacher.forward = lambda x: calls.append(1) or forward(x)
+    def detection_run(cohort, tape_dir):
         return cohort, fit(cohort, task, data, data, augment=flip_augment, progress=False, tape_dir=tape_dir,
                            resume=True)
 
-    trained = detection_run("kd_ml", None)
-    detection_run("kd", tmp_path)
+    def detection_cohort(mode):
+        return Cohort.build(CohortConfig.for_task(task, mode=mode, epochs=2, batch_size=4, seed=1), task=task)
+
+    trained = detection_run(detection_cohort("kd_ml"), None)
+    detection_run(detection_cohort("kd"), tmp_path)
     assert len(list(tmp_path.rglob("teacher_tape.pt"))) == 1
-    calls = []
-    assert_same_run(trained, detection_run("kd_ml", tmp_path, calls))
+    cohort = detection_cohort("kd_ml")
+    calls = count_teacher_forwards(cohort)
+    replayed = detection_run(cohort, tmp_path)
     assert calls == [], "a replayed teacher must not run"
+    assert_same_run(trained, replayed)
 
 
-def test_who_replays_and_who_records(tmp_path):
-    cohort = Cohort.build(CohortConfig(mode="kd", epochs=1, batch_size=16), task=TASK)
-    spec = spec_of(cohort.cfg, TASK, {"train_items": len(TRAIN)})
-    fit(cohort, TASK, TRAIN, VAL, progress=False, tape_dir=tmp_path)
-    # the students' settings do not change the teacher; its own settings do
-    for kw, shared in ((dict(mode="kd_ml", temperature=2.0, w_kd=0.5, n_students=3), True),
-                       (dict(lr=0.01), False), (dict(seed=1), False), (dict(epochs=2), False)):
-        other = spec_of(CohortConfig(**{"mode": "kd", "epochs": 1, "batch_size": 16, **kw}), TASK,
-                        {"train_items": len(TRAIN)})
-        assert (tape_key(other) == tape_key(spec)) is shared, kw
-    # resume=False records afresh; feature knowledge needs the teacher's maps, so it trains it
-    for kw, resume in ((dict(mode="kd"), False), (dict(mode="kd_ml_styles"), True)):
-        cohort = Cohort.build(CohortConfig(epochs=1, batch_size=16, **kw), task=TASK)
-        seen = []
-        original = TapeRecorder.step
-        TapeRecorder.step = lambda self, *a, **k: seen.append(type(self)) or original(self, *a, **k)
-        try:
-            fit(cohort, TASK, TRAIN, VAL, progress=False, tape_dir=tmp_path, resume=resume)
-        finally:
-            TapeRecorder.step = original
-        assert seen and set(seen) == {TapeRecorder}, kw
+def test_the_students_settings_share_the_teacher_its_own_do_not():
+    def key(**kw):
+        cfg = CohortConfig(**{"mode": "kd", "epochs": 1, "batch_size": 16, **kw})
+        return tape_key(spec_of(cfg, TASK, {"train_items": len(TRAIN)}))
+
+    assert key(mode="kd_ml", temperature=2.0, w_kd=0.5, n_students=3, distill_warmup_epochs=1.0) == key()
+    for own in (dict(lr=0.01), dict(seed=1), dict(epochs=2), dict(batch_size=32), dict(amp=True)):
+        assert key(**own) != key(), own
+
+
+def test_who_records_instead_of_replaying(tmp_path, monkeypatch):
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    replays = []
+    monkeypatch.setattr(TapeReplay, "step", lambda *a, **k: replays.append(1))
+    # resume=False retrains the run and records afresh; feature knowledge needs the teacher's maps
+    for cohort, resume in ((cohort_of("kd_ml"), False), (cohort_of("kd_ml_styles"), True)):
+        calls = count_teacher_forwards(cohort)
+        run(cohort, tape_dir=tmp_path, resume=resume)
+        assert calls and not replays
 
 
 def test_a_teacher_that_draws_random_numbers_is_not_recorded(tmp_path):
-    cohort = Cohort.build(CohortConfig(mode="kd", epochs=1, batch_size=16), task=TASK)
+    run(cohort_of("kd"), tape_dir=tmp_path / "plain")  # the control: recorded
+    assert list((tmp_path / "plain").rglob("teacher_tape.pt"))
+    cohort = cohort_of("kd")
     cohort.teacher.features.insert(0, torch.nn.Dropout(0.1))
-    fit(cohort, TASK, TRAIN, VAL, progress=False, tape_dir=tmp_path)
-    assert not list(tmp_path.rglob("*.pt"))
+    with pytest.warns(UserWarning, match="not recorded .*draws random numbers"):
+        run(cohort, tape_dir=tmp_path / "dropout")
+    assert not list((tmp_path / "dropout").rglob("*.pt"))
 
 
-def test_resumed_replay_needs_its_tape(tmp_path):
-    run("kd", tape_dir=tmp_path)
-    ckpt = tmp_path / "run"
-    cohort = Cohort.build(CohortConfig(mode="kd_ml", epochs=2, batch_size=16, seed=3), task=TASK)
-    assert isinstance(_tape_of(cohort, tmp_path, ckpt), TapeReplay)
-    for tape in tmp_path.rglob("teacher_tape.pt"):
-        tape.unlink()
-    with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed: delete"):
-        run("kd_ml", tape_dir=tmp_path, ckpt=ckpt)
-
-
-def _tape_of(cohort, tape_dir, ckpt):
-    """Trains one epoch of two with `checkpoint_dir`, then returns the tape fit used."""
-    seen = []
-    original = TapeReplay.step
-    TapeReplay.step = lambda self, *a, **k: seen.append(self) or original(self, *a, **k)
-
+def stop_after_one_epoch(cohort, tape_dir, ckpt):
     def stop(history):
         raise KeyboardInterrupt
 
-    try:
-        fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tape_dir, resume=True,
-            checkpoint_dir=ckpt, callback=stop)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        TapeReplay.step = original
-    return seen[0]
+    with pytest.raises(KeyboardInterrupt):
+        run(cohort, tape_dir=tape_dir, checkpoint_dir=ckpt, callback=stop)
+
+
+def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    tape = next(tmp_path.rglob("teacher_tape.pt"))
+    uninterrupted = run(cohort_of("kd_ml"), tape_dir=tmp_path)
+    ckpt = tmp_path / "run"
+    stop_after_one_epoch(cohort_of("kd_ml"), tmp_path, ckpt)
+    assert_same_run(uninterrupted, run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt))
+
+    stop_after_one_epoch(cohort_of("kd_ml"), tmp_path, ckpt := tmp_path / "run2")
+    with pytest.raises(ValueError, match="replays a teacher tape: resume it with its tape_dir"):
+        run(cohort_of("kd_ml"), tape_dir=None, checkpoint_dir=ckpt)  # it would train a teacher from scratch
+    run(cohort_of("kd"), tape_dir=tmp_path, resume=False)  # the same teacher recorded again: another tape
+    with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed: delete"):
+        run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
+    tape.unlink()
+    with pytest.raises(ValueError, match="gone or changed"):
+        run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
+
+
+def test_a_finished_replay_reloads_without_its_tape(tmp_path):
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    ckpt = tmp_path / "run"
+    finished = run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
+    next(tmp_path.rglob("teacher_tape.pt")).unlink()
+    reloaded = run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
+    assert_same_run(finished, reloaded)
+    assert reloaded[1].attrs["teacher_replayed"] is True
+    assert not list(tmp_path.rglob("teacher_tape.pt")), "reloading a finished run records nothing"
+
+
+def test_recorder_notes_what_spoils_a_tape(tmp_path):
+    recorder = TapeRecorder(tmp_path / "t.pt", "k", {})
+    out = torch.zeros(2, 2)
+    recorder.step(1, lambda: (out, None, torch.tensor(0.0)), torch.device("cpu"))
+    assert "step 1 came after 0" in recorder.spoiled
+    recorder = TapeRecorder(tmp_path / "t.pt", "k", {})
+    model = torch.nn.Linear(1, 1)
+    recorder.step(0, lambda: ({"model": model}, None, torch.tensor(0.0)), torch.device("cpu"))
+    assert "objects other than tensors" in recorder.spoiled
+    with pytest.warns(UserWarning, match="not recorded"):
+        assert recorder.save(torch.nn.Linear(1, 1)) is None
