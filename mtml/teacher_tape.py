@@ -16,6 +16,7 @@ afresh, as it retrains the run itself.
 from __future__ import annotations
 
 import hashlib
+import platform
 import uuid
 import warnings
 from pathlib import Path
@@ -54,14 +55,19 @@ def _plain(x) -> bool:
 
 def teacher_meta(teacher: torch.nn.Module, device: torch.device, **run) -> dict:
     """What a replay must share with the recording besides the key: the teacher's initial weights
-    (a checksum), the device type and torch version (bits differ across them), and `run`'s
-    steps, epochs, validation items and evaluation batch size."""
+    (a checksum), what the bits depend on (device, torch and CUDA versions, CPU threads, TF32),
+    and `run`'s steps, epochs, validation items and evaluation batch size."""
     digest = hashlib.sha256()
     for name, value in teacher.state_dict().items():
-        digest.update(name.encode())
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {**run, "teacher_sha256": digest.hexdigest()[:16], "device": torch.device(device).type,
-            "torch": str(torch.__version__)}
+    device = torch.device(device)
+    machine = {"device": device.type, "torch": str(torch.__version__), "cpu": platform.machine(),
+               "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        machine.update(gpu=torch.cuda.get_device_name(device), cuda=str(torch.version.cuda),
+                       cudnn=torch.backends.cudnn.version(), tf32=torch.backends.cuda.matmul.allow_tf32)
+    return {**run, "teacher_sha256": digest.hexdigest()[:16], **machine}
 
 
 def _rng_states(device: torch.device) -> list:
@@ -105,8 +111,8 @@ class TapeRecorder:
             self.bytes += sum(sizes)
             self.outputs.append(kept)
             self.sup.append(sup.detach().to("cpu", copy=True))
-            if self.bytes > MAX_TAPE_BYTES:
-                self.spoiled = f"its outputs exceed MAX_TAPE_BYTES ({MAX_TAPE_BYTES} bytes)"
+            if self.bytes / len(self.outputs) * self.meta.get("steps", 0) > MAX_TAPE_BYTES:  # known at step 0
+                self.spoiled = f"its outputs would exceed MAX_TAPE_BYTES ({MAX_TAPE_BYTES} bytes)"
         if self.spoiled:
             self.outputs, self.sup = [], []
 
@@ -146,19 +152,25 @@ class TapeReplay:
                 **{k: v for k, v in row.items() if k.startswith("val/")}}
 
 
-def open_tape(path: Path, key: str, meta: dict) -> TapeReplay | None:
-    """A `TapeReplay` of the tape at `path` if it was recorded for this teacher (`key`) and this
-    run's `meta` (`teacher_meta`); else None. A damaged or foreign file counts as absent and is
-    recorded over."""
+def tape_mismatch(path: Path, key: str, meta: dict) -> str:
+    """Why the tape at `path` cannot be replayed by a run with this teacher `key` and `meta`
+    (`teacher_meta`), or "" if it can. A damaged or foreign file counts as absent."""
     path = Path(path)
     if not path.is_file():
-        return None
+        return "no tape"
     try:
         tape = load_checkpoint(path)
     except ValueError:
-        return None
-    if not isinstance(tape, dict) or tape.get("format") != TAPE_FORMAT or tape.get("key") != key \
-            or tape.get("meta") != meta or len(tape.get("outputs", ())) != meta["steps"] \
-            or len(tape.get("val", ())) != meta["epochs"]:
-        return None
-    return TapeReplay(tape)
+        return "not a readable tape"
+    if not isinstance(tape, dict) or tape.get("format") != TAPE_FORMAT or tape.get("key") != key:
+        return "a tape of another format or teacher"
+    differ = [f"{k} {tape['meta'].get(k)!r} (tape) vs {v!r} (run)" for k, v in meta.items()
+              if tape.get("meta", {}).get(k) != v]
+    if differ or len(tape.get("outputs", ())) != meta["steps"] or len(tape.get("val", ())) != meta["epochs"]:
+        return "recorded under other conditions: " + ("; ".join(differ) or "its length differs")
+    return ""
+
+
+def open_tape(path: Path, key: str, meta: dict) -> TapeReplay | None:
+    """A `TapeReplay` of the tape at `path` if this run can replay it (`tape_mismatch`), else None."""
+    return None if tape_mismatch(path, key, meta) else TapeReplay(load_checkpoint(path))

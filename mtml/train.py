@@ -650,20 +650,27 @@ def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | N
                          f"or delete {Path(ckpt).parent} to train the run again")
     if tape_dir is None or cohort.teacher is None or cohort.frozen_teacher or shard is not None:
         return None
-    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_path, teacher_meta
+    if not set(spec.data) - {"train_items"}:
+        return None  # the data is known by its size only: a tape could be another dataset's
+    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_mismatch, tape_path, teacher_meta
 
     path, key, meta = tape_path(tape_dir, spec), tape_key(spec), teacher_meta(cohort.teacher, cohort.device, **run)
     if state is not None:  # resumed: go on as the checkpoint began
         if not replayed:
             return None
-        replay = open_tape(path, key, meta)
+        why = tape_mismatch(path, key, meta)
+        replay = None if why else open_tape(path, key, meta)
         if replay is None or replay.id != replayed:
-            raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed: delete "
-                             f"{Path(ckpt).parent} to train the run again")
+            raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed "
+                             f"({why or 'recorded again since'}): delete {Path(ckpt).parent} to train the run again")
         return replay
+    replay = open_tape(path, key, meta)
     needs_maps = any(uses(k, "features") for k in cohort.cfg.knowledge()[0])  # a tape holds no feature maps
-    replay = open_tape(path, key, meta) if resume and not needs_maps else None
-    return replay if replay is not None else TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
+    if replay is not None and resume and not needs_maps:
+        return replay
+    if replay is not None and resume:
+        return None  # this teacher is on tape already: keep it (runs replaying it may resume)
+    return TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
 
 
 def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Module:

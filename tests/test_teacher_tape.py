@@ -10,7 +10,7 @@ import torch
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.data import make_separable
 from mtml.spec import spec_of
-from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, tape_path
+from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, tape_mismatch, tape_path, teacher_meta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,9 +22,14 @@ def cohort_of(mode: str, **kw) -> Cohort:
     return Cohort.build(CohortConfig(**{"mode": mode, "epochs": 2, "batch_size": 16, "seed": 3, **kw}), task=TASK)
 
 
+def spec(cfg, task=TASK, n: int | None = None):
+    """The run's spec with a data fingerprint (a tape needs one, not only the data's size)."""
+    return spec_of(cfg, task, {"train_items": n or len(TRAIN), "dataset": "make_separable(seed=0)"})
+
+
 def run(cohort: Cohort, tape_dir, **kw):
     return cohort, fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tape_dir,
-                       **{"resume": True, **kw})
+                       spec=spec(cohort.cfg), **{"resume": True, **kw})
 
 
 def count_teacher_forwards(cohort: Cohort) -> list:
@@ -46,7 +51,7 @@ def test_replayed_teacher_gives_the_trained_runs_results(tmp_path):
     trained = run(cohort_of("kd_ml"), tape_dir=None)  # no tape: the teacher trains
     assert trained[1].attrs["teacher_replayed"] is False
     run(cohort_of("kd"), tape_dir=tmp_path)  # records this seed's teacher
-    assert tape_path(tmp_path, spec_of(trained[0].cfg, TASK, {"train_items": len(TRAIN)})).is_file()
+    assert tape_path(tmp_path, spec(trained[0].cfg)).is_file()
     cohort = cohort_of("kd_ml")
     calls = count_teacher_forwards(cohort)
     replayed = run(cohort, tape_dir=tmp_path)
@@ -65,7 +70,7 @@ def test_detection_teacher_replays_exactly(tmp_path):
 
     def detection_run(cohort, tape_dir):
         return cohort, fit(cohort, task, data, data, augment=flip_augment, progress=False, tape_dir=tape_dir,
-                           resume=True)
+                           resume=True, spec=spec(cohort.cfg, task, len(data)))
 
     def detection_cohort(mode):
         return Cohort.build(CohortConfig.for_task(task, mode=mode, epochs=2, batch_size=4, seed=1), task=task)
@@ -83,7 +88,7 @@ def test_detection_teacher_replays_exactly(tmp_path):
 def test_the_students_settings_share_the_teacher_its_own_do_not():
     def key(**kw):
         cfg = CohortConfig(**{"mode": "kd", "epochs": 1, "batch_size": 16, **kw})
-        return tape_key(spec_of(cfg, TASK, {"train_items": len(TRAIN)}))
+        return tape_key(spec(cfg))
 
     assert key(mode="kd_ml", temperature=2.0, w_kd=0.5, n_students=3, distill_warmup_epochs=1.0) == key()
     for own in (dict(lr=0.01), dict(seed=1), dict(epochs=2), dict(batch_size=32), dict(amp=True)):
@@ -131,10 +136,10 @@ def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
     with pytest.raises(ValueError, match="replays a teacher tape: resume it with its tape_dir"):
         run(cohort_of("kd_ml"), tape_dir=None, checkpoint_dir=ckpt)  # it would train a teacher from scratch
     run(cohort_of("kd"), tape_dir=tmp_path, resume=False)  # the same teacher recorded again: another tape
-    with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed: delete"):
+    with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed .recorded again since.: delete"):
         run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
     tape.unlink()
-    with pytest.raises(ValueError, match="gone or changed"):
+    with pytest.raises(ValueError, match="gone or changed .no tape."):
         run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
 
 
@@ -160,3 +165,32 @@ def test_recorder_notes_what_spoils_a_tape(tmp_path):
     assert "objects other than tensors" in recorder.spoiled
     with pytest.warns(UserWarning, match="not recorded"):
         assert recorder.save(torch.nn.Linear(1, 1)) is None
+
+
+def test_a_tape_needs_a_data_fingerprint_and_is_not_recorded_twice(tmp_path, monkeypatch):
+    cohort = cohort_of("kd")
+    fit(cohort, TASK, TRAIN, VAL, progress=False, tape_dir=tmp_path)  # data known by its size only
+    assert not list(tmp_path.rglob("*.pt"))
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    tape = next(tmp_path.rglob("teacher_tape.pt"))
+    stamp = tape.stat().st_mtime_ns
+    recorded = []
+    monkeypatch.setattr(TapeRecorder, "save", lambda *a: recorded.append(1))
+    run(cohort_of("kd_ml_styles"), tape_dir=tmp_path)  # trains its teacher (features), keeps the tape
+    assert not recorded and tape.stat().st_mtime_ns == stamp
+
+
+def test_a_tape_from_other_conditions_is_named_and_not_replayed(tmp_path):
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    cohort = cohort_of("kd_ml")
+    meta = teacher_meta(cohort.teacher, cohort.device, steps=12, epochs=2, eval_batch_size=128, val_items=len(VAL))
+    path = tape_path(tmp_path, spec(cohort.cfg))
+    assert tape_mismatch(path, tape_key(spec(cohort.cfg)), meta) == ""
+    other = {**meta, "threads": meta["threads"] + 1}
+    assert "threads" in tape_mismatch(path, tape_key(spec(cohort.cfg)), other)
+    torch.manual_seed(0)
+    changed = cohort_of("kd_ml")
+    changed.teacher.fc.weight.data += 1  # another initial teacher under the same spec: records, never replays
+    calls = count_teacher_forwards(changed)
+    run(changed, tape_dir=tmp_path)
+    assert calls
