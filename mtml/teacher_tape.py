@@ -152,25 +152,21 @@ class TapeReplay:
                 **{k: v for k, v in row.items() if k.startswith("val/")}}
 
 
-def tape_mismatch(path: Path, key: str, meta: dict) -> str:
-    """Why the tape at `path` cannot be replayed by a run with this teacher `key` and `meta`
-    (`teacher_meta`), or "" if it can. A damaged or foreign file counts as absent."""
+def read_tape(path: Path, key: str, meta: dict) -> tuple[TapeReplay | None, str]:
+    """(a `TapeReplay` of the tape at `path`, "") if a run with this teacher `key` and `meta`
+    (`teacher_meta`) can replay it, else (None, why not). The file is read once. A damaged or
+    foreign file counts as absent."""
     path = Path(path)
     if not path.is_file():
-        return "no tape"
+        return None, "no tape"
     try:
         tape = load_checkpoint(path)
     except ValueError:
-        return "not a readable tape"
+        return None, "not a readable tape"
     if not isinstance(tape, dict) or tape.get("format") != TAPE_FORMAT or tape.get("key") != key:
-        return "a tape of another format or teacher"
+        return None, "a tape of another format or teacher"
     differ = [f"{k} {tape['meta'].get(k)!r} (tape) vs {v!r} (run)" for k, v in meta.items()
               if tape.get("meta", {}).get(k) != v]
     if differ or len(tape.get("outputs", ())) != meta["steps"] or len(tape.get("val", ())) != meta["epochs"]:
-        return "recorded under other conditions: " + ("; ".join(differ) or "its length differs")
-    return ""
-
-
-def open_tape(path: Path, key: str, meta: dict) -> TapeReplay | None:
-    """A `TapeReplay` of the tape at `path` if this run can replay it (`tape_mismatch`), else None."""
-    return None if tape_mismatch(path, key, meta) else TapeReplay(load_checkpoint(path))
+        return None, "recorded under other conditions: " + ("; ".join(differ) or "its length differs")
+    return TapeReplay(tape), ""

@@ -652,25 +652,22 @@ def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | N
         return None
     if not set(spec.data) - {"train_items"}:
         return None  # the data is known by its size only: a tape could be another dataset's
-    from .teacher_tape import TapeRecorder, open_tape, tape_key, tape_mismatch, tape_path, teacher_meta
+    from .teacher_tape import TapeRecorder, read_tape, tape_key, tape_path, teacher_meta
 
     path, key, meta = tape_path(tape_dir, spec), tape_key(spec), teacher_meta(cohort.teacher, cohort.device, **run)
     if state is not None:  # resumed: go on as the checkpoint began
         if not replayed:
             return None
-        why = tape_mismatch(path, key, meta)
-        replay = None if why else open_tape(path, key, meta)
+        replay, why = read_tape(path, key, meta)
         if replay is None or replay.id != replayed:
             raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed "
                              f"({why or 'recorded again since'}): delete {Path(ckpt).parent} to train the run again")
         return replay
-    replay = open_tape(path, key, meta)
+    replay = read_tape(path, key, meta)[0] if resume else None  # resume=False retrains: records afresh
+    if replay is None:
+        return TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
     needs_maps = any(uses(k, "features") for k in cohort.cfg.knowledge()[0])  # a tape holds no feature maps
-    if replay is not None and resume and not needs_maps:
-        return replay
-    if replay is not None and resume:
-        return None  # this teacher is on tape already: keep it (runs replaying it may resume)
-    return TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
+    return None if needs_maps else replay  # with maps the teacher trains, and its tape is kept for others
 
 
 def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Module:

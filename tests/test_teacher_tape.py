@@ -10,7 +10,7 @@ import torch
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.data import make_separable
 from mtml.spec import spec_of
-from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, tape_mismatch, tape_path, teacher_meta
+from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, read_tape, tape_path, teacher_meta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,9 +185,9 @@ def test_a_tape_from_other_conditions_is_named_and_not_replayed(tmp_path):
     cohort = cohort_of("kd_ml")
     meta = teacher_meta(cohort.teacher, cohort.device, steps=12, epochs=2, eval_batch_size=128, val_items=len(VAL))
     path = tape_path(tmp_path, spec(cohort.cfg))
-    assert tape_mismatch(path, tape_key(spec(cohort.cfg)), meta) == ""
+    assert read_tape(path, tape_key(spec(cohort.cfg)), meta)[1] == ""
     other = {**meta, "threads": meta["threads"] + 1}
-    assert "threads" in tape_mismatch(path, tape_key(spec(cohort.cfg)), other)
+    assert "threads" in read_tape(path, tape_key(spec(cohort.cfg)), other)[1]
     torch.manual_seed(0)
     changed = cohort_of("kd_ml")
     changed.teacher.fc.weight.data += 1  # another initial teacher under the same spec: records, never replays
