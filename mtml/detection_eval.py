@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 from torchvision.ops import box_iou
 
-from .evaluate import ENSEMBLE, eval_batches
+from .evaluate import eval_batches
+from .names import ENSEMBLE, students_in
 
 
 def weighted_box_fusion(dets: list[dict], iou: float = 0.55, max_detections: int = 100) -> dict:
@@ -81,7 +82,7 @@ def predict_detections(networks: dict, data, task, batch_size: int = 16, ensembl
     per frame]}, [targets])."""
     kind = ensemble or task.ensemble_kind
     preds = {k: [] for k in networks}
-    students = [k for k in networks if k.startswith("student")]
+    students = students_in(networks)
     if students:
         preds[ENSEMBLE] = []
     targets = []

@@ -18,13 +18,14 @@ import torch
 
 from .detection_eval import match_flags
 from .evaluate import eval_batches
+from .names import students_in
 
 EPS = 1e-6
 
 
 def classification_diversity(probs: dict) -> dict:
     """`probs`: {student name: (n, C) probabilities}."""
-    students = [np.clip(np.asarray(p, float), EPS, 1) for k, p in probs.items() if k.startswith("student")]
+    students = [np.clip(np.asarray(probs[k], float), EPS, 1) for k in students_in(probs)]
     assert all(p.ndim == 2 for p in students), "probabilities must be (n, C)"
     pairs = list(itertools.permutations(range(len(students)), 2))
     if not pairs:
@@ -44,7 +45,7 @@ def _box_disagreement(a: dict, b: dict) -> float:
 @torch.no_grad()
 def detection_diversity(networks: dict, data, task, thresholds: dict, batch_size: int = 16) -> dict:
     """`thresholds`: {student name: its operating score threshold (chosen on validation)}."""
-    names = [k for k in networks if k.startswith("student")]
+    names = students_in(networks)
     pairs = list(itertools.permutations(range(len(names)), 2))
     if not pairs:
         return {"disagreement": float("nan"), "kl": float("nan")}

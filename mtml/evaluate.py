@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics import functional as tmf
 
-ENSEMBLE = "ensemble"
+from .names import ENSEMBLE, students_in
+
 
 
 def eval_batches(networks: dict, data, task, batch_size: int):
@@ -45,7 +46,7 @@ def predict(networks: dict, data, task, batch_size: int = 128):
 
 
 def student_ensemble(probs: dict) -> np.ndarray:
-    students = [v for k, v in probs.items() if k.startswith("student")]
+    students = [probs[k] for k in students_in(probs)]
     if not students:
         raise ValueError("no students to ensemble")
     return np.mean(students, axis=0)
@@ -102,7 +103,7 @@ def evaluate_classification(networks: dict, data, task, batch_size: int = 128,
     """DataFrame indexed by network (and `ensemble`) with tile-level metrics, plus
     `patient_auroc` and `patient_accuracy` when `data.patients` lists a patient per item."""
     probs, labels = predict(networks, data, task, batch_size)
-    if any(k.startswith("student") for k in probs):
+    if students_in(probs):
         probs[ENSEMBLE] = student_ensemble(probs)
     patients = getattr(data, "patients", None)
     rows = {}

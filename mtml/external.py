@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .cli import Parser
+from .names import student_name
 from .report import SEPARATOR, run_record, sets_in
 
 
@@ -158,7 +159,7 @@ def load_run(run_dir, device: str = "cpu"):
     saved = state["cohort"]["networks"]
     teacher, students = task.networks(cfg.version, cfg.n_students, cfg.num_classes, with_teacher="teacher" in saved)
     networks = {**({"teacher": teacher} if teacher is not None else {}),
-                **{f"student_{i + 1}": s for i, s in enumerate(students)}}
+                **{student_name(i): s for i, s in enumerate(students)}}
     for name, model in networks.items():
         model.load_state_dict(saved[name])
         model.to(torch.device(device)).eval()

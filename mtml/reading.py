@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .names import students_in
+
 SMALL_TEST_PATIENTS = 30  # below this, patient-level metrics move in large steps
-
-
-def _students(index) -> list[str]:
-    return [str(n) for n in index if str(n).startswith("student_")]
 
 
 def _both(values) -> str:
@@ -79,7 +77,7 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
     and a warning when `patients` (test patients) are too few to separate networks. Values are
     compared as printed (3 decimals); a missing value (NaN) is said to be missing."""
     m = metrics[metric].map(_r)
-    students = _students(m.index)
+    students = students_in(m.index)
     lines = []
     fact = premise(history, metric) if history is not None and "teacher" in m.index else None
     if "teacher" in m.index:

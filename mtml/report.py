@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from . import stats
+from .names import students_in
 
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "patient_auroc",
                   "patient_accuracy", "map50", "map", "recall", "precision")
@@ -30,7 +31,7 @@ def run_record(metrics: pd.DataFrame, **fields) -> dict:
     for net, row in metrics.iterrows():
         for m in cols:
             record[f"{net}/{m}"] = float(row[m])
-    students = metrics.loc[[n for n in metrics.index if str(n).startswith("student_")], cols]
+    students = metrics.loc[students_in(metrics.index), cols]
     for m in cols:
         record[f"students_mean/{m}"] = float(students[m].mean())
     return record

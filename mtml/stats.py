@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .names import students_in
+
 N_BOOT = 2000
 BOOTSTRAP_METRICS = ("auroc", "patient_auroc", "map50")
 RECALL_GRID = np.linspace(0, 1, 101)  # COCO's 101 recall thresholds
@@ -84,7 +86,7 @@ def unit_metric(units: pd.DataFrame, metric: str, who: str, counts: np.ndarray, 
         return np.concatenate([unit_metric(units, metric, who, counts[i:i + chunk], ids, chunk)
                                for i in range(0, len(counts), chunk)])
     if who == "students_mean":
-        students = sorted({c for c in _networks(units) if c.startswith("student_")})
+        students = sorted(students_in(_networks(units)))
         if not students:
             return np.full(len(counts), np.nan)
         return np.mean([unit_metric(units, metric, s, counts, ids) for s in students], axis=0)

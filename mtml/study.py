@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .cli import Parser
+from .names import students_in
 from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
                          task_from_parameters, typed)
 from .report import mean_ci, paired_differences, sets_in, summarise, summarise_sets
@@ -175,7 +176,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
                         commit=_commit(), machine=_machine(threads))
     row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
     nets = result.cohort.networks
-    students = [k for k in nets if k.startswith("student")]
+    students = students_in(nets)
     if study.task == "detection":
         from .detection_eval import operating_point
         from .diversity import detection_diversity

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from .io import load_checkpoint, map_tensors, save_checkpoint
 from .losses import student_objective
 from .models import build_cohort_networks, check_version
+from .names import student_name, students_in
 from .sampling import epoch_order, shard_order
 from .spec import RunSpec, differences, spec_of
 from .features import uses
@@ -236,7 +237,7 @@ class Cohort:
         self.networks = {}
         if self.teacher is not None:
             self.networks["teacher"] = self.teacher
-        self.networks.update({f"student_{i + 1}": s for i, s in enumerate(self.students)})
+        self.networks.update({student_name(i): s for i, s in enumerate(self.students)})
         self.adapters = _build_adapters(cfg, self.networks).to(self.device)
         trainable = {name: m for name, m in self.networks.items()
                      if not (name == "teacher" and self.frozen_teacher)}
@@ -269,7 +270,7 @@ class Cohort:
             teacher = build_teacher(cfg, networks)
         seed_everything(cfg.seed)  # dropout etc. draw the same stream in every mode
         if task is not None:
-            named = {f"student_{i + 1}": s for i, s in enumerate(students)}
+            named = {student_name(i): s for i, s in enumerate(students)}
             check_networks(task, {"teacher": teacher, **named} if teacher is not None else named)
             _check_stackable(cfg, None, task)
         return cls(cfg, teacher, students, device)
@@ -307,7 +308,7 @@ def _build_adapters(cfg: CohortConfig, networks: dict) -> nn.ModuleDict:
     if not cfg.uses_features:
         return adapters
     teacher_k, peer_k = cfg.knowledge()
-    students = [n for n in networks if n.startswith("student_")]
+    students = students_in(networks)
     channels = {n: feature_channels(m, cfg.feature_levels) for n, m in networks.items()}
     with torch.random.fork_rng(devices=[]):  # the modules' default init draws from the CPU stream: restored
         for i, name in enumerate(students):
@@ -398,7 +399,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
         s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features")))
     student_outs = [out for out, _ in forwards]
     for i, (out, maps) in enumerate(forwards):
-        name = f"student_{i + 1}"
+        name = student_name(i)
         peers = [j for j in range(len(forwards)) if j != i]
         sup = terms[f"{name}/sup"] = task.supervised_loss(out, batch)  # first: a NaN is named by its first term
         kd = ml = None
@@ -410,7 +411,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
             ml = _knowledge_terms(
                 terms, f"{name}/ml", peer_k, cfg.w_feat,
                 lambda: torch.stack([task.distill_loss(out, student_outs[j], cfg.temperature) for j in peers]).mean(),
-                lambda: torch.stack([cohort.adapters[name].loss(f"student_{j + 1}", maps, forwards[j][1])
+                lambda: torch.stack([cohort.adapters[name].loss(student_name(j), maps, forwards[j][1])
                                      for j in peers]).mean())
         loss = student_objective(sup, kd, ml, cfg.w_ce, ramp * cfg.w_kd, ramp * cfg.w_ml)
         terms[f"{name}/loss"] = loss
