@@ -15,7 +15,6 @@ from torchmetrics import functional as tmf
 from .names import ENSEMBLE, students_in
 
 
-
 def eval_batches(networks: dict, data, task, batch_size: int):
     """Sequential batches of `data` on the networks' device, the networks in eval mode meanwhile
     (their modes are restored afterwards). Shared by classification and detection."""

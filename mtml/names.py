@@ -1,6 +1,5 @@
-"""The cohort's member names, one spelling for every module: `teacher`, `student_1` ... `student_N`
-and the students' `ensemble`."""
-TEACHER = "teacher"
+"""The cohort's member names, one spelling for every module: `student_1` ... `student_N` and the
+students' `ensemble`."""
 ENSEMBLE = "ensemble"
 STUDENT_PREFIX = "student_"
 

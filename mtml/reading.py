@@ -35,8 +35,9 @@ def premise(history: pd.DataFrame, metric: str) -> dict | None:
     col = f"val/teacher/{metric}"
     if last is None or col not in history:
         return None
-    students = {c.split("/")[1]: _r(last[c]) for c in history
-                if c.startswith("val/student_") and c.endswith(f"/{metric}")}
+    students = {name: _r(last[f"val/{name}/{metric}"])
+                for name in students_in(c.split("/")[1] for c in history if c.startswith("val/"))
+                if f"val/{name}/{metric}" in history}
     teacher = _r(last[col])
     holds = all(teacher > v for v in students.values()) if _ok(teacher, *students.values()) else None
     return {"teacher": teacher, "students": students, "holds": holds}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtml.names import students_in
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results" / "synthetic_premise"
 
@@ -54,7 +56,8 @@ def report(planned: set) -> Path:
     if runs.empty:
         raise SystemExit(f"no finished run of the current defaults in {OUT / 'runs.csv'}: "
                          "python studies/synthetic_premise.py")
-    students = [c for c in runs.columns if c.startswith("student") and c.endswith("/val_auroc")]
+    students = [f"{s}/val_auroc" for s in dict.fromkeys(students_in(c.split("/")[0] for c in runs.columns))
+                if f"{s}/val_auroc" in runs.columns]
     runs["teacher_margin"] = (runs["teacher/val_auroc"] - runs[students].max(axis=1)).round(4)
     holds = int((runs["teacher_margin"] > 0).sum())
     table = runs[["mode", "seed", "teacher/val_auroc", *students, "teacher_margin"]].sort_values(["mode", "seed"])
