@@ -35,9 +35,8 @@ def premise(history: pd.DataFrame, metric: str) -> dict | None:
     col = f"val/teacher/{metric}"
     if last is None or col not in history:
         return None
-    students = {name: _r(last[f"val/{name}/{metric}"])
-                for name in students_in(c.split("/")[1] for c in history if c.startswith("val/"))
-                if f"val/{name}/{metric}" in history}
+    columns = {c.split("/")[1]: c for c in history if c.startswith("val/") and c.endswith(f"/{metric}")}
+    students = {name: _r(last[columns[name]]) for name in students_in(columns)}
     teacher = _r(last[col])
     holds = all(teacher > v for v in students.values()) if _ok(teacher, *students.values()) else None
     return {"teacher": teacher, "students": students, "holds": holds}
