@@ -99,28 +99,41 @@ def predict_detections(networks: dict, data, task, batch_size: int = 16, ensembl
     return preds, targets
 
 
-def detection_metrics(preds: list[dict], targets: list[dict], score_threshold: float = 0.3) -> dict:
+DETECTION_METRICS = ("map50", "map", "precision", "recall", "f1")
+
+
+def detection_metrics(preds: list[dict], targets: list[dict], score_threshold: float = 0.3,
+                      metrics=DETECTION_METRICS) -> dict:
     """mAP@0.5 and mAP@[.5:.95] (torchmetrics, COCO protocol); precision, recall and F1 of boxes
-    at IoU 0.5 and `score_threshold`, counted per frame and summed over frames."""
+    at IoU 0.5 and `score_threshold`, counted per frame and summed over frames. Only `metrics` are
+    computed: without "map", COCO's matching runs at IoU 0.5 alone (the same map50, 3x faster)."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-    metric.update(preds, targets)
-    result = metric.compute()
-    tp, n_pred, n_gt = np.sum([match_counts(p, t, score_threshold) for p, t in zip(preds, targets)], axis=0)
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gt if n_gt else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"map50": float(result["map_50"]), "map": float(result["map"]), "precision": float(precision),
-            "recall": float(recall), "f1": float(f1)}
+    unknown = set(metrics) - set(DETECTION_METRICS)
+    if unknown:
+        raise ValueError(f"unknown detection metrics {sorted(unknown)}; choose from {DETECTION_METRICS}")
+    out = {}
+    if {"map50", "map"} & set(metrics):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
+                                      iou_thresholds=None if "map" in metrics else [0.5])
+        metric.update(preds, targets)
+        result = metric.compute()
+        out = {"map50": float(result["map_50"]), "map": float(result["map"])}
+    if {"precision", "recall", "f1"} & set(metrics):
+        tp, n_pred, n_gt = np.sum([match_counts(p, t, score_threshold) for p, t in zip(preds, targets)], axis=0)
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_gt if n_gt else float("nan")
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        out.update(precision=float(precision), recall=float(recall), f1=float(f1))
+    return {k: out[k] for k in metrics}
 
 
 def evaluate_detection(networks: dict, data, task, batch_size: int = 16,
-                       return_predictions: bool = False, ensemble=None):
-    """DataFrame indexed by network (teacher, student_i, ensemble) with map50, map, precision,
-    recall, f1. With `return_predictions`, also the detections and targets (for drawing)."""
+                       return_predictions: bool = False, ensemble=None, metrics=DETECTION_METRICS):
+    """DataFrame indexed by network (teacher, student_i, ensemble) with `metrics` (default map50,
+    map, precision, recall, f1). With `return_predictions`, also the detections and targets (for drawing)."""
     preds, targets = predict_detections(networks, data, task, batch_size, ensemble)
-    frame = pd.DataFrame.from_dict({k: detection_metrics(p, targets, task.score_threshold)
+    frame = pd.DataFrame.from_dict({k: detection_metrics(p, targets, task.score_threshold, metrics)
                                     for k, p in preds.items()}, orient="index")
     frame.index.name = "network"
     return (frame, preds, targets) if return_predictions else frame

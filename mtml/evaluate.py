@@ -98,13 +98,16 @@ def classification_units(probs: dict, labels: np.ndarray, patients=None) -> pd.D
 
 
 def evaluate_classification(networks: dict, data, task, batch_size: int = 128,
-                            return_predictions: bool = False):
+                            return_predictions: bool = False, metrics=None):
     """DataFrame indexed by network (and `ensemble`) with tile-level metrics, plus
-    `patient_auroc` and `patient_accuracy` when `data.patients` lists a patient per item."""
+    `patient_auroc` and `patient_accuracy` when `data.patients` lists a patient per item;
+    only the columns `metrics` when given (the per-epoch validation)."""
     probs, labels = predict(networks, data, task, batch_size)
     if students_in(probs):
         probs[ENSEMBLE] = student_ensemble(probs)
     patients = getattr(data, "patients", None)
+    if metrics is not None and not any(m.startswith("patient_") for m in metrics):
+        patients = None
     rows = {}
     for name, p in probs.items():
         row = classification_metrics(p, labels)
@@ -116,4 +119,6 @@ def evaluate_classification(networks: dict, data, task, batch_size: int = 128,
         rows[name] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "network"
+    if metrics is not None:
+        frame = frame[list(metrics)]
     return (frame, probs, labels) if return_predictions else frame

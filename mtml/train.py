@@ -616,9 +616,9 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkp
                **{f"train/{k}": v / steps for k, v in sums.items()}}
         if val_data is not None:  # a replayed teacher's metrics come from its tape
             evaluated = {k: m for k, m in cohort.networks.items() if not (replaying and k == "teacher")}
-            metrics = task.evaluate(evaluated, val_data, batch_size=eval_batch_size)
+            metrics = task.evaluate(evaluated, val_data, batch_size=eval_batch_size, metrics=task.history_metrics)
             for net, values in metrics.iterrows():
-                for m in getattr(task, "history_metrics", metrics.columns):
+                for m in task.history_metrics:
                     row[f"val/{net}/{m}"] = float(values[m])
         if tape is not None:
             row = tape.epoch_end(row, epoch)

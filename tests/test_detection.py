@@ -315,3 +315,24 @@ def test_box_head_cannot_die(batch):
     assert (out["bbox_regression"] > 0).all()
     out["bbox_regression"].sum().backward()
     assert s.head.regression_head.bbox_reg.bias.grad.abs().min() > 0
+
+
+def test_detection_metrics_computes_only_what_is_asked_and_map50_alone_is_the_same():
+    """The per-epoch validation asks for map50 only: COCO's matching then runs at IoU 0.5 alone,
+    and map50 must equal the full protocol's to the last bit (random boxes around the gt, many of
+    them near IoU 0.5)."""
+    g = torch.Generator().manual_seed(0)
+    targets, preds = [], []
+    for _ in range(30):
+        gt = torch.rand(2, 2, generator=g) * 100
+        gt = torch.cat([gt, gt + 20 + torch.rand(2, 2, generator=g) * 30], 1)
+        boxes = gt.repeat(10, 1) + torch.randn(20, 4, generator=g) * 8
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        targets.append({"boxes": gt, "labels": torch.ones(2, dtype=torch.int64)})
+        preds.append(_dets(boxes.tolist(), torch.rand(20, generator=g).tolist()))
+    full = detection_metrics(preds, targets)
+    assert 0.05 < full["map50"] < 0.95 and full["map"] < full["map50"]
+    assert detection_metrics(preds, targets, metrics=("map50",)) == {"map50": full["map50"]}
+    assert detection_metrics(preds, targets, metrics=("recall", "f1")) == {"recall": full["recall"], "f1": full["f1"]}
+    with pytest.raises(ValueError, match="unknown detection metrics"):
+        detection_metrics(preds, targets, metrics=("map75",))

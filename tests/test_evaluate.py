@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -76,6 +77,16 @@ def test_patient_auroc_and_accuracy_on_a_hand_made_example():
         assert row["auroc"] == pytest.approx(15 / 21, abs=1e-6)
         assert row["accuracy"] == pytest.approx(7 / 10, abs=1e-6)
     assert binary_auroc(p1, labels == 1) == pytest.approx(15 / 21)  # the reference agrees
+
+
+def test_only_the_metrics_asked_for_are_returned_with_the_same_values():
+    data = hand_made()[0]
+    full = evaluate_classification({"student_1": FixedProbability()}, data, TASK)
+    some = evaluate_classification({"student_1": FixedProbability()}, data, TASK, metrics=("auroc", "patient_auroc"))
+    assert list(some.columns) == ["auroc", "patient_auroc"]
+    pd.testing.assert_frame_equal(some, full[["auroc", "patient_auroc"]])
+    tiles = evaluate_classification({"student_1": FixedProbability()}, data, TASK, metrics=("accuracy",))
+    pd.testing.assert_frame_equal(tiles, full[["accuracy"]])
 
 
 def test_patient_metrics_do_not_depend_on_tile_order():
