@@ -35,6 +35,10 @@ class DetectionTask:
     history_metrics = ("map50",)
     config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01,  # ours, with size=160 below
                        "feature_levels": 3}  # features matched on P3-P5 (mtml.features)
+    # settings() the teacher's training and its validation map50 never read: runs that differ only
+    # in them share one teacher tape (mtml.teacher_tape)
+    student_only_settings = ("ensemble", "score_threshold", "wbf_iou", "weighting", "box_loss",
+                             "w_cls", "w_box", "w_ctr")
 
     def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
                  score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",

@@ -34,14 +34,17 @@ STUDENT_ONLY = ("mode", "n_students", "temperature", "w_ce", "w_kd", "w_ml", "di
                 "teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels", "stack_students")
 
 
-def tape_key(spec: RunSpec) -> str:
-    """The identity of a run's online teacher: its spec without the students-only fields."""
+def tape_key(spec: RunSpec, task=None) -> str:
+    """The identity of a run's online teacher: its spec without the students-only fields (and
+    without `task.student_only_settings`, the task settings its teacher never reads)."""
     config = {k: v for k, v in spec.config.items() if k not in STUDENT_ONLY}
-    return RunSpec(spec.task, {**config, "role": "online teacher"}, spec.task_settings, spec.data).hash
+    skip = getattr(task, "student_only_settings", ())
+    settings = {k: v for k, v in spec.task_settings.items() if k not in skip}
+    return RunSpec(spec.task, {**config, "role": "online teacher"}, settings, spec.data).hash
 
 
-def tape_path(tape_dir, spec: RunSpec) -> Path:
-    return Path(tape_dir) / f"teacher-{tape_key(spec)}" / TAPE_NAME
+def tape_path(tape_dir, spec: RunSpec, task=None) -> Path:
+    return Path(tape_dir) / f"teacher-{tape_key(spec, task)}" / TAPE_NAME
 
 
 def _plain(x) -> bool:

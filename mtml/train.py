@@ -655,7 +655,7 @@ def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | N
         return None  # the data is known by its size only: a tape could be another dataset's
     from .teacher_tape import TapeRecorder, read_tape, tape_key, tape_path, teacher_meta
 
-    path, key, meta = tape_path(tape_dir, spec), tape_key(spec), teacher_meta(cohort.teacher, cohort.device, **run)
+    path, key, meta = tape_path(tape_dir, spec, task), tape_key(spec, task), teacher_meta(cohort.teacher, cohort.device, **run)
     if state is not None:  # resumed: go on as the checkpoint began
         if not replayed:
             return None

@@ -84,6 +84,17 @@ def test_detection_teacher_replays_exactly(tmp_path):
     assert calls == [], "a replayed teacher must not run"
     assert_same_run(trained, replayed)
 
+    # other distillation and ensemble settings: the same teacher, so the kd run's tape serves them too
+    task = DetectionTask(size=64, distill_weighting="confidence", box_loss="l1", w_distill_box=0.5,
+                         ensemble="wbf", score_threshold=0.5)
+    trained = detection_run(detection_cohort("kd_ml"), None)
+    cohort = detection_cohort("kd_ml")
+    calls = count_teacher_forwards(cohort)
+    replayed = detection_run(cohort, tmp_path)
+    assert calls == [] and replayed[1].attrs["teacher_replayed"] is True
+    assert_same_run(trained, replayed)
+    assert len(list(tmp_path.rglob("teacher_tape.pt"))) == 1
+
 
 def test_the_students_settings_share_the_teacher_its_own_do_not():
     def key(**kw):
@@ -93,6 +104,16 @@ def test_the_students_settings_share_the_teacher_its_own_do_not():
     assert key(mode="kd_ml", temperature=2.0, w_kd=0.5, n_students=3, distill_warmup_epochs=1.0) == key()
     for own in (dict(lr=0.01), dict(seed=1), dict(epochs=2), dict(batch_size=32), dict(amp=True)):
         assert key(**own) != key(), own
+
+    from mtml.detection import DetectionTask
+
+    def detection_key(**kw):
+        task = DetectionTask(**kw)
+        return tape_key(spec(CohortConfig.for_task(task, mode="kd"), task), task)
+
+    assert detection_key(distill_weighting="confidence", box_loss="l1", w_distill_cls=0.5, w_distill_box=2.0,
+                         w_distill_ctr=0.0, ensemble="wbf", score_threshold=0.5, wbf_iou=0.7) == detection_key()
+    assert detection_key(size=96) != detection_key()
 
 
 def test_who_records_instead_of_replaying(tmp_path, monkeypatch):
