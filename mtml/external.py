@@ -124,7 +124,7 @@ def load_run(run_dir, device: str = "cpu"):
     from .train import CohortConfig
 
     run_dir = Path(run_dir).expanduser()
-    hint = "give the folder of a finished run (runs/<task>/<version>/<mode>/seed<k>/<hash> or runs/demo/<notebook>)"
+    hint = "give the folder of a finished run (runs/<task>/<version>/<mode>-seed<k>-<hash> or runs/demo/<notebook>)"
     try:
         record = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError) as err:

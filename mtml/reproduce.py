@@ -6,9 +6,11 @@
 
 Every run of the grid gets its spec (`mtml.spec`: every setting that changes what it computes,
 and a fingerprint of its data) before anything runs; it executes the mode's notebook into
-`runs/<task>/<version>/<mode>/seed<k>/<spec hash>/`. A run whose metrics.json carries that hash
+`runs/<task>/<version>/<mode>-seed<k>-<spec hash>/`. A run whose metrics.json carries that hash
 is skipped; an unfinished one resumes from its checkpoint; a changed parameter is a new run in its
-own folder. The tables hold exactly the runs of the grid given (never stray records):
+own folder. The runs of one version share the run store beside them (`runs/<task>/<version>/store/`:
+checkpoints, teacher tapes), so a kd_ml run replays the teacher its seed's kd run recorded
+(`mtml.teacher_tape`; the same results, less time). The tables hold exactly the runs of the grid given (never stray records):
 `runs/<task>_results.csv` (one row per run, with its spec hash and settings), `<task>_paired.csv`
 (paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
 `runs/<task>_comparison.png`. A failed run does not stop the others; they are listed at the end
@@ -72,8 +74,8 @@ class PlannedRun:
         return c["version"], c["mode"], c["seed"]
 
     def out_dir(self, runs_dir: Path) -> Path:
-        version, mode, seed = self.cell
-        return Path(runs_dir) / self.spec.task / version / mode / f"seed{seed}" / self.spec.hash
+        version, mode, seed = self.cell  # one folder per version: its runs share the store beside them
+        return Path(runs_dir) / self.spec.task / version / f"{mode}-seed{seed}-{self.spec.hash}"
 
 
 def grid_runs(task: str, modes, versions, seeds):

@@ -90,6 +90,7 @@ class TapeRecorder:
         self.keep = keep or (lambda out: out)  # the part of an output that distillation reads
         self.outputs, self.sup, self.val = [], [], []
         self.bytes, self.spoiled = 0, ""
+        self.found = self.path.is_file()  # a tape there now is replaced (resume=False, other conditions)
 
     def step(self, step: int, train_teacher, device: torch.device):
         """Runs `train_teacher()` -> (detached outputs, feature maps, detached loss) and records it."""
@@ -130,6 +131,8 @@ class TapeRecorder:
         if self.spoiled:
             warnings.warn(f"the teacher was not recorded ({self.spoiled}): runs with the same teacher train it again")
             return None
+        if not self.found and self.path.is_file():  # a run beside this one recorded the same teacher meanwhile
+            return None  # its tape stays: a run replaying it may resume only with it
         state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
         return save_checkpoint(self.path, {"format": TAPE_FORMAT, "key": self.key, "id": uuid.uuid4().hex,
                                            "meta": self.meta, "outputs": self.outputs, "sup": self.sup,

@@ -9,7 +9,7 @@ import pytest
 
 from mtml import reproduce
 
-ARGV = ["--task", "classification", "--modes", "kd", "ml", "--seeds", "0", "1", "--smoke",
+ARGV = ["--task", "classification", "--modes", "kd", "kd_ml", "--seeds", "0", "1", "--smoke",
         "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
 
 
@@ -47,6 +47,9 @@ def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp
     metrics = [c for c in one if "/" in c]
     assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
     pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
+    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (in each job too)
+    for records in (one, two):
+        assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
     assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
 
     for k in (1, 2):  # two "machines", each with its own folder

@@ -323,7 +323,9 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
     assert records[0]["spec_hash"] != records[1]["spec_hash"]
     store = tmp_path / "store"  # the run store beside OUT_DIR: runs, and their teachers' tapes
     folders = sorted(p.name for p in store.iterdir() if not p.name.startswith("teacher-"))
-    assert len([p for p in store.iterdir() if p.name.startswith("teacher-")]) == 2  # box_loss is in the tape's key
+    # box_loss is the students' (DetectionTask.student_only_settings): the second run replays the first's teacher
+    assert len([p for p in store.iterdir() if p.name.startswith("teacher-")]) == 1
+    assert [r["teacher_replayed"] for r in records] == [False, True]
     assert folders == sorted(r["spec_hash"] for r in records)
     weights = [torch.load(tmp_path / "store" / h / "checkpoint.pt", weights_only=True)["cohort"]["networks"]
                for h in folders]

@@ -215,3 +215,16 @@ def test_a_tape_from_other_conditions_is_named_and_not_replayed(tmp_path):
     calls = count_teacher_forwards(changed)
     run(changed, tape_dir=tmp_path)
     assert calls
+
+
+def test_a_tape_recorded_meanwhile_by_a_run_beside_is_kept(tmp_path):
+    """Two runs of one teacher at once (a grid's jobs): the second to finish keeps the first's
+    tape, which a run may already replay; a tape there before recording began is replaced."""
+    path = tmp_path / "teacher-k" / "teacher_tape.pt"
+    recorder = TapeRecorder(path, "k", {})
+    path.parent.mkdir()
+    path.write_bytes(b"the other run's tape")
+    assert recorder.save(torch.nn.Linear(1, 1)) is None
+    assert path.read_bytes() == b"the other run's tape"
+    assert TapeRecorder(path, "k", {}).save(torch.nn.Linear(1, 1)) == path  # resume=False records afresh
+    assert path.read_bytes() != b"the other run's tape"
