@@ -9,8 +9,12 @@ and a fingerprint of its data) before anything runs; it executes the mode's note
 `runs/<task>/<version>/<mode>-seed<k>-<spec hash>/`. A run whose metrics.json carries that hash
 is skipped; an unfinished one resumes from its checkpoint; a changed parameter is a new run in its
 own folder. The runs of one version share the run store beside them (`runs/<task>/<version>/store/`:
-checkpoints, teacher tapes), so a kd_ml run replays the teacher its seed's kd run recorded
-(`mtml.teacher_tape`; the same results, less time). The tables hold exactly the runs of the grid given (never stray records):
+checkpoints, teacher tapes), so of kd and kd_ml of one seed, the later replays the teacher the
+earlier recorded, if it recorded one in the same folder before the later began (`mtml.teacher_tape`;
+the same results, less time): one after another in one process or one `--shard` part, under `--jobs`
+when the two do not overlap, never across parts with their own `--runs-dir`. Runs finished in the layout before 2026-11-28
+(`<version>/<mode>/seed<k>/<spec hash>/`) are still found and skipped; unfinished ones start again.
+The tables hold exactly the runs of the grid given (never stray records):
 `runs/<task>_results.csv` (one row per run, with its spec hash and settings), `<task>_paired.csv`
 (paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
 `runs/<task>_comparison.png`. A failed run does not stop the others; they are listed at the end
@@ -77,6 +81,17 @@ class PlannedRun:
         version, mode, seed = self.cell  # one folder per version: its runs share the store beside them
         return Path(runs_dir) / self.spec.task / version / f"{mode}-seed{seed}-{self.spec.hash}"
 
+    def finished_dir(self, *roots) -> Path | None:
+        """The folder under one of `roots` where this run finished (metrics.json with its hash), in
+        this layout or the one before 2026-11-28 (<version>/<mode>/seed<k>/<hash>, still read)."""
+        version, mode, seed = self.cell
+        for root in roots:
+            old = Path(root) / self.spec.task / version / mode / f"seed{seed}" / self.spec.hash
+            for folder in (self.out_dir(root), old):
+                if (_record(folder) or {}).get("spec_hash") == self.spec.hash:
+                    return folder
+        return None
+
 
 def grid_runs(task: str, modes, versions, seeds):
     if task not in RUNNERS:
@@ -100,6 +115,9 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
         unknown = sorted(set(params or {}) - set(defaults))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(defaults)}")
+        if (params or {}).get("BASELINE") not in (None, False):
+            raise ValueError("BASELINE: a grid has its own independent runs (add the mode 'independent'); "
+                             "leave BASELINE out of the grid's parameters")
         grid_only = {"BASELINE": False} if "BASELINE" in defaults else {}  # the grid has its own independent runs
         resolved = {**defaults, **grid_only, **(params or {}),
                     "MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"], "RESUME": True}
@@ -134,14 +152,14 @@ def run_grid(runs: list[PlannedRun], runs_dir: Path, smoke: bool = False,
     failed = []
     for run in runs:
         out_dir = run.out_dir(runs_dir)
-        record = _record(out_dir) or {}
-        if record.get("spec_hash") == run.spec.hash:
-            print(f"skip (finished): {out_dir}")
+        finished = run.finished_dir(runs_dir)
+        if finished is not None:
+            print(f"skip (finished): {finished}")
             try:
-                _add_external_sets(run, out_dir, record)
+                _add_external_sets(run, finished, _record(finished))
             except Exception as err:  # one failed run never stops the grid
-                failed.append((run, f"external sets: {err}"))
-                print(f"FAILED external sets: {out_dir}\n  {err}", file=sys.stderr)
+                failed.append((run, f"external sets of {finished}: {err}"))
+                print(f"FAILED external sets: {finished}\n  {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
         try:
@@ -167,11 +185,9 @@ def collect(runs: list[PlannedRun], runs_dir: Path, also=()) -> tuple[pd.DataFra
 
     records, units = [], {}
     for run in runs:
-        found = [d for d in (run.out_dir(root) for root in (runs_dir, *also))
-                 if (_record(d) or {}).get("spec_hash") == run.spec.hash]
-        if not found:
+        out_dir = run.finished_dir(runs_dir, *also)  # one spec hash is one run, wherever it finished
+        if out_dir is None:
             continue
-        out_dir = found[0]  # one spec hash is one run, wherever it finished
         record = _record(out_dir)
         records.append({**record, "path": str(out_dir)})
         if (out_dir / UNITS_FILE).is_file():

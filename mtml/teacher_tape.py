@@ -47,6 +47,15 @@ def tape_path(tape_dir, spec: RunSpec, task=None) -> Path:
     return Path(tape_dir) / f"teacher-{tape_key(spec, task)}" / TAPE_NAME
 
 
+def _file_stamp(path: Path):
+    """(inode, size, mtime) of the file at `path`, or None: tells a file written since from the one seen before."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _plain(x) -> bool:
     """True for tensors and numbers in dicts, lists and tuples: what a weights-only load reads back."""
     if isinstance(x, dict):
@@ -90,7 +99,7 @@ class TapeRecorder:
         self.keep = keep or (lambda out: out)  # the part of an output that distillation reads
         self.outputs, self.sup, self.val = [], [], []
         self.bytes, self.spoiled = 0, ""
-        self.found = self.path.is_file()  # a tape there now is replaced (resume=False, other conditions)
+        self.found = _file_stamp(self.path)  # a tape there now is replaced (resume=False, other conditions)
 
     def step(self, step: int, train_teacher, device: torch.device):
         """Runs `train_teacher()` -> (detached outputs, feature maps, detached loss) and records it."""
@@ -131,7 +140,8 @@ class TapeRecorder:
         if self.spoiled:
             warnings.warn(f"the teacher was not recorded ({self.spoiled}): runs with the same teacher train it again")
             return None
-        if not self.found and self.path.is_file():  # a run beside this one recorded the same teacher meanwhile
+        now = _file_stamp(self.path)
+        if now is not None and now != self.found:  # a run beside this one recorded the same teacher meanwhile
             return None  # its tape stays: a run replaying it may resume only with it
         state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
         return save_checkpoint(self.path, {"format": TAPE_FORMAT, "key": self.key, "id": uuid.uuid4().hex,

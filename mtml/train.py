@@ -664,9 +664,10 @@ def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | N
             raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed "
                              f"({why or 'recorded again since'}): delete {Path(ckpt).parent} to train the run again")
         return replay
+    recorder = TapeRecorder(path, key, meta, getattr(task, "distill_target", None))  # notes the file as it is now
     replay = read_tape(path, key, meta)[0] if resume else None  # resume=False retrains: records afresh
     if replay is None:
-        return TapeRecorder(path, key, meta, getattr(task, "distill_target", None))
+        return recorder
     needs_maps = any(uses(k, "features") for k in cohort.cfg.knowledge()[0])  # a tape holds no feature maps
     return None if needs_maps else replay  # with maps the teacher trains, and its tape is kept for others
 

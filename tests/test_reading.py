@@ -107,7 +107,9 @@ def test_grid_runs_skip_the_notebooks_baseline():
 
     runs = plan("classification", ["kd", "ml"], ["tiny"], [0])
     assert [r.parameters["BASELINE"] for r in runs] == [False, False]
-    assert plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": True})[0].parameters["BASELINE"] is True
+    assert plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": False})[0].parameters["BASELINE"] is False
+    with pytest.raises(ValueError, match="own independent runs"):  # a baseline would share the grid's store folder
+        plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": True})
 
 
 def test_reading_compares_numbers_as_it_prints_them():

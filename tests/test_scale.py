@@ -47,7 +47,8 @@ def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp
     metrics = [c for c in one if "/" in c]
     assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
     pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
-    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (in each job too)
+    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (here also under --jobs 2,
+    # whose every-2nd-run split gives one job seed 0's kd then kd_ml, the other seed 1's)
     for records in (one, two):
         assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
     assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4

@@ -277,6 +277,29 @@ def test_runner_reports_only_its_grid_and_reruns_a_changed_parameter(tmp_path, m
     assert len(table) == 6 and (table["epochs"] == 2).all()
 
 
+def test_runs_finished_in_the_old_layout_are_found_and_a_grid_baseline_is_refused(tmp_path, monkeypatch):
+    """Runs went to <version>/<mode>/seed<k>/<hash>/ before 2026-11-28: a grid moved on to the new
+    layout skips and reports them instead of training them again."""
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    calls = []
+    monkeypatch.setattr(reproduce, "execute", fake_execute(calls))
+    runs = tmp_path / "runs"
+    argv = ["--modes", "kd", "kd_ml", "--seeds", "0", "1", "--runs-dir", str(runs), "--param", "EPOCHS=1"]
+    assert reproduce.main(argv) == 0 and len(calls) == 4
+    first = pd.read_csv(runs / "classification_results.csv")
+    for folder in sorted((runs / "classification" / "tiny").glob("*-seed*-*")):
+        mode, seed, spec_hash = folder.name.rsplit("-", 2)
+        old = runs / "classification" / "tiny" / mode / seed / spec_hash
+        old.parent.mkdir(parents=True)
+        folder.rename(old)
+    assert reproduce.main(argv) == 0 and len(calls) == 4, "runs finished in the old layout are not run again"
+    again = pd.read_csv(runs / "classification_results.csv")
+    assert sorted(again["spec_hash"]) == sorted(first["spec_hash"])
+    assert again["path"].str.contains("/seed[01]/", regex=True).all()
+    with pytest.raises(ValueError, match="BASELINE"):
+        reproduce.plan("classification", ["kd"], ["tiny"], [0], {"BASELINE": True})
+
+
 def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     calls = []

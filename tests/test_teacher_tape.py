@@ -226,5 +226,11 @@ def test_a_tape_recorded_meanwhile_by_a_run_beside_is_kept(tmp_path):
     path.write_bytes(b"the other run's tape")
     assert recorder.save(torch.nn.Linear(1, 1)) is None
     assert path.read_bytes() == b"the other run's tape"
-    assert TapeRecorder(path, "k", {}).save(torch.nn.Linear(1, 1)) == path  # resume=False records afresh
-    assert path.read_bytes() != b"the other run's tape"
+    recorder = TapeRecorder(path, "k", {})  # a tape there before recording began (resume=False) ...
+    replaced = path.with_suffix(".new")
+    replaced.write_bytes(b"a sibling's tape, written while this one recorded")
+    replaced.replace(path)  # ... but replaced meanwhile, as atomic writes do: the sibling's stays
+    assert recorder.save(torch.nn.Linear(1, 1)) is None
+    assert path.read_bytes().startswith(b"a sibling's tape")
+    assert TapeRecorder(path, "k", {}).save(torch.nn.Linear(1, 1)) == path  # unchanged since: recorded afresh
+    assert not path.read_bytes().startswith(b"a sibling's tape")
