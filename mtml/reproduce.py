@@ -216,6 +216,8 @@ def _add_external_sets(run: PlannedRun, out_dir: Path, record: dict) -> None:
 def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[Path, Path | None]:
     """Writes the grid's tables and figure into `runs_dir` (from the runs finished there or in
     the folders `also`); prints the paper-shaped and the paired tables."""
+    import matplotlib.pyplot as plt
+
     from .external import set_name
     from .plots import comparison_figure
     from .report import paired_differences, paper_table, sets_in, summarise_sets
@@ -229,6 +231,7 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[
         metric = METRIC[task]
         fig = comparison_figure(table, metric, f"{task}: {metric} per mode (our runs; mean, 95% CI over seeds)")
         figure = save_figure(fig, runs_dir / f"{task}_comparison.png", dpi=120)
+        plt.close(fig)  # written: one process may report many grids
         print(paper_table(table, metric).to_string())
         paired = paired_differences(table, metric, units=units or None)
         write_csv(runs_dir / f"{task}_paired.csv", paired, index=False)
