@@ -12,8 +12,9 @@ own folder. The runs of one version share the run store beside them (`runs/<task
 checkpoints, teacher tapes), so of kd and kd_ml of one seed, the later replays the teacher the
 earlier recorded, if it recorded one in the same folder before the later began (`mtml.teacher_tape`;
 the same results, less time): one after another in one process or one `--shard` part, under `--jobs`
-when the two do not overlap, never across parts with their own `--runs-dir`. Runs finished in the layout before 2026-11-28
-(`<version>/<mode>/seed<k>/<spec hash>/`) are still found and skipped; unfinished ones start again.
+when the two do not overlap, never across parts with their own `--runs-dir`. Runs finished in the
+layout before 2026-11-28 (`<version>/<mode>/seed<k>/<spec hash>/`) are still found and skipped;
+unfinished ones start again.
 The tables hold exactly the runs of the grid given (never stray records):
 `runs/<task>_results.csv` (one row per run, with its spec hash and settings), `<task>_paired.csv`
 (paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
