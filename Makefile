@@ -8,7 +8,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# torch's CUDA build makes a new venv about 6.5 GB: check the disk first, not after pip fails midway.
 $(STAMP): requirements.txt pyproject.toml
+	@need=$$(test -x $(PY) && echo 1 || echo 8); \
+	free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	test "$$free" -ge "$$need" || { echo "make: $$free GiB free on $$(df -P . | awk 'NR==2 {print $$6}'), \
+	the venv needs about $$need GiB: free disk space (old clones, /tmp) and rerun make" >&2; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
