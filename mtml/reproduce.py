@@ -11,10 +11,9 @@ is skipped; an unfinished one resumes from its checkpoint; a changed parameter i
 own folder. The runs of one version share the run store beside them (`runs/<task>/<version>/store/`:
 checkpoints, teacher tapes), so of kd and kd_ml of one seed, the later replays the teacher the
 earlier recorded, if it recorded one in the same folder before the later began (`mtml.teacher_tape`;
-the same results, less time): one after another in one process or one `--shard` part, under `--jobs`
-when the two do not overlap, never across parts with their own `--runs-dir`. Runs finished in the
-layout before 2026-11-28 (`<version>/<mode>/seed<k>/<spec hash>/`) are still found and skipped;
-unfinished ones start again.
+the same results, less time); `--shard` and `--jobs` keep the two in one part, one after the other.
+Runs finished in the layout before 2026-11-28 (`<version>/<mode>/seed<k>/<spec hash>/`) are still
+found and skipped; unfinished ones start again.
 The tables hold exactly the runs of the grid given (never stray records):
 `runs/<task>_results.csv` (one row per run, with its spec hash and settings), `<task>_paired.csv`
 (paired differences with seed and bootstrap intervals, Holm-adjusted p-values) and the figure
@@ -29,8 +28,8 @@ Many devices and machines (the grid's runs are independent):
 
 `--jobs N` starts N worker processes on this machine, each pinned to one GPU
 (`CUDA_VISIBLE_DEVICES`) or, on CPU, to its share of the cores (`OMP_NUM_THREADS`). `--shard K/M`
-runs the K-th of M disjoint parts of the grid (every M-th run, so each part mixes modes and
-seeds), for a scheduler's job array (`docs/slurm_grid.sbatch`); `--report` then collects the
+runs the K-th of M disjoint parts of the grid (the runs of one teacher in one part), for a
+scheduler's job array (`docs/slurm_grid.sbatch`); `--report` then collects the
 union of the shards' folders.
 """
 from __future__ import annotations
@@ -51,6 +50,7 @@ from .cli import Parser
 from .io import save_figure, write_csv
 from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
+from .train import USES_TEACHER
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -64,6 +64,7 @@ RUNNERS = {
                   "offline": "05_detection_kd_only", "kd_ml_styles": "07_detection_kd_plus_ml"},
 }
 METRIC = {"classification": "auroc", "detection": "map50"}
+ONLINE_TEACHER = tuple(m for m in USES_TEACHER if m != "offline")  # the modes that record or replay a tape
 
 
 @dataclass(frozen=True)
@@ -314,10 +315,23 @@ def parse_part(text: str, what: str) -> tuple[int, int]:
     return k, m
 
 
+def _teacher_group(run: PlannedRun, index: int) -> tuple:
+    """The runs that train one online teacher (kd, kd_ml, ... of one task, version and seed) share a key."""
+    version, mode, seed = run.cell
+    return ("teacher", run.spec.task, version, seed) if mode in ONLINE_TEACHER else ("run", index)
+
+
 def shard(runs: list, k: int, m: int) -> list:
-    """The K-th of M disjoint parts of `runs` (every M-th run, starting at the K-th): the parts
-    cover the grid and never overlap."""
-    return runs[k - 1::m]
+    """The K-th of M disjoint parts of `runs`; the parts cover the grid. The runs of one online
+    teacher stay together, in grid order, so the later replays the tape of the earlier; each such
+    group goes to the part with the fewest runs so far (the first of those on a tie)."""
+    groups: dict = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(_teacher_group(run, i), []).append(run)
+    parts = [[] for _ in range(m)]
+    for group in groups.values():
+        min(parts, key=len).extend(group)
+    return parts[k - 1]
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

@@ -68,8 +68,8 @@ def test_a_term_weight_of_zero_switches_that_term_off_exactly(outputs, weighting
     assert float(loss.detach()) == pytest.approx(sum(float(r[0].detach()) for r in results), rel=1e-6)
     for i, g in enumerate(grads):
         torch.testing.assert_close(g, results[0][1][i] + results[1][1][i], rtol=1e-5, atol=1e-9)
-    everything = float(DenseDistillation(weighting)(student_out, teacher_out, 2.0))
-    assert everything > float(loss)  # the switched-off term was not zero
+    everything = float(DenseDistillation(weighting)(student_out, teacher_out, 2.0).detach())
+    assert everything > float(loss.detach())  # the switched-off term was not zero
 
 
 def test_foreground_weighting_leaves_out_the_background_channel(outputs):

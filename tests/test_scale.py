@@ -1,8 +1,10 @@
-"""The reproduction grid on many devices and machines: `--shard K/M` parts are disjoint and cover
-the grid, `--jobs N` gives the same records as one job, and a report collects the shards' folders."""
+"""The reproduction grid on many devices and machines: `--shard K/M` parts are disjoint, cover the
+grid and keep the runs of one teacher together, `--jobs N` gives the same records as one job, and a
+report collects the shards' folders."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -20,13 +22,28 @@ def synthetic_only(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernels of one job use what --jobs 2 gives each
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 7])
-def test_shards_are_disjoint_and_cover_the_grid(m):
-    runs = list(range(17))  # any list of planned runs
+def _grid(modes, versions=("tiny", "v1"), seeds=(0, 1, 2)) -> list:
+    """Stand-ins for planned runs, in grid order (version, then mode, then seed)."""
+    return [SimpleNamespace(cell=(v, mode, seed), spec=SimpleNamespace(task="classification"))
+            for v in versions for mode in modes for seed in seeds]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 40])
+def test_shards_are_disjoint_cover_the_grid_and_keep_each_teachers_runs_together(m):
+    runs = _grid(["independent", "kd", "ml", "kd_ml", "offline"])
     parts = [reproduce.shard(runs, k, m) for k in range(1, m + 1)]
-    assert sorted(sum(parts, [])) == runs
-    assert all(not set(a) & set(b) for i, a in enumerate(parts) for b in parts[i + 1:])
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+    placed = [id(run) for part in parts for run in part]
+    assert len(placed) == len(set(placed)) == len(runs) and set(placed) == set(map(id, runs))
+    for part in parts:  # kd and kd_ml of one version and seed: one part, in grid order (kd records, kd_ml replays)
+        cells = [run.cell for run in part]
+        for version, mode, seed in cells:
+            if mode in ("kd", "kd_ml"):
+                assert {(version, "kd", seed), (version, "kd_ml", seed)} <= set(cells)
+                assert cells.index((version, "kd", seed)) < cells.index((version, "kd_ml", seed))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 2  # balanced to within one group
+    if m == 5:  # offline's frozen teacher records no tape: it is not kept with its seed's kd
+        where = {run.cell: k for k, part in enumerate(parts) for run in part}
+        assert any(where[(v, "offline", s)] != where[(v, "kd", s)] for v, _, s in where)
 
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "2", "a/b", "1/0"])
@@ -47,8 +64,8 @@ def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp
     metrics = [c for c in one if "/" in c]
     assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
     pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
-    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (here also under --jobs 2,
-    # whose every-2nd-run split gives one job seed 0's kd then kd_ml, the other seed 1's)
+    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (also under --jobs 2,
+    # whose split keeps the two runs of one teacher in one job)
     for records in (one, two):
         assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
     assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
