@@ -1,6 +1,6 @@
 """How different the students of one cohort are on the test set: the mechanism behind an
-ensemble's gain (mutual learning pulls students together; distillation from one teacher pulls
-them towards the teacher).
+ensemble's gain (mutual learning is meant to pull students together, distillation from one
+teacher towards the teacher; whether it does is measured here, not assumed).
 
 - classification: `disagreement` is the share of tiles where two students' predicted classes
   differ; `kl` the mean KL(p_i || p_j) between their class probabilities;

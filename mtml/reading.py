@@ -211,15 +211,27 @@ def read_verdicts(verdicts: pd.DataFrame, metric: str) -> str:
     return "\n\n".join(lines)
 
 
-def read_teachers(summary: pd.DataFrame) -> str:
-    """Teacher against the students' mean per mode over seeds (`mtml.report.summarise`)."""
-    rows = summary.dropna(subset=["teacher_mean"]) if "teacher_mean" in summary else summary.iloc[:0]
-    if rows.empty:
+def read_teachers(runs: pd.DataFrame, metric: str) -> str:
+    """Teacher minus the students' mean per mode, paired by seed, with its 95% t-interval over
+    seeds: "ahead" or "behind" only when the interval excludes 0."""
+    from .report import mean_ci
+
+    teacher, students = f"teacher/{metric}", f"students_mean/{metric}"
+    if teacher not in runs or students not in runs or runs[teacher].isna().all():
         return "**Teacher vs students.** No mode here has a teacher."
-    parts = [f"{r.mode}: teacher {r.teacher_mean:.3f} vs students {r.students_mean_mean:.3f}"
-             for r in rows.itertuples()]
-    beaten = [r.mode for r in rows.itertuples() if _r(r.teacher_mean) <= _r(r.students_mean_mean)]
-    return ("**Teacher vs students (test, mean over seeds).** " + "; ".join(parts) + ". "
-            + (f"In {', '.join(beaten)} the students' mean matches or beats the teacher: distillation's "
-               "premise, a stronger teacher, does not hold there." if beaten else
-               "The teacher is ahead in every mode, as distillation assumes."))
+    parts, behind = [], []
+    by = ["version", "mode"] if "version" in runs and runs["version"].nunique() > 1 else ["mode"]
+    for key, g in runs.dropna(subset=[teacher]).groupby(by, sort=False):
+        mode = " ".join(map(str, key))
+        mean, half, n = mean_ci(g[teacher] - g[students])
+        if not np.isfinite(half):
+            parts.append(f"{mode}: {mean:+.3f} ({n} seed, no interval)")
+            continue
+        where = "ahead" if mean - half > 0 else "behind" if mean + half < 0 else "not separable from 0"
+        parts.append(f"{mode}: {mean:+.3f} ± {half:.3f} over {n} seeds, {where}")
+        behind += [mode] if where == "behind" else []
+    verdict = (f" In {', '.join(behind)} the students beat their teacher: distillation's premise, a stronger "
+               "teacher, does not hold there." if behind else
+               " Distillation assumes a stronger teacher: only an interval above 0 shows one.")
+    return ("**Teacher minus the students' mean (test, paired by seed, 95% t-interval).** "
+            + "; ".join(parts) + "." + verdict)

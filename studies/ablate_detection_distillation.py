@@ -1,5 +1,8 @@
 """Ablation of the detection distillation on real Kvasir-SEG VALIDATION frames (never the test split).
 
+It uses the frame-by-frame split (`SPLIT_BY = "frame"`, kept so these runs keep their hashes); the
+studies split by near-duplicate groups, and 6 of their 99 test frames are validation frames here.
+
     python studies/ablate_detection_distillation.py [--workers 2] [--seeds 0 1 2]   # run (resumable)
     python studies/ablate_detection_distillation.py --report                        # tables only
 

@@ -3,7 +3,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from mtml.reading import paired_spread, premise, reading
+from mtml.reading import paired_spread, premise, read_teachers, reading
 
 matplotlib.use("Agg")
 
@@ -168,3 +168,22 @@ def test_knowledge_flows_adds_the_highlighted_mode():
 
     fig = knowledge_flows(highlight="offline")
     assert [ax.get_title() for ax in fig.axes] == ["independent", "kd", "ml", "kd_ml", "offline"]
+
+
+def _teacher_runs(rows):
+    return pd.DataFrame([{"mode": m, "seed": k, "teacher/auroc": t, "students_mean/auroc": s}
+                         for m, k, t, s in rows])
+
+
+def test_read_teachers_calls_a_teacher_ahead_or_behind_only_when_its_interval_excludes_0():
+    text = read_teachers(_teacher_runs(
+        [("kd", k, 0.90 + d, 0.80) for k, d in enumerate([0.00, 0.01, 0.02])]        # +0.11 ± 0.02: ahead
+        + [("kd_ml", k, 0.80, 0.85 + d) for k, d in enumerate([0.00, 0.01, 0.02])]   # -0.06 ± 0.02: behind
+        + [("offline", k, 0.80, 0.80 + d) for k, d in enumerate([-0.05, 0.01, 0.05])]  # spans 0
+        + [("ml", k, float("nan"), 0.8) for k in range(3)]), "auroc")
+    assert "kd: +0.110 ± 0.025 over 3 seeds, ahead" in text
+    assert "kd_ml: -0.060 ± 0.025 over 3 seeds, behind" in text
+    assert "offline: -0.003 ± 0.125 over 3 seeds, not separable from 0" in text
+    assert "; ml:" not in text and "In kd_ml the students beat their teacher" in text
+    assert "1 seed, no interval" in read_teachers(_teacher_runs([("kd", 0, 0.9, 0.8)]), "auroc")
+    assert "No mode here has a teacher" in read_teachers(_teacher_runs([("ml", 0, float("nan"), 0.8)]), "auroc")
