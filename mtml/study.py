@@ -312,13 +312,29 @@ def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFra
 
 def detectable_difference(differences, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest true mean paired difference a two-sided paired t-test at `alpha` detects with
-    probability `power`, given the observed spread of the differences and their number."""
+    probability `power` (exact: the noncentral t's tails, integrated over the chi-square of the
+    spread), taking the observed spread of the differences as the true one, for their number."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
     d = np.asarray(differences, float)
     n = len(d)
     if n < 2:
         return math.nan
-    t = scipy_stats.t
-    return float((t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * d.std(ddof=1) / math.sqrt(n))
+    sd, df = d.std(ddof=1), n - 1
+    if sd == 0:
+        return 0.0
+    crit, norm, chi2 = scipy_stats.t.ppf(1 - alpha / 2, df), scipy_stats.norm, scipy_stats.chi2
+
+    def shortfall(nc):  # P(|T| > crit) - power, T noncentral t with df and nc
+        tails = lambda v: (norm.sf(crit * math.sqrt(v / df) - nc)  # noqa: E731
+                           + norm.cdf(-crit * math.sqrt(v / df) - nc)) * chi2.pdf(v, df)
+        return quad(tails, 0, math.inf)[0] - power
+
+    high = 4.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(brentq(shortfall, 0.0, high, xtol=1e-10) * sd / math.sqrt(n))
 
 
 def verdicts(runs: pd.DataFrame, metric: str, units: dict | None, claims=CLAIMS) -> pd.DataFrame:

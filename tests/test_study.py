@@ -32,12 +32,18 @@ def test_committed_study_files_load_with_every_mode_and_five_seeds(name):
     assert len(s.planned(smoke=True)) == 2 * len(s.modes)
 
 
-def test_detectable_difference_is_the_paired_t_power_formula():
+def test_detectable_difference_has_the_power_it_claims():
     d = np.array([0.01, -0.02, 0.03, 0.00, 0.015])
-    t = scipy_stats.t
-    expected = (t.ppf(0.975, 4) + t.ppf(0.8, 4)) * d.std(ddof=1) / math.sqrt(5)
-    assert detectable_difference(d) == pytest.approx(expected)
-    assert detectable_difference(np.r_[d, d]) < expected  # more seeds, smaller detectable difference
+    sd, alpha = d.std(ddof=1), 0.05 / 3
+    delta = detectable_difference(d, alpha)
+    # simulated paired t-tests over 5 seeds with that true difference and spread reject 80% of the time
+    x = np.random.default_rng(0).normal(delta, sd, (40_000, 5))
+    t_stat = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(5))
+    assert np.mean(np.abs(t_stat) > scipy_stats.t.ppf(1 - alpha / 2, 4)) == pytest.approx(0.8, abs=0.01)
+    central = (scipy_stats.t.ppf(1 - alpha / 2, 4) + scipy_stats.t.ppf(0.8, 4)) * sd / math.sqrt(5)
+    assert delta > central  # the central-t shortcut overstates the power at 5 seeds
+    assert detectable_difference(np.r_[d, d], alpha) < delta  # more seeds, smaller detectable difference
+    assert detectable_difference([0.01]) != detectable_difference([0.01])  # NaN: one seed has no spread
 
 
 def _runs(kd_ml_minus):
