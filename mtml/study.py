@@ -173,7 +173,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
                         augment=augment or task.augment, progress=False, spec=spec,
                         external=external_sets(study, task, params))
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
-                        commit=_commit(), machine=_machine(threads))
+                        commit=current_commit(), machine=machine_label(threads))
     row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
     nets = result.cohort.networks
     students = students_in(nets)
@@ -201,7 +201,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     return row, units
 
 
-def _commit() -> str:
+def current_commit() -> str:
     """HEAD's short hash, with "+changes" when tracked files differ from it (the run used code
     that no commit holds as it was)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
@@ -210,7 +210,23 @@ def _commit() -> str:
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
-def _machine(threads: int) -> str:
+def code_changes(commits, repo=REPO) -> str:
+    """How `mtml/` differs between the oldest and newest of `commits` (git's shortstat), since a
+    spec hash covers settings and data, not code; "" for one commit."""
+    found = sorted({str(c).removesuffix("+changes") for c in commits})
+    if len(found) < 2:
+        return ""
+    dated = subprocess.run(["git", "log", "--no-walk=sorted", "--format=%h", *found], cwd=repo,
+                           capture_output=True, text=True)
+    order = dated.stdout.split()
+    if dated.returncode or len(order) != len(found):
+        return "; mtml/ between them not compared (a commit is not in this checkout)"
+    stat = subprocess.run(["git", "diff", "--shortstat", order[-1], order[0], "--", "mtml"], cwd=repo,
+                          capture_output=True, text=True).stdout.strip()
+    return f"; mtml/ from {order[-1]} to {order[0]}: {stat or 'unchanged'} (a spec hash does not cover code)"
+
+
+def machine_label(threads: int) -> str:
     import torch
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} torch thread(s) per run"
@@ -423,7 +439,7 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
         "ensemble on the TEST split, each run tested once; every parameter fixed in the study file beforehand",
         f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))}; runs: {len(runs)} of "
         f"{len(runs) + len(missing)} planned" + (f" (MISSING: {len(missing)})" if missing else ""),
-        f"- code: commit(s) {commits}; machine: {machines}",
+        f"- code: commit(s) {commits}{code_changes(runs['commit'])}; machine: {machines}",
         f"- time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over the runs' own "
         f"clocks (parallel workers overlap, so the wall time is shorter); budget: {study.budget_minutes:.0f} min "
         "of wall time",
@@ -546,7 +562,7 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
             return kept
     costs = network_costs(study.task, study.version, int(params.get("N_STUDENTS", 2)), size=size,
                           repeats=5 if smoke else 50)
-    costs = costs.assign(setting=setting, machine=_machine(int(costs["threads"].iloc[0])).split(", CPU")[0])
+    costs = costs.assign(setting=setting, machine=machine_label(int(costs["threads"].iloc[0])).split(", CPU")[0])
     costs.to_csv(path, float_format="%.6g")
     return costs
 

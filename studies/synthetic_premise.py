@@ -30,8 +30,11 @@ def read_runs() -> pd.DataFrame:
 
 
 def run(params: dict) -> dict:
+    import torch
+
     import mtml
     from mtml.parameters import classification_manifest, config_from_parameters, spec_from_parameters, task_from_parameters
+    from mtml.study import current_commit, machine_label
     from mtml.tiles import TileDataset
 
     manifest, kind = classification_manifest(params.get("DATA_DIR"))
@@ -43,7 +46,7 @@ def run(params: dict) -> dict:
                                         augment=task.augment, progress=False, spec=spec)
     last = result.history.iloc[-1]
     row = {"spec_hash": spec.hash, "mode": params["MODE"], "seed": params["SEED"], "data": kind,
-           "epochs": params["EPOCHS"]}
+           "epochs": params["EPOCHS"], "commit": current_commit(), "machine": machine_label(torch.get_num_threads())}
     for net in result.cohort.networks:
         row[f"{net}/val_auroc"] = round(float(last[f"val/{net}/auroc"]), 4)
     return row

@@ -1,6 +1,8 @@
 """Studies: the study file, verdicts, the detectable difference, the operating point, diversity,
 and the study command end to end (smoke: resumable, re-running nothing, identical tables)."""
 import math
+import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -170,3 +172,29 @@ def test_kvasir_study_command_smoke_on_real_frames(tmp_path):
     assert runs[["diversity/disagreement", "diversity/kl"]].ge(0).all().all()
     text = (out / "RESULTS.md").read_text()
     assert "cross_split_pairs_grouped_split: 0" in text and "| kd_ml ensemble > kd ensemble |" in text
+
+
+def test_a_report_says_how_the_code_changed_between_the_commits_of_its_runs(tmp_path):
+    from mtml.study import code_changes
+
+    def git(*args, day=1):  # commit dates one day apart: the report orders commits by date
+        env = {**os.environ, "GIT_COMMITTER_DATE": f"2026-01-0{day}T00:00:00", "GIT_AUTHOR_DATE": f"2026-01-0{day}T00:00:00"}
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, env=env,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "mtml").mkdir()
+    (tmp_path / "mtml" / "a.py").write_text("x = 1\n")
+    git("add", "."), git("commit", "-qm", "one", day=1)
+    first = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "notes.md").write_text("not code\n")
+    git("add", "."), git("commit", "-qm", "two", day=2)
+    docs_only = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "mtml" / "a.py").write_text("x = 2\ny = 3\n")
+    git("add", "."), git("commit", "-qm", "three", day=3)
+    last = git("rev-parse", "--short", "HEAD")
+    assert code_changes([first], tmp_path) == ""
+    assert f"from {first} to {docs_only}: unchanged" in code_changes([docs_only, first], tmp_path)
+    said = code_changes([last, first + "+changes", docs_only], tmp_path)
+    assert f"from {first} to {last}: 1 file changed, 2 insertions(+), 1 deletion(-)" in said
+    assert "not compared" in code_changes([first, "deadbee"], tmp_path)
