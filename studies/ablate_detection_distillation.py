@@ -1,7 +1,8 @@
 """Ablation of the detection distillation on real Kvasir-SEG VALIDATION frames (never the test split).
 
 It uses the frame-by-frame split (`SPLIT_BY = "frame"`, kept so these runs keep their hashes); the
-studies split by near-duplicate groups, and 6 of their 99 test frames are validation frames here.
+studies split by near-duplicate groups, and 6 of their 99 test frames are validation frames here
+(`python studies/check_results.py overlap`).
 
     python studies/ablate_detection_distillation.py [--workers 2] [--seeds 0 1 2]   # run (resumable)
     python studies/ablate_detection_distillation.py --report                        # tables only
@@ -117,8 +118,8 @@ def report(seeds) -> Path:
              f"Tiny detectors, {BASE['TRAIN_FRAMES']} training frames, {BASE['EPOCHS']} epochs, "
              f"{BASE['FRAME_SIZE']} px, batch {BASE['BATCH_SIZE']}, lr {BASE['LR']}; metric: mAP@0.5 of the "
              f"student ensemble on {BASE['EVAL_FRAMES']} VALIDATION frames of the {BASE['SPLIT_BY']} split (its test "
-             "split is never loaded; the studies split by near-duplicate groups, and 6 of their 99 test frames are "
-             "validation frames here: README, 'A caveat on these detection numbers'). "
+             "split is never loaded; the studies split by near-duplicate groups, and some of their test frames are "
+             "validation frames here: docs/results/checks/overlap.md). "
              "Base: foreground weighting, no warm-up, tau 4, every term on. Intervals: Student-t 95% over "
              "seeds (half-width); paired differences by seed.", "",
              f"Runs: {len(table)}; seeds per cell: up to {len(seeds)}; {_provenance(table)}; total training "
@@ -153,8 +154,9 @@ def report(seeds) -> Path:
             else:
                 cells.append("-")
         lines.append(f"| {variant} | {cells[0]} | {cells[1]} |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    lines += ["", f"Code: commit {commit} (at report time)."]
+    from mtml.study import current_commit
+
+    lines += ["", f"Code: commit {current_commit()} (at report time)."]
     (OUT / "RESULTS.md").write_text("\n".join(lines) + "\n")
     return OUT / "RESULTS.md"
 

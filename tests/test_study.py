@@ -193,8 +193,10 @@ def test_a_report_says_how_the_code_changed_between_the_commits_of_its_runs(tmp_
     (tmp_path / "mtml" / "a.py").write_text("x = 2\ny = 3\n")
     git("add", "."), git("commit", "-qm", "three", day=3)
     last = git("rev-parse", "--short", "HEAD")
-    assert code_changes([first], tmp_path) == ""
+    assert code_changes([first, first], tmp_path) == ""
+    assert code_changes([first, first + "+changes"], tmp_path) == "; 1 run(s) from uncommitted changes, not compared"
     assert f"from {first} to {docs_only}: unchanged" in code_changes([docs_only, first], tmp_path)
     said = code_changes([last, first + "+changes", docs_only], tmp_path)
     assert f"from {first} to {last}: 1 file changed, 2 insertions(+), 1 deletion(-)" in said
+    assert said.endswith("1 run(s) from uncommitted changes, not compared")
     assert "not compared" in code_changes([first, "deadbee"], tmp_path)
