@@ -214,17 +214,18 @@ def code_changes(commits, repo=REPO) -> str:
     """How `mtml/` differs between the oldest and newest of `commits` (git's shortstat), since a
     spec hash covers settings and data, not code, and how many runs used uncommitted code ("+changes",
     which no commit holds); "" for one clean commit."""
-    commits = [str(c) for c in commits]
-    dirty = sum(c.endswith("+changes") for c in commits)
-    uncommitted = f"; {dirty} run(s) from uncommitted changes, not compared" if dirty else ""
-    found = sorted({c.removesuffix("+changes") for c in commits})
+    recorded = [str(c) for c in commits if isinstance(c, str) and c.strip() and c != "unknown"]
+    dirty = sum(c.endswith("+changes") for c in recorded)
+    uncommitted = (f"; {dirty} run(s) from uncommitted changes, not compared" if dirty else "") + (
+        f"; {len(commits) - len(recorded)} run(s) without a recorded commit" if len(recorded) < len(commits) else "")
+    found = sorted({c.removesuffix("+changes") for c in recorded})
     if len(found) < 2:
         return uncommitted
     dated = subprocess.run(["git", "log", "--no-walk=sorted", "--format=%h", *found], cwd=repo,
                            capture_output=True, text=True)
     order = dated.stdout.split()
     if dated.returncode or len(order) != len(found):
-        return "; mtml/ between them not compared (a commit is not in this checkout)"
+        return "; mtml/ between them not compared (a commit is not in this checkout)" + uncommitted
     stat = subprocess.run(["git", "diff", "--shortstat", order[-1], order[0], "--", "mtml"], cwd=repo,
                           capture_output=True, text=True).stdout.strip()
     return f"; mtml/ from {order[-1]} to {order[0]}: {stat or 'unchanged'} (a spec hash does not cover code){uncommitted}"

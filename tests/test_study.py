@@ -199,4 +199,7 @@ def test_a_report_says_how_the_code_changed_between_the_commits_of_its_runs(tmp_
     said = code_changes([last, first + "+changes", docs_only], tmp_path)
     assert f"from {first} to {last}: 1 file changed, 2 insertions(+), 1 deletion(-)" in said
     assert said.endswith("1 run(s) from uncommitted changes, not compared")
-    assert "not compared" in code_changes([first, "deadbee"], tmp_path)
+    assert code_changes([first, "deadbee+changes"], tmp_path) == ("; mtml/ between them not compared (a commit is "
+                                                                 "not in this checkout); 1 run(s) from uncommitted "
+                                                                 "changes, not compared")
+    assert code_changes(pd.Series([first, None, float("nan")]), tmp_path) == "; 2 run(s) without a recorded commit"
