@@ -354,6 +354,11 @@ def load_manifest(root) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"frame": str, "mask": str}, keep_default_na=False)
 
 
+def capped_subset(frame: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFrame:
+    """A seeded random subset of `limit` rows in manifest order (all rows when `limit` is None or larger)."""
+    return frame.sample(n=limit, random_state=seed).sort_index() if limit is not None and limit < len(frame) else frame
+
+
 def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit: int | None = None,
                        seed: int = 0, split_by: str = "near_duplicates") -> DetectionDataset:
     """Frames of a prepared folder (its manifest.csv; a Kvasir-SEG folder without one is prepared
@@ -373,8 +378,7 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
         root = root if root.is_dir() else root.parent
     if split is not None:
         frame = frame[frame["split"] == split]
-    if limit is not None and limit < len(frame):
-        frame = frame.sample(n=limit, random_state=seed).sort_index()
+    frame = capped_subset(frame, limit, seed)
     missing = [p for p in frame["image"] if not (root / p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(frame)} frames named by the manifest in {root} are "

@@ -214,7 +214,7 @@ def code_changes(commits, repo=REPO) -> str:
     """How `mtml/` differs between the oldest and newest of `commits` (git's shortstat), since a
     spec hash covers settings and data, not code, and how many runs used uncommitted code ("+changes",
     which no commit holds); "" for one clean commit."""
-    recorded = [str(c) for c in commits if isinstance(c, str) and c.strip() and c != "unknown"]
+    recorded = [c for c in commits if isinstance(c, str) and c.strip() and c != "unknown"]
     dirty = sum(c.endswith("+changes") for c in recorded)
     uncommitted = (f"; {dirty} run(s) from uncommitted changes, not compared" if dirty else "") + (
         f"; {len(commits) - len(recorded)} run(s) without a recorded commit" if len(recorded) < len(commits) else "")

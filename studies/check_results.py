@@ -39,7 +39,7 @@ def ablation_frames() -> dict:
     import importlib.util
     import tempfile
 
-    from mtml.polyp import default_polyp_root, kvasir_images, prepare_kvasir
+    from mtml.polyp import capped_subset, default_polyp_root, kvasir_images, prepare_kvasir
 
     spec = importlib.util.spec_from_file_location("ablation", ABLATION)
     ablation = importlib.util.module_from_spec(spec)
@@ -51,13 +51,8 @@ def ablation_frames() -> dict:
         raise ValueError("the real Kvasir-SEG images are needed: python data_scripts/polyp.py kvasir")
     with tempfile.TemporaryDirectory() as tmp:
         frame, _ = prepare_kvasir(images.parent, tmp, seed=base["SPLIT_SEED"], split_by=base["SPLIT_BY"])
-    frames = {}
-    for split, limit in (("train", base["TRAIN_FRAMES"]), ("val", base["EVAL_FRAMES"])):
-        part = frame[frame["split"] == split]
-        if limit is not None and limit < len(part):  # as mtml.polyp.load_polyp_dataset draws a capped subset
-            part = part.sample(n=limit, random_state=base["SPLIT_SEED"]).sort_index()
-        frames[split] = set(part["frame"])
-    return frames
+    return {split: set(capped_subset(frame[frame["split"] == split], limit, base["SPLIT_SEED"])["frame"])
+            for split, limit in (("train", base["TRAIN_FRAMES"]), ("val", base["EVAL_FRAMES"]))}
 
 
 def verdicts_without(name: str, held_out: set) -> tuple[pd.DataFrame, set]:
