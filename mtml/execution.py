@@ -5,12 +5,10 @@ seconds overrides it), a dead kernel is noticed within about a second (nbclient 
 process), and any failure becomes one `NotebookRunError` that names the notebook, the cell and its
 first line, the executed copy and the command that resumes.
 
-Widget cells used to hang now and then (issue 12; upstream: jupyter/nbclient#312, jupyter_client
-PR #1059): nbclient's stand-in for an Output widget sends its state back to the kernel with
-`Session.send`, which writes on a *synchronous* shadow of the client's asyncio shell socket. That
-write consumes the socket's edge-triggered wake-up, so an `execute_reply` that reached the socket
-just before sits unread while nbclient waits for it: forever without a limit, until the limit with
-one. `fixed_output_widget` sends through the asyncio socket itself, which re-checks for readers.
+The kit's widgets build no `Output` widget (see `mtml.widgets`), the one widget that nbclient-based
+runners (this one, plain papermill, nbconvert, nbclient) can hang on (jupyter/nbclient#312). The
+kernel talks over IPC sockets where the platform has them: a local kernel needs no TCP, and
+ipykernel then prints no warning about unencrypted TCP into the progress lines.
 """
 from __future__ import annotations
 
@@ -46,8 +44,6 @@ BUDGET_S = {
 }
 UNKNOWN_BUDGET_S = (600, 60)
 SAFETY = 4
-# bench/stress_notebooks.py --without-fix turns the widget fix off to show the hang
-FIX_OUTPUT_WIDGET = True
 
 
 class NotebookRunError(RuntimeError):
@@ -74,35 +70,14 @@ def cell_limit(notebook: str, smoke: bool) -> int:
 
 
 @functools.cache
-def fixed_output_widget():
-    """nbclient's stand-in for a front end's Output widget, sending its state updates through the
-    asyncio shell socket (see the module docstring)."""
-    from nbclient.jsonutil import json_clean
-    from nbclient.output_widget import OutputWidget
-
-    class AsyncSocketOutputWidget(OutputWidget):
-        def _publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
-            session = self.kernel_client.session
-            content = json_clean(dict(data=data or {}, comm_id=self.comm_id, **keys))
-            msg = session.msg(msg_type, content=content, parent=self.parent_header, metadata=metadata or {})
-            self.kernel_client.shell_channel.socket.send_multipart(session.serialize(msg))
-
-    return AsyncSocketOutputWidget
-
-
-@functools.cache
 def _engine() -> str:
-    """Registers a papermill engine whose nbclient client uses `fixed_output_widget`; built lazily
-    (papermill is slow to import)."""
+    """Registers a papermill engine whose kernel is local (IPC) and is shut down at once when a cell
+    runs past its limit; built lazily (papermill is slow to import)."""
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import Engine, papermill_engines
+    from traitlets.config import Config
 
     class _Client(PapermillNotebookClient):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if FIX_OUTPUT_WIDGET:
-                self.widget_registry = {"@jupyter-widgets/output": {"OutputModel": fixed_output_widget()}}
-
         async def _async_handle_timeout(self, timeout, cell=None):
             self.shutdown_kernel = "immediate"  # a stuck kernel answers no shutdown request
             return await super()._async_handle_timeout(timeout, cell)
@@ -113,6 +88,7 @@ def _engine() -> str:
             kwargs.pop("input_path", None)
             client = _Client(nb_man, kernel_name=kernel_name, timeout=kwargs.pop("execution_timeout"),
                              startup_timeout=kwargs.pop("start_timeout"), log=logging.getLogger("papermill"),
+                             config=Config(KernelManager={"transport": "tcp" if os.name == "nt" else "ipc"}),
                              **kwargs)
             return client.execute()
 

@@ -5,6 +5,7 @@ the live widget, an offline HTML copy (`mtml.handout`) shows the static one."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 
@@ -70,23 +71,24 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _figure_widget(draw, name: str, control):
-    """An `interactive` (its argument `name` set by `control`) redrawing `draw(value) -> Figure`
-    whenever `control` changes, with the figure at the control's first value as its static copy."""
+def _figure_widget(draw, control):
+    """`control` above an `Image` of `draw(control.value) -> Figure`, redrawn as PNG bytes whenever
+    the control changes; the first figure is also the static copy. No `Output` widget: headless
+    runners built on nbclient (papermill, nbconvert) can hang on one (jupyter/nbclient#312), while
+    an Image's value is plain widget state that every runner and front end handles."""
     import ipywidgets as w
-    from IPython.display import display
 
-    first = []
+    def png_of(value) -> bytes:
+        fig = draw(value)
+        try:
+            return _png(fig)
+        finally:
+            plt.close(fig)
 
-    def show(**kwargs):
-        fig = draw(kwargs[name])
-        if not first:
-            first.append(_png(fig))
-        display(fig)
-        plt.close(fig)
-
-    ui = w.interactive(show, **{name: control})
-    return _with_static(ui, png=first[0] if first else None)
+    first = png_of(control.value)
+    image = w.Image(value=first, format="png", layout=w.Layout(max_width="100%"))
+    control.observe(lambda change: setattr(image, "value", png_of(change["new"])), names="value")
+    return _with_static(w.VBox([control, image]), png=first)
 
 
 def temperature_explorer(teacher_logits, student_logits, class_names=None, value: float = 4.0):
@@ -99,7 +101,7 @@ def temperature_explorer(teacher_logits, student_logits, class_names=None, value
     slider = w.FloatSlider(value=value, **TEMPERATURES, description="temperature",
                            continuous_update=False, style=WIDE_LABEL)
     return _figure_widget(lambda tau: softening_figure(teacher_logits, student_logits, tau, class_names, ylim),
-                          "temperature", slider)
+                          slider)
 
 
 def dropdown_figure(draw, options, description: str = "", value=None):
@@ -110,7 +112,7 @@ def dropdown_figure(draw, options, description: str = "", value=None):
     options = list(options)
     dropdown = w.Dropdown(options=options, value=options[0] if value is None else value,
                           description=description, style=WIDE_LABEL)
-    return _figure_widget(draw, "value", dropdown)
+    return _figure_widget(draw, dropdown)
 
 
 NAME_ERROR_HINT = "Run the cells above first (the Data cell defines train/val/test)."
@@ -118,9 +120,10 @@ NAME_ERROR_HINT = "Run the cells above first (the Data cell defines train/val/te
 
 def cohort_form(run, defaults: dict | None = None):
     """A small form (mode, students, temperature, weights) and a button that calls
-    `run(mode=..., n_students=..., temperature=..., w_ce=..., w_kd=..., w_ml=...)` and shows its
-    output below. Nothing runs until the button is pressed; an error shows as one line in the
-    form's output, and the form stays usable."""
+    `run(mode=..., n_students=..., temperature=..., w_ce=..., w_kd=..., w_ml=...)` and shows what it
+    printed and what it returned (a DataFrame as a table) below. Nothing runs until the button is
+    pressed; an error shows as one line there, and the form stays usable. The result is an `HTML`
+    widget's value, not an `Output` widget (see `_figure_widget`)."""
     import ipywidgets as w
 
     d = {"mode": "kd_ml", "n_students": 2, "temperature": 4.0, "w_ce": 1.0, "w_kd": 1.0,
@@ -134,17 +137,28 @@ def cohort_form(run, defaults: dict | None = None):
            for k in ("w_ce", "w_kd", "w_ml")},
     }
     button = w.Button(description="train", button_style="primary", icon="play")
-    out = w.Output()
+    result = w.HTML()
 
     def clicked(_):
-        out.clear_output()
-        with out:
-            try:
-                run(**{k: c.value for k, c in controls.items()})
-            except Exception as err:  # say why in one line, keep the form usable (Ctrl-C still stops)
-                message = f"cannot run: {type(err).__name__}: {err}"
-                print(f"{message}. {NAME_ERROR_HINT}" if isinstance(err, NameError) else message)
+        result.value = "<em>training...</em>"
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                shown = run(**{k: c.value for k, c in controls.items()})
+        except Exception as err:  # say why in one line, keep the form usable (Ctrl-C still stops)
+            message = f"cannot run: {type(err).__name__}: {err}"
+            shown = f"{message}. {NAME_ERROR_HINT}" if isinstance(err, NameError) else message
+        result.value = _as_html(printed.getvalue()) + _as_html(shown)
 
     button.on_click(clicked)
-    return _with_static(w.VBox([*controls.values(), button, out]),
+    return _with_static(w.VBox([*controls.values(), button, result]),
                         note="interactive form: open the notebook in JupyterLab to train")
+
+
+def _as_html(shown) -> str:
+    """A DataFrame (anything with `_repr_html_`) as its table, other text as preformatted lines."""
+    if shown is None or (isinstance(shown, str) and not shown.strip()):
+        return ""
+    if hasattr(shown, "_repr_html_"):
+        return shown._repr_html_()
+    return f"<pre>{html.escape(str(shown).rstrip())}</pre>"

@@ -161,6 +161,7 @@ class LabReport:
     console_errors: list[str] = field(default_factory=list)
     kernel_argv: list[str] = field(default_factory=list)   # the kernel process's command line
     kernel_cpu_s: float = 0.0
+    interactions: dict = field(default_factory=dict)       # what `interact` saw, by name
     seconds: float = 0.0
     screenshot: Path | None = None
 
@@ -199,7 +200,8 @@ _READ_PAGE = """() => {
     live_widgets: widgets.filter(live).length,
     widget_failures: widgets.filter(w => !live(w)).map(w => text(w).slice(0, 300)),
     plain_texts: outs('[data-mime-type="text/plain"]').map(text),
-    images: all('.jp-RenderedImage img').filter(img => img.complete && img.naturalWidth > 0).length,
+    images: [...all('.jp-RenderedImage img'), ...all('img.widget-image')]  // plots; figure widgets' pictures
+      .filter(img => img.complete && img.naturalWidth > 0).length,
     dialogs: [...document.querySelectorAll('.jp-Dialog')].map(text),
     busy: prompts.some(p => p.includes('*')),
   };
@@ -250,8 +252,10 @@ def _end_session(server: LabServer, name: str, report: LabReport) -> None:
     server.api(f"/api/sessions/{session['id']}", method="DELETE")
 
 
-def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout: float) -> LabReport:
-    """Open `name` (relative to the server root), run all cells, save; screenshot even on failure."""
+def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout: float,
+               interact=None) -> LabReport:
+    """Open `name` (relative to the server root), run all cells, save, then `interact(page, report)`
+    if given (a learner using the widgets); screenshot even on failure."""
     report, start = LabReport(name), time.monotonic()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.on("console", lambda m: m.type == "error" and report.console_errors.append(m.text[:300]))
@@ -290,6 +294,8 @@ def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout:
                 or not report.widget_outputs) and s["images"] >= report.image_outputs, 30)
         except TimeoutError:
             pass  # the report says what is missing
+        if interact is not None:
+            interact(page, report)
     finally:
         try:
             seen = page.evaluate(_READ_PAGE)
@@ -301,6 +307,39 @@ def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout:
             _end_session(server, name, report)
             report.seconds = time.monotonic() - start
     return report
+
+
+_IMAGE_WIDGETS = "() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) img.widget-image')].map(i => i.src)"
+
+
+def move_first_slider(page, report: LabReport, timeout: float = 60) -> None:
+    """Presses the right arrow on the first slider's handle (continuous_update=False sends the value
+    on release) and waits for an Image widget's picture to change: `interactions["slider"]`."""
+    before = page.evaluate(_IMAGE_WIDGETS)
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .widget-slider .noUi-handle").first.focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    try:
+        _wait("the figure to redraw", lambda: (now := page.evaluate(_IMAGE_WIDGETS)) and now != before, timeout)
+        report.interactions["slider"] = "figure redrawn"
+    except TimeoutError as err:
+        report.interactions["slider"] = f"no redraw: {err}; images before {len(before)}"
+
+
+def press_train(page, report: LabReport, timeout: float = 300) -> None:
+    """Clicks the cohort form's train button and waits for its result: a table, or one line saying
+    why it cannot run: `interactions["form"]`."""
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    panel.locator("button.widget-button", has_text="train").first.click()
+    result = panel.locator(".widget-html-content")
+
+    def shown():
+        texts = [t for t in result.all_inner_texts() if t.strip() and "training..." not in t]
+        return next((t for t in texts if "ensemble" in t or "cannot run" in t), None)
+    try:
+        report.interactions["form"] = _wait("the form's result", shown, timeout).strip()[:500]
+    except TimeoutError as err:
+        report.interactions["form"] = f"no result: {err}"
 
 
 def _screenshot(page, path: Path) -> Path | None:

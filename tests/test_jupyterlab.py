@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lab_driver import CHROMIUM, CHROMIUM_ARGS, LabServer, run_in_lab
+from lab_driver import CHROMIUM, CHROMIUM_ARGS, LabServer, move_first_slider, press_train, run_in_lab
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -24,6 +24,8 @@ SETUP_NOTEBOOK = "00_setup_and_data_tour.ipynb"
 WIDGET_MARKERS = ("ipywidgets", "mtml.widgets", "from mtml import widgets")
 PLOT_MARKERS = ("plt.", "mtml.plots", "matplotlib")
 RUN_TIMEOUT_S = 900  # per notebook; a hang fails the test instead of blocking make test
+# what a learner does after Run All Cells: move the temperature slider (01), train from the form (03)
+INTERACT = {"01_kd_only": move_first_slider, "03_kd_plus_ml": press_train}
 
 
 def _mentions(notebook: Path, markers) -> bool:
@@ -89,7 +91,7 @@ def test_notebook_runs_in_jupyterlab(name, browser, lab):
     source = NOTEBOOKS / name
     assert source.is_file(), f"notebooks/{name} is missing"
     shot = SCREENSHOTS / f"{source.stem}.png"
-    report = run_in_lab(browser, lab, f"notebooks/{name}", shot, RUN_TIMEOUT_S)
+    report = run_in_lab(browser, lab, f"notebooks/{name}", shot, RUN_TIMEOUT_S, INTERACT.get(source.stem))
     lab.shots.append(f"{shot.name} ({report.seconds:.0f} s)")
     where = (f"{name}: {report.seconds:.0f} s in the lab, kernel CPU {report.kernel_cpu_s:.0f} s; "
              f"screenshot {report.screenshot}; server log {lab.log}")
@@ -112,6 +114,11 @@ def test_notebook_runs_in_jupyterlab(name, browser, lab):
         assert not report.widget_failures, \
             f"widgets failed to render: {report.widget_failures}; console {report.console_errors}; {where}"
         assert report.live_widgets, f"no live widget view on the page; {where}"
+    if source.stem == "01_kd_only":
+        assert report.interactions.get("slider") == "figure redrawn", f"{report.interactions}; {where}"
+    if source.stem == "03_kd_plus_ml":
+        form = report.interactions.get("form", "")
+        assert "ensemble" in form, f"the form's short run showed no metrics table: {form!r}; {where}"
     if _mentions(source, PLOT_MARKERS):
         assert report.image_outputs, f"the kernel sent no image; {where}"
         assert report.images >= report.image_outputs, \

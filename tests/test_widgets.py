@@ -3,6 +3,7 @@ and the form's one-line errors."""
 from __future__ import annotations
 
 import base64
+import html
 import re
 
 import matplotlib
@@ -21,10 +22,29 @@ def test_temperature_explorer_carries_its_figure_and_a_readable_slider():
     ui = widgets.temperature_explorer(TEACHER, STUDENT, value=2.0)
     bundle = ui._repr_mimebundle_()
     assert WIDGET_VIEW in bundle and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
-    assert ui.kwargs == {"temperature": 2.0}  # still an ipywidgets interactive
-    slider = ui.children[0]
+    slider, image = ui.children
     assert slider.description == "temperature" and slider.style.description_width == "initial"
+    assert image.value == base64.b64decode(bundle["image/png"])  # the live view starts at the static copy
+    slider.value = 8.0
+    assert bytes(image.value).startswith(b"\x89PNG") and image.value != base64.b64decode(bundle["image/png"])
     ui.close()
+
+
+def test_widgets_build_no_output_widget():
+    """Output widgets are what nbclient-based runners (papermill, nbconvert) can hang on."""
+    import ipywidgets
+
+    built = [widgets.temperature_explorer(TEACHER, STUDENT), widgets.cohort_form(lambda **c: None),
+             widgets.dropdown_figure(lambda o: plt.subplots()[0], ["a"])]
+
+    def tree(widget):
+        yield widget
+        for child in getattr(widget, "children", ()):
+            yield from tree(child)
+
+    assert not [w for ui in built for w in tree(ui) if isinstance(w, ipywidgets.Output)]
+    for ui in built:
+        ui.close()
 
 
 def test_the_gradient_axis_stays_fixed_while_tau_moves():
@@ -46,33 +66,44 @@ def test_dropdown_figure_redraws_and_keeps_the_first_figure():
         return fig
 
     ui = widgets.dropdown_figure(draw, ["p1", "p2"], "patient")
+    first = ui.children[1].value
     ui.children[0].value = "p2"
-    assert drawn == ["p1", "p2"] and "image/png" in ui._repr_mimebundle_()
+    assert drawn == ["p1", "p2"] and ui.children[1].value != first
+    assert base64.b64decode(ui._repr_mimebundle_()["image/png"]) == first  # the static copy stays the first
+    assert not plt.get_fignums(), "every drawn figure is closed"
     ui.close()
 
 
-def _press(form):
+def _press(form) -> str:
+    """Presses the form's button; returns what the form shows below it, as text."""
     form.children[-2].click()
+    return html.unescape(re.sub(r"<[^>]+>", "", form.children[-1].value)).strip()
 
 
-def _printed(capsys) -> list[str]:
-    """What the form printed, without the terminal codes of Output.clear_output (no frontend here)."""
-    return [line for line in re.sub(r"\x1b\[2K\r?", "", capsys.readouterr().out).splitlines() if line]
+def test_cohort_form_shows_what_the_run_printed_and_returned():
+    import pandas as pd
+
+    def run(**choices):
+        print(f"mode {choices['mode']}")
+        return pd.DataFrame({"auroc": [0.75]}, index=["ensemble"])
+
+    form = widgets.cohort_form(run, dict(mode="kd"))
+    shown = _press(form)
+    assert "mode kd" in shown and "ensemble" in shown and "0.75" in shown
+    assert "<table" in form.children[-1].value
 
 
-def test_cohort_form_shows_any_error_as_one_line(capsys):
+def test_cohort_form_shows_any_error_as_one_line():
     form = widgets.cohort_form(lambda **choices: train)  # noqa: F821  (the data cell was not run)
     assert "JupyterLab" in form._repr_mimebundle_()["text/html"]
-    _press(form)
-    assert _printed(capsys) == ["cannot run: NameError: name 'train' is not defined. " + widgets.NAME_ERROR_HINT]
+    assert _press(form) == "cannot run: NameError: name 'train' is not defined. " + widgets.NAME_ERROR_HINT
 
     def broken(**choices):
         raise RuntimeError("out of memory")
 
     form = widgets.cohort_form(broken)
-    _press(form)
-    _press(form)  # still usable
-    assert _printed(capsys) == ["cannot run: RuntimeError: out of memory"] * 2
+    assert _press(form) == "cannot run: RuntimeError: out of memory"
+    assert _press(form) == "cannot run: RuntimeError: out of memory"  # still usable
 
 
 def test_cohort_form_lets_an_interrupt_through():
