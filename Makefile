@@ -24,11 +24,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mtml.reproduce --demo
+	$(PY) -m mtml.runs.reproduce --demo
 
 # tests/ includes the short stress check of the widget notebooks (tests/test_execution.py; the long
 # one is bench/stress_notebooks.py). nbval's per-cell limit: 4 x the longest smoke budget in
-# mtml/execution.py, or MTML_CELL_TIMEOUT seconds.
+# mtml/runs/execution.py, or MTML_CELL_TIMEOUT seconds.
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 	MTML_SMOKE=1 $(PY) -m pytest -q -ra --nbval-lax --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} notebooks/

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, parser, save, setup, timed, timed2  # noqa: E402
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: E402
-from mtml.data import make_separable  # noqa: E402
+from mtml.tasks.data import make_separable  # noqa: E402
 
 # (image size, batch) per version. v1 (ResNet-50 / ResNet-18) at 224 px, batch 32 takes 8.7 s per
 # ResNet-50 step on this 2-core CPU, so the CPU bench uses 64 px, batch 16 for it.

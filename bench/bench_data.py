@@ -18,8 +18,8 @@ from bench_cohort import SHAPES  # noqa: E402
 from bench_tiles import epoch_rate  # noqa: E402
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: E402
-from mtml.synthetic import SyntheticConfig, ensure_synthetic_default  # noqa: E402
-from mtml.tiles import TileDataset  # noqa: E402
+from mtml.tasks.synthetic import SyntheticConfig, ensure_synthetic_default  # noqa: E402
+from mtml.tasks.tiles import TileDataset  # noqa: E402
 
 
 def consumption(version: str, data, batch: int, device: str, warmup: int, repeats: int) -> float:

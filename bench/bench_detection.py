@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtml import Cohort, CohortConfig, fit  # noqa: E402
-from mtml.detection import DetectionTask  # noqa: E402
-from mtml.detectors import build_detection_networks  # noqa: E402
+from mtml.tasks.detection import DetectionTask  # noqa: E402
+from mtml.tasks.detectors import build_detection_networks  # noqa: E402
 from mtml.io import write_csv  # noqa: E402
-from mtml.polyp import default_polyp_root, flip_augment, load_polyp_dataset  # noqa: E402
+from mtml.tasks.polyp import default_polyp_root, flip_augment, load_polyp_dataset  # noqa: E402
 
 
 def main():

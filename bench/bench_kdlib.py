@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, save, setup, timed2  # noqa: E402
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit  # noqa: E402
-from mtml.data import make_separable  # noqa: E402
-from mtml.models import build_network  # noqa: E402
+from mtml.tasks.data import make_separable  # noqa: E402
+from mtml.tasks.models import build_network  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KDLIB_VENV = HERE / ".venv-kdlib"

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mtml.synthetic import SyntheticConfig, ensure_synthetic_default  # noqa: E402
-from mtml.tiles import TileDataset  # noqa: E402
+from mtml.tasks.synthetic import SyntheticConfig, ensure_synthetic_default  # noqa: E402
+from mtml.tasks.tiles import TileDataset  # noqa: E402
 
 
 def disk_size(folder: Path) -> int:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: E402
-from mtml.detection import DetectionTask  # noqa: E402
+from mtml.tasks.detection import DetectionTask  # noqa: E402
 
 CRC_DX_TRAIN_TILES = 93_408
 GRID_RUNS, GRID_EPOCHS = 3 * 4 * 3, 30  # the README's full classification grid
@@ -100,7 +100,7 @@ def ddp_check(args, device, version, size, batch) -> str:
     if not gpus:
         return "skipped (no GPU)"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "mtml.distributed", "--version", version, "--mode", "kd_ml", "--epochs", "1",
+           "-m", "mtml.runs.distributed", "--version", version, "--mode", "kd_ml", "--epochs", "1",
            "--n-train", str(batch * gpus * 4), "--batch-size", str(batch * gpus), "--image-size", str(size),
            "--out", str(REPO / "runs" / "gpu_check_ddp")]
     log = Path(args.out).with_suffix(".ddp.log")

@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 from mtml import execution
-from mtml.parameters import parse_parameters
+from mtml.runs.parameters import parse_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WIDGETS_MODULE = Path(execution.__file__).with_name("widgets.py")
+WIDGETS_MODULE = Path(execution.__file__).parents[1] / "teach" / "widgets.py"
 RUNNERS = ("papermill", "nbconvert", "nbclient", "mtml")
 BIN = Path(sys.executable).parent
 NBCLIENT = """import sys, nbformat, nbclient
@@ -46,7 +46,7 @@ nbformat.write(nb, sys.argv[3])"""
 
 
 def widget_builders() -> set[str]:
-    """Names of the functions in mtml/widgets.py that build ipywidgets."""
+    """Names of the functions in mtml/teach/widgets.py that build ipywidgets."""
     tree = ast.parse(WIDGETS_MODULE.read_text())
     return {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and "ipywidgets" in ast.unparse(f)}
 
@@ -114,12 +114,27 @@ def execute_once(runner: str, notebook: str, parameters: dict, smoke: bool, time
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_tree(proc.pid)
+            proc.communicate(timeout=30)
             return "hang"
         if proc.returncode:
             return "failed: " + (out.strip().splitlines() or ["(no output)"])[-1][:300]
         return "ok"
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL for `pid`'s process group and for every descendant's (a kernel runs in its own session)."""
+    import psutil
+
+    try:
+        groups = {pid} | {os.getpgid(c.pid) for c in psutil.Process(pid).children(recursive=True)}
+    except (psutil.Error, ProcessLookupError):
+        groups = {pid}
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stress(runner: str, notebook: str, repeat: int, smoke: bool, parameters: dict, timeout: float | None) -> dict:

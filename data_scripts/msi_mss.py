@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from mtml.download import data_dir, fetch, safe_extract  # noqa: E402
-from mtml.tiles import build_manifest  # noqa: E402
+from mtml.tasks.download import data_dir, fetch, safe_extract  # noqa: E402
+from mtml.tasks.tiles import build_manifest  # noqa: E402
 
 RECORD_URL = "https://zenodo.org/api/records/2530835"
 ARCHIVES = {
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = args.data_dir or data_dir()
     if args.synthetic:
-        from mtml.synthetic import ensure_synthetic_default
+        from mtml.tasks.synthetic import ensure_synthetic_default
 
         manifest = ensure_synthetic_default(root / "synthetic")
     else:

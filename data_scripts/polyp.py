@@ -36,7 +36,7 @@ def _unpack(source: Path, target: Path) -> Path:
     one: an archive is extracted (safely) into it, a folder elsewhere is copied into it."""
     import shutil
 
-    from mtml.download import safe_extract
+    from mtml.tasks.download import safe_extract
 
     if source.is_dir() and source.resolve().is_relative_to(target.parent.resolve()):
         return source  # already inside the prepared folder
@@ -53,14 +53,14 @@ def _unpack(source: Path, target: Path) -> Path:
 
 
 def _data_dir(args) -> Path:
-    from mtml.download import data_dir
+    from mtml.tasks.download import data_dir
 
     return Path(args.data_dir) if args.data_dir else data_dir()
 
 
 def kvasir(args) -> None:
-    from mtml.download import fetch, file_hash
-    from mtml.polyp import kvasir_images, prepare_kvasir
+    from mtml.tasks.download import fetch, file_hash
+    from mtml.tasks.polyp import kvasir_images, prepare_kvasir
 
     out = _data_dir(args) / "kvasir-seg"
     if args.source:
@@ -79,7 +79,7 @@ def kvasir(args) -> None:
 
 
 def cvc(args) -> None:
-    from mtml.polyp import CVC_SEQUENCE_ENDS, cvc_folders, prepare_cvc
+    from mtml.tasks.polyp import CVC_SEQUENCE_ENDS, cvc_folders, prepare_cvc
 
     try:
         ends = tuple(int(x) for x in args.sequence_ends.split(",")) if args.sequence_ends else CVC_SEQUENCE_ENDS

@@ -73,10 +73,10 @@ def append(row: dict) -> None:
 def run_one(variant: str, params: dict) -> dict:
     import torch
 
-    from mtml.experiment import run_cohort
-    from mtml.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
-    from mtml.polyp import default_polyp_root, flip_augment, load_polyp_dataset
-    from mtml.study import current_commit, machine_label
+    from mtml.runs.experiment import run_cohort
+    from mtml.runs.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
+    from mtml.tasks.polyp import default_polyp_root, flip_augment, load_polyp_dataset
+    from mtml.runs.study import current_commit, machine_label
 
     torch.set_num_threads(1)
     root, label = default_polyp_root()
@@ -109,7 +109,7 @@ def _provenance(table: pd.DataFrame) -> str:
 
 
 def report(seeds) -> Path:
-    from mtml.report import mean_ci
+    from mtml.runs.report import mean_ci
 
     table = pd.read_csv(OUT / "runs.csv")
     base = table[table["variant"] == "base"].set_index(["mode", "seed"])["ensemble/map50"]
@@ -154,7 +154,7 @@ def report(seeds) -> Path:
             else:
                 cells.append("-")
         lines.append(f"| {variant} | {cells[0]} | {cells[1]} |")
-    from mtml.study import current_commit
+    from mtml.runs.study import current_commit
 
     lines += ["", f"Code: commit {current_commit()} (at report time)."]
     (OUT / "RESULTS.md").write_text("\n".join(lines) + "\n")
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         codes = [proc.wait() for proc in procs]
         report(args.seeds)
         return max(codes)
-    from mtml.parameters import spec_from_parameters
+    from mtml.runs.parameters import spec_from_parameters
 
     worker = args.worker or 0
     runs = planned(args.seeds)

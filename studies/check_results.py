@@ -27,7 +27,7 @@ ABLATION = REPO / "studies" / "ablate_detection_distillation.py"
 
 
 def _study(name: str):
-    from mtml.study import Study
+    from mtml.runs.study import Study
 
     return Study.load(REPO / "studies" / f"{name}.yaml")
 
@@ -39,7 +39,7 @@ def ablation_frames() -> dict:
     import importlib.util
     import tempfile
 
-    from mtml.polyp import capped_subset, default_polyp_root, kvasir_images, prepare_kvasir
+    from mtml.tasks.polyp import capped_subset, default_polyp_root, kvasir_images, prepare_kvasir
 
     spec = importlib.util.spec_from_file_location("ablation", ABLATION)
     ablation = importlib.util.module_from_spec(spec)
@@ -58,8 +58,8 @@ def ablation_frames() -> dict:
 def verdicts_without(name: str, held_out: set) -> tuple[pd.DataFrame, set]:
     """A committed detection study's verdicts recomputed on its test frames minus `held_out`
     (each run's ensemble metric and the bootstrap both), and its test frames."""
-    from mtml.stats import unit_ids, unit_metric
-    from mtml.study import study_runs, verdicts
+    from mtml.runs.stats import unit_ids, unit_metric
+    from mtml.runs.study import study_runs, verdicts
 
     study = _study(name)
     runs, units, _ = study_runs(study, REPO / "docs" / "results" / name)
@@ -100,8 +100,8 @@ def rerun(mode: str, seed: int) -> Path:
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # on the CPU, as the study ran: a GPU would differ by device, not code
-    from mtml.parameters import spec_from_parameters
-    from mtml.study import run_one
+    from mtml.runs.parameters import spec_from_parameters
+    from mtml.runs.study import run_one
 
     study = _study("kvasir_tiny_cpu")
     params = study.parameters(mode, seed)
@@ -132,9 +132,10 @@ def terms(steps: int = 3) -> Path:
     import torch
     from torch.utils.data import DataLoader
 
-    from mtml.parameters import config_from_parameters, task_from_parameters
-    from mtml.study import load_data
-    from mtml.train import Cohort, cohort_step
+    from mtml.runs.parameters import config_from_parameters, task_from_parameters
+    from mtml.runs.study import load_data
+    from mtml.core.cohort import Cohort
+    from mtml.core.step import cohort_step
 
     torch.set_num_threads(1)
     study = _study("kvasir_styles_tiny_cpu")

@@ -33,9 +33,9 @@ def run(params: dict) -> dict:
     import torch
 
     import mtml
-    from mtml.parameters import classification_manifest, config_from_parameters, spec_from_parameters, task_from_parameters
-    from mtml.study import current_commit, machine_label
-    from mtml.tiles import TileDataset
+    from mtml.runs.parameters import classification_manifest, config_from_parameters, spec_from_parameters, task_from_parameters
+    from mtml.runs.study import current_commit, machine_label
+    from mtml.tasks.tiles import TileDataset
 
     manifest, kind = classification_manifest(params.get("DATA_DIR"))
     train, val = (TileDataset(manifest, s, size=params["TILE_SIZE"], cache=True) for s in ("train", "val"))
@@ -77,7 +77,7 @@ def report(planned: set) -> Path:
 
 
 def main(argv=None) -> int:
-    from mtml.parameters import notebook_defaults, spec_from_parameters, typed
+    from mtml.runs.parameters import notebook_defaults, spec_from_parameters, typed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

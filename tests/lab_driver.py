@@ -309,13 +309,21 @@ def run_in_lab(browser, server: LabServer, name: str, screenshot: Path, timeout:
     return report
 
 
-_IMAGE_WIDGETS = "() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) img.widget-image')].map(i => i.src)"
+# the pictures of the Image widgets on the page, as SHA-256 of their bytes (a blob URL changes on any re-render)
+_IMAGE_WIDGETS = """async () => Promise.all(
+  [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) img.widget-image')].map(async img => {
+    const digest = await crypto.subtle.digest('SHA-256', await (await fetch(img.src)).arrayBuffer());
+    return [...new Uint8Array(digest)].map(b => b.toString(16).padStart(2, '0')).join('');
+  }))"""
 
 
 def move_first_slider(page, report: LabReport, timeout: float = 60) -> None:
     """Presses the right arrow on the first slider's handle (continuous_update=False sends the value
     on release) and waits for an Image widget's picture to change: `interactions["slider"]`."""
     before = page.evaluate(_IMAGE_WIDGETS)
+    if not before:
+        report.interactions["slider"] = "no Image widget on the page"
+        return
     page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .widget-slider .noUi-handle").first.focus()
     for _ in range(4):
         page.keyboard.press("ArrowRight")

@@ -15,10 +15,10 @@ from bad_inputs import ODD_MODES, UNREADABLE, time_limit, write_image_corpus
 from torch.utils.data import DataLoader
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit, soft_kl
-from mtml.data import TensorImageDataset, make_separable
-from mtml.detection import DetectionTask
-from mtml.polyp import load_polyp_dataset, make_synthetic_polyps, prepare_kvasir, split_frames
-from mtml.tiles import MEAN, STD, TileDataset, patient_split, scan_tiles
+from mtml.tasks.data import TensorImageDataset, make_separable
+from mtml.tasks.detection import DetectionTask
+from mtml.tasks.polyp import load_polyp_dataset, make_synthetic_polyps, prepare_kvasir, split_frames
+from mtml.tasks.tiles import MEAN, STD, TileDataset, patient_split, scan_tiles
 
 LIMIT = 60  # seconds for anything that runs DataLoader workers
 NAN = float("nan")

@@ -33,7 +33,7 @@ def test_the_ablation_frames_are_its_own_split(checks, shared_data, monkeypatch)
     monkeypatch.setenv("MTML_SHARED_DATA", str(shared_data))
     frames = checks.ablation_frames()
     assert len(frames["val"]) == 100 and len(frames["train"]) == 400 and not frames["val"] & frames["train"]
-    from mtml.polyp import load_polyp_dataset
+    from mtml.tasks.polyp import load_polyp_dataset
 
     # what the ablation's own loader gives (here, without a prepared manifest, the same split)
     val = load_polyp_dataset(shared_data / "kvasir-seg", "val", 64, limit=100, seed=0, split_by="frame")

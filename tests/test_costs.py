@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from mtml.costs import TILE_SIZE, count_flops, network_costs
-from mtml.detectors import build_detection_networks
-from mtml.models import TINY_WIDTHS, build_cohort_networks
+from mtml.runs.costs import TILE_SIZE, count_flops, network_costs
+from mtml.tasks.detectors import build_detection_networks
+from mtml.tasks.models import TINY_WIDTHS, build_cohort_networks
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,7 +70,7 @@ def test_flops_grow_with_the_frame_size_and_defaults_are_the_runs_sizes():
 
 
 def test_default_tile_size_is_the_classification_notebooks_one():
-    from mtml.parameters import notebook_defaults
+    from mtml.runs.parameters import notebook_defaults
 
     books = sorted(NOTEBOOKS.glob("0[1-3]_*.ipynb"))
     if not books:
@@ -108,7 +108,7 @@ def fake_summary():
 
 
 def test_accuracy_vs_cost_draws_one_point_per_mode_and_who_at_its_cost():
-    from mtml.plots import plot_accuracy_vs_cost
+    from mtml.teach.plots import plot_accuracy_vs_cost
 
     costs = fake_costs()
     ax = plot_accuracy_vs_cost(fake_summary(), costs, "auroc")
@@ -130,7 +130,7 @@ def test_accuracy_vs_cost_draws_one_point_per_mode_and_who_at_its_cost():
 
 
 def test_accuracy_vs_cost_refuses_a_summary_without_the_costs_version():
-    from mtml.plots import plot_accuracy_vs_cost
+    from mtml.teach.plots import plot_accuracy_vs_cost
 
     with pytest.raises(ValueError, match="no rows"):
         plot_accuracy_vs_cost(fake_summary(), fake_costs("v3"), "auroc")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtml.polyp import load_polyp_dataset, prepare_cvc
+from mtml.tasks.polyp import load_polyp_dataset, prepare_cvc
 from test_polyp_data import kvasir_files, write_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,11 +166,11 @@ def test_other_clis_fail_in_one_line_too(tmp_path):
     def run_module(*args):
         return subprocess.run([*module, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
 
-    _one_line_error(run_module("mtml.external", tmp_path, "--data", tmp_path), "no readable metrics.json",
+    _one_line_error(run_module("mtml.runs.external", tmp_path, "--data", tmp_path), "no readable metrics.json",
                     "finished run")
     (tmp_path / "bad.yaml").write_text("name: bad\nwhat: 1\n")
-    _one_line_error(run_module("mtml.study", tmp_path / "bad.yaml"), "unknown keys")
-    _one_line_error(run_module("mtml.reproduce", "--task", "detection", "--modes", "kd", "--seeds", "0",
+    _one_line_error(run_module("mtml.runs.study", tmp_path / "bad.yaml"), "unknown keys")
+    _one_line_error(run_module("mtml.runs.reproduce", "--task", "detection", "--modes", "kd", "--seeds", "0",
                                "--param", "NOT_A_KNOB=1", "--runs-dir", tmp_path), "unknown parameter", "NOT_A_KNOB")
 
 

@@ -1,4 +1,4 @@
-"""Dense detection distillation (mtml.dense_distill) and the distillation warm-up (mtml.train)."""
+"""Dense detection distillation (mtml.dense_distill) and the distillation warm-up (mtml.core.step)."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step
-from mtml.data import make_separable
-from mtml.dense_distill import DenseDistillation, foreground
-from mtml.detection import DetectionTask
-from mtml.detectors import build_detection_networks
-from mtml.polyp import make_synthetic_polyps
-from mtml.train import distill_ramp
+from mtml.tasks.data import make_separable
+from mtml.tasks.dense_distill import DenseDistillation, foreground
+from mtml.tasks.detection import DetectionTask
+from mtml.tasks.detectors import build_detection_networks
+from mtml.tasks.polyp import make_synthetic_polyps
+from mtml.core.step import distill_ramp
 
 SIZE = 64
 

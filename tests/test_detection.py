@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from mtml import Cohort, CohortConfig, cohort_step, fit
-from mtml.detection import DetectionTask
-from mtml.detection_eval import detection_metrics, weighted_box_fusion
-from mtml.detectors import build_detection_networks
-from mtml.plots import draw_detections
-from mtml.polyp import flip_augment, load_polyp_dataset, make_synthetic_polyps
+from mtml.tasks.detection import DetectionTask
+from mtml.tasks.detection_eval import detection_metrics, weighted_box_fusion
+from mtml.tasks.detectors import build_detection_networks
+from mtml.teach.plots import draw_detections
+from mtml.tasks.polyp import flip_augment, load_polyp_dataset, make_synthetic_polyps
 
 SIZE = 64
 

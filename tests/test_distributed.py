@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit
-from mtml.data import make_separable
-from mtml.distributed import GlobalBatchNorm2d, main, sync_batchnorm
+from mtml.tasks.data import make_separable
+from mtml.runs.distributed import GlobalBatchNorm2d, main, sync_batchnorm
 from mtml.io import load_checkpoint
-from mtml.sampling import epoch_order, shard_order
+from mtml.core.sampling import epoch_order, shard_order
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two steps: each step matches one process to float rounding (~6e-8); over many kd_ml steps the
@@ -86,7 +86,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, one_torch_thread, mo
     single = main(args + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "-m", "mtml.distributed", *args,
+                          "--nproc_per_node=2", "-m", "mtml.runs.distributed", *args,
                           "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_torchrun_two_processes_match_one_process_for_detection(tmp_path, one_to
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for attempt in range(2):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node=2", "-m", "mtml.distributed", *DETECTION_ARGS,
+                              "--nproc_per_node=2", "-m", "mtml.runs.distributed", *DETECTION_ARGS,
                               "--out", str(tmp_path / "two")],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         # once, on a machine loaded 3x over, a rank aborted at exit after training ("terminate called
@@ -138,7 +138,7 @@ def test_torchrun_two_processes_match_one_process_for_detection(tmp_path, one_to
             torch.testing.assert_close(two[net][key], value, rtol=1e-4, atol=1e-5, msg=f"{net} {key}")
     from functools import partial
 
-    from mtml.detectors import build_detection_networks
+    from mtml.tasks.detectors import build_detection_networks
     start = Cohort.build(CohortConfig(mode="kd_ml", seed=3),
                          networks=partial(build_detection_networks, size=64)).state_dict()["networks"]
     changed = sum(not torch.equal(one[n][k], start[n][k]) for n in one for k in one[n] if one[n][k].is_floating_point())
@@ -236,7 +236,7 @@ def test_compile_decision_follows_the_device_type(monkeypatch, device, compile, 
     """`_speed_up` compiles every network in place (`nn.Module.compile`) exactly when compile=True
     and the device is CUDA, and warns exactly when compile=True elsewhere. Only the device's type
     is CUDA here (a `torch.device` object): nothing runs on a GPU and nothing is really compiled."""
-    from mtml.train import _speed_up
+    from mtml.core.cohort import _speed_up
 
     spy = _CompileSpy()
     monkeypatch.setattr(torch, "compile", spy)

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from mtml import download
-from mtml.download import MissingDatasetError, data_dir, fetch, safe_extract
+from mtml.tasks.download import MissingDatasetError, data_dir, fetch, safe_extract
 
 
 def make_zip(entries: dict[str, bytes]) -> bytes:

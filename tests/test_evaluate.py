@@ -12,8 +12,8 @@ from torch import nn
 
 from hand_metrics import assert_metrics_match, binary_auroc, hand_metrics
 from mtml import ClassificationTask
-from mtml.data import TensorImageDataset
-from mtml.evaluate import classification_metrics, evaluate_classification, patient_level
+from mtml.tasks.data import TensorImageDataset
+from mtml.tasks.evaluate import classification_metrics, evaluate_classification, patient_level
 
 TASK = ClassificationTask(2)
 

@@ -142,3 +142,15 @@ def test_widget_notebooks_never_hang_under_plain_papermill():
         outcomes[name] = [execute_once("papermill", name, accepted(name, SHORT_FIT), smoke=True, timeout=limit)
                           for _ in range(3 if name.startswith("00_") else 1)]
     assert all(o == "ok" for runs in outcomes.values() for o in runs), outcomes
+
+
+def test_kit_runner_uses_private_ipc_sockets_and_prints_no_tcp_warning(tmp_path, capfd):
+    """The kit's kernels talk over IPC sockets in a temporary folder: nothing is left beside the
+    notebook, and ipykernel's unencrypted-TCP warning never reaches make demo's output."""
+    path = tiny_notebook(tmp_path, "import os, json\nprint(json.load(open(os.environ.get('JPY_CONNECTION_FILE', '')"
+                                   " or __import__('ipykernel').connect.get_connection_file()))['transport'])")
+    executed = execution.run_notebook(str(path), tmp_path / "out", {}, smoke=True)
+    printed = "".join(o.get("text", "") for o in nbformat.read(executed, as_version=4).cells[-1].outputs)
+    assert printed.strip() == "ipc"
+    assert "without encryption" not in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny_case.ipynb"], "socket files left beside it"

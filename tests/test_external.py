@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
-from mtml.detection import DetectionTask
-from mtml.experiment import checkpoint_folder, run_cohort
-from mtml.external import evaluate_run, external_table, load_sets
-from mtml.models import build_cohort_networks
-from mtml.parameters import config_from_parameters, notebook_defaults
-from mtml.polyp import make_synthetic_polyps, prepare_cvc
-from mtml.report import sets_in, summarise_sets
-from mtml.reproduce import NOTEBOOKS
-from mtml.spec import spec_of
+from mtml.tasks.detection import DetectionTask
+from mtml.runs.experiment import checkpoint_folder, run_cohort
+from mtml.runs.external import evaluate_run, external_table, load_sets
+from mtml.tasks.models import build_cohort_networks
+from mtml.runs.parameters import config_from_parameters, notebook_defaults
+from mtml.tasks.polyp import make_synthetic_polyps, prepare_cvc
+from mtml.runs.report import sets_in, summarise_sets
+from mtml.runs.reproduce import NOTEBOOKS
+from mtml.runs.spec import spec_of
 from test_data_layouts import cvc_tree
 
 SIZE = 64
@@ -75,8 +75,8 @@ def test_a_detection_run_is_tested_on_an_external_set_and_again_from_its_checkpo
 
 
 def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):
-    from mtml.synthetic import SyntheticConfig, ensure_synthetic_default
-    from mtml.tiles import TileDataset
+    from mtml.tasks.synthetic import SyntheticConfig, ensure_synthetic_default
+    from mtml.tasks.tiles import TileDataset
 
     small = SyntheticConfig(n_patients=8, tiles_per_patient=4, size=32)
     home = ensure_synthetic_default(tmp_path / "home", small)
@@ -99,7 +99,7 @@ def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):
 
 
 def _sha(manifest):
-    from mtml.parameters import file_fingerprint
+    from mtml.runs.parameters import file_fingerprint
 
     return file_fingerprint(manifest)
 
@@ -135,7 +135,7 @@ def test_repeated_reserved_and_wrong_kind_sets_are_refused(tmp_path):
 
 
 def test_a_folder_without_a_single_runs_record_is_refused_in_one_line(tmp_path):
-    from mtml.external import load_run
+    from mtml.runs.external import load_run
 
     (tmp_path / "metrics.json").write_text(json.dumps({"kind": "comparison"}))
     with pytest.raises(ValueError, match="not a single run's record"):

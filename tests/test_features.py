@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit
-from mtml.data import make_separable
-from mtml.detection import DetectionTask
-from mtml.features import EPS, feature_loss, uses
-from mtml.polyp import make_synthetic_polyps
-from mtml.spec import spec_of
+from mtml.tasks.data import make_separable
+from mtml.tasks.detection import DetectionTask
+from mtml.core.features import EPS, feature_loss, uses
+from mtml.tasks.polyp import make_synthetic_polyps
+from mtml.runs.spec import spec_of
 
 TASK = ClassificationTask(2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -190,8 +190,8 @@ def test_run_identity_keeps_old_runs_and_resolves_auto():
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_adapter_channels_match_the_maps_of_every_version(version):
-    from mtml.features import feature_channels
-    from mtml.models import build_cohort_networks
+    from mtml.core.features import feature_channels
+    from mtml.tasks.models import build_cohort_networks
 
     teacher, (student,) = build_cohort_networks(version, 1)
     images = {"image": torch.randn(2, 3, 32, 32)}
@@ -207,7 +207,7 @@ def test_adapter_channels_match_the_maps_of_every_version(version):
 @pytest.mark.parametrize("kw", [dict(amp=True), dict(channels_last=True), dict(mode="offline"),
                                 dict(n_students=3, feature_levels=2)])
 def test_feature_knowledge_with_the_speed_options_offline_and_more_students(kw):
-    from mtml.models import build_network
+    from mtml.tasks.models import build_network
 
     kw = {"mode": "kd_ml_styles", "teacher_knowledge": "features", **kw}
     teacher = build_network("tiny_teacher", 2) if kw["mode"] == "offline" else None
@@ -227,7 +227,7 @@ def test_compile_with_feature_knowledge_is_refused():
 
 
 def test_a_study_without_claims_takes_the_default_claims_its_modes_allow(tmp_path):
-    from mtml.study import Study
+    from mtml.runs.study import Study
 
     path = tmp_path / "two_modes.yaml"
     path.write_text("name: two_modes\ntask: detection\ndata: real\nversion: tiny\nmodes: [kd_ml, kd]\nseeds: [0, 1]\n")

@@ -15,10 +15,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from mtml.handout import WIDGET_NOTE, WIDGET_VIEW, static_widgets, write_handout
+from mtml.teach.handout import WIDGET_NOTE, WIDGET_VIEW, static_widgets, write_handout
 
 FORMULA = r"$$L = \tau^2 \mathrm{KL}(p \| q)$$"
-WIDGET_CELL = ("from mtml.widgets import temperature_explorer\n"
+WIDGET_CELL = ("from mtml.teach.widgets import temperature_explorer\n"
                "temperature_explorer([3.0, 1.0, -1.0], [1.0, 1.5, 0.0], ['a', 'b', 'c'])")
 
 
@@ -126,7 +126,7 @@ def test_a_broken_notebook_is_listed_not_fatal(tmp_path):
     """One unreadable executed notebook costs only its own page."""
     import nbformat
 
-    from mtml.handout import write_handout
+    from mtml.teach.handout import write_handout
 
     good = tmp_path / "00_good" / "00_good.ipynb"
     good.parent.mkdir()

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 SCREENSHOTS = REPO / "runs" / "screenshots"
 SETUP_NOTEBOOK = "00_setup_and_data_tour.ipynb"
-WIDGET_MARKERS = ("ipywidgets", "mtml.widgets", "from mtml import widgets")
+WIDGET_MARKERS = ("ipywidgets", "mtml.widgets", "mtml.teach.widgets", "from mtml.teach import widgets")
 PLOT_MARKERS = ("plt.", "mtml.plots", "matplotlib")
 RUN_TIMEOUT_S = 900  # per notebook; a hang fails the test instead of blocking make test
 # what a learner does after Run All Cells: move the temperature slider (01), train from the form (03)
@@ -84,6 +84,10 @@ def lab(tmp_path_factory, pytestconfig):
         with plugins.getplugin("capturemanager").global_and_fixture_disabled():
             plugins.getplugin("terminalreporter").write_line(
                 f"\nJupyterLab screenshots in {SCREENSHOTS}: {', '.join(shots)}")
+
+
+def test_the_widget_notebooks_are_among_those_run():
+    assert {"00_setup_and_data_tour.ipynb", "01_kd_only.ipynb", "03_kd_plus_ml.ipynb"} <= set(notebooks_to_run())
 
 
 @pytest.mark.parametrize("name", notebooks_to_run())

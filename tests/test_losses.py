@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtml.losses import kd_loss, mutual_loss, soft_kl, student_objective
+from mtml.core.losses import kd_loss, mutual_loss, soft_kl, student_objective
 
 STUDENT = np.array([[1.0, -0.5, 2.0], [0.3, 0.0, -1.2]])
 TEACHER = np.array([[0.5, 0.5, 3.0], [-1.0, 2.0, 0.0]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from mtml.models import VERSIONS, build_cohort_networks, build_network, count_parameters, version_table
+from mtml.tasks.models import VERSIONS, build_cohort_networks, build_network, count_parameters, version_table
 
 # input features of each torchvision classifier (the layer build_network replaces)
 CLASSIFIER_IN = {"resnet18": 512, "resnet50": 2048, "densenet121": 1024, "mobilenet_v2": 1280,

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mtml.near_duplicates import (MAX_DISTANCE, cross_split_pairs, hamming, hash_images, image_hash,
+from mtml.tasks.near_duplicates import (MAX_DISTANCE, cross_split_pairs, hamming, hash_images, image_hash,
                                   near_duplicate_groups, near_duplicate_pairs)
-from mtml.polyp import (_kvasir_rows_in_memory, default_polyp_root, polyp_fingerprint, prepare_kvasir,
+from mtml.tasks.polyp import (_kvasir_rows_in_memory, default_polyp_root, polyp_fingerprint, prepare_kvasir,
                         split_frames, split_hygiene)
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from mtml.polyp import (CVC_SEQUENCE_ENDS, PrepReport, boxes_from_mask, clean_boxes, cvc_sequence,
+from mtml.tasks.polyp import (CVC_SEQUENCE_ENDS, PrepReport, boxes_from_mask, clean_boxes, cvc_sequence,
                         flip_augment, load_polyp_dataset, make_synthetic_polyps, prepare_cvc,
                         prepare_kvasir, read_bbox_json, split_frames)
 
@@ -131,8 +131,8 @@ def test_prepare_kvasir_reports_and_trains_on_empty_frames(tmp_path):
     f3 = data[data.frames.index("f3")]["boxes"]  # 80 x 63 frame -> 64 x 64: boxes scale with it
     assert torch.allclose(f3, torch.tensor([[16.0, 10 * 64 / 63, 40.0, 31 * 64 / 63]]))
     from mtml import Cohort, CohortConfig, cohort_step
-    from mtml.detection import DetectionTask
-    from mtml.detectors import build_detection_networks
+    from mtml.tasks.detection import DetectionTask
+    from mtml.tasks.detectors import build_detection_networks
 
     task = DetectionTask(size=64)
     cohort = Cohort.build(CohortConfig(mode="kd_ml", batch_size=5, lr=0.01),
@@ -236,7 +236,7 @@ def test_flip_augment_moves_boxes_with_pixels():
 
 
 def test_notebook_data_falls_back_to_labelled_synthetic(monkeypatch, tmp_path):
-    import mtml.polyp as polyp
+    import mtml.tasks.polyp as polyp
 
     monkeypatch.setattr(polyp, "default_polyp_root", lambda: (None, "SYNTHETIC polyps (test)"))
     train, val, test, label = polyp.polyp_splits(None, size=64, limits=(8, 4, 4))

@@ -3,7 +3,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from mtml.reading import paired_spread, premise, read_teachers, reading
+from mtml.teach.reading import paired_spread, premise, read_teachers, reading
 
 matplotlib.use("Agg")
 
@@ -79,8 +79,8 @@ def test_paired_spread_counts_only_runs_with_these_settings():
 def test_the_committed_synthetic_study_matches_the_classification_defaults():
     """Notebooks 01-03 read their seed spread from the committed study: it must hold runs of
     exactly their default settings (if this fails, the defaults changed: rerun the study)."""
-    from mtml.parameters import notebook_defaults, spec_from_parameters
-    from mtml.study import RESULTS
+    from mtml.runs.parameters import notebook_defaults, spec_from_parameters
+    from mtml.runs.study import RESULTS
 
     runs = pd.read_csv(RESULTS / "synthetic_tiny_cpu" / "runs.csv")
     knobs = notebook_defaults("notebooks/01_kd_only.ipynb")
@@ -93,7 +93,7 @@ def test_the_committed_synthetic_study_matches_the_classification_defaults():
 def test_knowledge_flows_draws_each_modes_arrows(mode, arrows):
     from matplotlib.patches import FancyArrowPatch
 
-    from mtml.plots import knowledge_flows
+    from mtml.teach.plots import knowledge_flows
 
     fig = knowledge_flows((mode,), highlight=mode)
     assert sum(isinstance(p, FancyArrowPatch) for p in fig.axes[0].patches) == arrows
@@ -103,7 +103,7 @@ def test_knowledge_flows_draws_each_modes_arrows(mode, arrows):
 
 def test_grid_runs_skip_the_notebooks_baseline():
     """A reproduction grid trains independent runs itself: its notebooks do not train a baseline too."""
-    from mtml.reproduce import plan
+    from mtml.runs.reproduce import plan
 
     runs = plan("classification", ["kd", "ml"], ["tiny"], [0])
     assert [r.parameters["BASELINE"] for r in runs] == [False, False]
@@ -147,7 +147,7 @@ def test_paired_spread_takes_the_last_of_a_repeated_record():
 
 
 def test_read_verdicts_says_why_a_claim_is_inconclusive():
-    from mtml.reading import read_verdicts
+    from mtml.teach.reading import read_verdicts
 
     rows = pd.DataFrame([
         {"claim": "kd_ml ensemble > kd ensemble", "seeds": 5, "mean": 0.03, "ci95": 0.01, "p_holm": 0.01,
@@ -164,7 +164,7 @@ def test_read_verdicts_says_why_a_claim_is_inconclusive():
 
 
 def test_knowledge_flows_adds_the_highlighted_mode():
-    from mtml.plots import knowledge_flows
+    from mtml.teach.plots import knowledge_flows
 
     fig = knowledge_flows(highlight="offline")
     assert [ax.get_title() for ax in fig.axes] == ["independent", "kd", "ml", "kd_ml", "offline"]

@@ -17,9 +17,9 @@ import torch
 from bad_inputs import time_limit
 
 from mtml import ClassificationTask, Cohort, CohortConfig, NonFiniteLossError, fit
-from mtml.data import make_separable
+from mtml.tasks.data import make_separable
 from mtml.io import load_checkpoint, save_checkpoint, write_json, write_text
-from mtml.train import CHECKPOINT_NAME
+from mtml.runs.checkpoint import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT = 60  # seconds; a child that runs longer is killed and the test fails
@@ -32,7 +32,7 @@ import random, sys
 import numpy as np, torch
 torch.set_num_threads(1)
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
-from mtml.data import make_separable
+from mtml.tasks.data import make_separable
 from mtml.io import save_checkpoint
 
 out, ckpt_dir, resume, every = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]) or None

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtml.report import mean_ci, paired_differences, paper_table, run_record, summarise
+from mtml.runs.report import mean_ci, paired_differences, paper_table, run_record, summarise
 
 T_975_DF2 = 4.302652729911275  # Student-t quantile 0.975, 2 degrees of freedom (tables)
 

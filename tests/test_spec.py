@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit, reproduce
-from mtml.data import make_separable
-from mtml.parameters import SMOKE_CAPS, notebook_defaults, smoke_parameters, spec_from_parameters
-from mtml.report import check_one_run_per_cell, paired_differences
-from mtml.spec import spec_of
-from mtml.train import MODES, build_teacher
+from mtml.tasks.data import make_separable
+from mtml.runs.parameters import SMOKE_CAPS, notebook_defaults, smoke_parameters, spec_from_parameters
+from mtml.runs.report import check_one_run_per_cell, paired_differences
+from mtml.runs.spec import spec_of
+from mtml.core.cohort import MODES, build_teacher
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 DETECTION_NOTEBOOK = NOTEBOOKS / "05_detection_kd_only.ipynb"
@@ -58,7 +58,7 @@ def test_detection_notebook_settings_and_data_change_the_spec(change, tmp_path, 
 
 def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, monkeypatch):
     """A knob that changes the run but not its spec would let two runs share one identity."""
-    from mtml.parameters import NOT_IDENTITY
+    from mtml.runs.parameters import NOT_IDENTITY
 
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))
     monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
@@ -132,7 +132,7 @@ def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
 def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
     """The run store: 04 writing beside 01 reloads 01's finished run of the same identity (its
     stored history, to the second, and its weights) instead of training it again."""
-    from mtml.experiment import checkpoint_folder, run_cohort
+    from mtml.runs.experiment import checkpoint_folder, run_cohort
 
     data, val = make_separable(64, 16, seed=0), make_separable(32, 16, seed=1)
     cfg, task = CohortConfig(mode="kd", epochs=1, batch_size=32), ClassificationTask()
@@ -151,7 +151,7 @@ def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
 def test_the_comparison_notebooks_default_runs_are_the_single_run_notebooks_runs():
     """What the run store's reloads rest on: 04's runs at seed 0 are exactly 01-03's and 01's
     baseline, 09's kd_ml runs are 04's (same identity up to the data, which all read alike)."""
-    from mtml.parameters import config_from_parameters, task_from_parameters
+    from mtml.runs.parameters import config_from_parameters, task_from_parameters
 
     def identity(notebook, **change):
         knobs = {**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **change}
@@ -171,7 +171,7 @@ def test_the_comparison_notebooks_default_runs_are_the_single_run_notebooks_runs
 # -- paired runs ----------------------------------------------------------------------------------
 
 def _students(mode, networks=None, seed=4):
-    from mtml.models import build_cohort_networks
+    from mtml.tasks.models import build_cohort_networks
 
     networks = networks or build_cohort_networks
     cfg = CohortConfig(mode=mode, seed=seed)
@@ -187,7 +187,7 @@ def _same_weights(a, b):
 def test_a_seed_starts_every_mode_from_the_same_students(task):
     from functools import partial
 
-    from mtml.detectors import build_detection_networks
+    from mtml.tasks.detectors import build_detection_networks
 
     networks = partial(build_detection_networks, size=64) if task == "detection" else None
     first = _students("independent", networks)
@@ -233,7 +233,7 @@ def fake_execute(calls):
     """Stands in for papermill: writes the record the notebook would write for its parameters."""
     def execute(notebook, out_dir, parameters, smoke, resume_hint=""):
         calls.append((notebook, parameters))
-        assert resume_hint.startswith("python -m mtml.reproduce"), resume_hint
+        assert resume_hint.startswith("python -m mtml.runs.reproduce"), resume_hint
         spec = spec_from_parameters("classification", parameters)
         value = 0.80 + 0.01 * parameters["SEED"] + (KD_ML_MINUS_KD[parameters["SEED"]]
                                                      if parameters["MODE"] == "kd_ml" else 0.0)
@@ -315,7 +315,7 @@ def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monk
     assert reproduce.main(argv) == 1
     err = capsys.readouterr().err
     assert "1 run(s) failed" in err and "seed1" in err and "cell 12 timed out" in err
-    assert "Resume with: python -m mtml.reproduce --modes kd --seeds 0 1 2" in err
+    assert "Resume with: python -m mtml.runs.reproduce --modes kd --seeds 0 1 2" in err
     assert len(pd.read_csv(tmp_path / "runs" / "classification_results.csv")) == 2
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step
-from mtml.spec import spec_of
+from mtml.runs.spec import spec_of
 
 TASK = ClassificationTask()
 
@@ -65,7 +65,7 @@ def test_stacking_is_refused_where_it_cannot_apply(cfg, task, message):
 
 
 def test_stacking_is_refused_for_detection():
-    from mtml.detection import DetectionTask
+    from mtml.tasks.detection import DetectionTask
 
     with pytest.raises(ValueError, match="classifiers only, not the detection task"):
         Cohort.build(CohortConfig(mode="kd_ml", stack_students=True), task=DetectionTask(size=64))
@@ -74,8 +74,8 @@ def test_stacking_is_refused_for_detection():
 def test_settings_the_stacked_form_would_ignore_are_refused():
     from torch import nn
 
-    from mtml.models import TinyConvNet
-    from mtml.stacking import why_not_stackable
+    from mtml.tasks.models import TinyConvNet
+    from mtml.core.stacking import why_not_stackable
 
     def students(change=None, every=False):
         nets = [TinyConvNet((8, 16, 32)) for _ in range(2)]
@@ -94,7 +94,7 @@ def test_settings_the_stacked_form_would_ignore_are_refused():
 
 
 def test_stacking_is_refused_with_compile_and_under_ddp():
-    from mtml.distributed import wrap_cohort
+    from mtml.runs.distributed import wrap_cohort
 
     with pytest.raises(ValueError, match="compile=True"):
         CohortConfig(mode="kd_ml", stack_students=True, compile=True).validate()

@@ -9,9 +9,9 @@ import torch
 from hand_metrics import binary_auroc
 
 from mtml import stats
-from mtml.detection_eval import detection_metrics, detection_units
-from mtml.evaluate import classification_units
-from mtml.report import long_metric, paired_differences, summarise
+from mtml.tasks.detection_eval import detection_metrics, detection_units
+from mtml.tasks.evaluate import classification_units
+from mtml.runs.report import long_metric, paired_differences, summarise
 
 
 def test_holm_matches_the_hand_computed_step_down():

@@ -10,9 +10,9 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mtml import study as study_mod
-from mtml.detection_eval import f1_at_thresholds, operating_point
-from mtml.diversity import classification_diversity
-from mtml.study import Study, detectable_difference, verdicts
+from mtml.tasks.detection_eval import f1_at_thresholds, operating_point
+from mtml.runs.diversity import classification_diversity
+from mtml.runs.study import Study, detectable_difference, verdicts
 
 
 def test_study_file_refuses_unknown_keys_and_non_parameters(tmp_path):
@@ -160,7 +160,7 @@ def test_smoke_needs_its_own_folder(capsys):
 def test_kvasir_study_command_smoke_on_real_frames(tmp_path):
     """The real-data study at smoke size (CI): every mode, 2 seeds, operating point, diversity,
     costs and split hygiene reported."""
-    from mtml.polyp import default_polyp_root
+    from mtml.tasks.polyp import default_polyp_root
 
     if default_polyp_root()[0] is None:
         pytest.skip("no Kvasir-SEG frames (../shared/data or python data_scripts/polyp.py kvasir)")
@@ -175,7 +175,7 @@ def test_kvasir_study_command_smoke_on_real_frames(tmp_path):
 
 
 def test_a_report_says_how_the_code_changed_between_the_commits_of_its_runs(tmp_path):
-    from mtml.study import code_changes
+    from mtml.runs.study import code_changes
 
     def git(*args, day=1):  # commit dates one day apart: the report orders commits by date
         env = {**os.environ, "GIT_COMMITTER_DATE": f"2026-01-0{day}T00:00:00", "GIT_AUTHOR_DATE": f"2026-01-0{day}T00:00:00"}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
-from mtml.data import make_separable
-from mtml.spec import spec_of
-from mtml.teacher_tape import TapeRecorder, TapeReplay, tape_key, read_tape, tape_path, teacher_meta
+from mtml.tasks.data import make_separable
+from mtml.runs.spec import spec_of
+from mtml.runs.teacher_tape import TapeRecorder, TapeReplay, tape_key, read_tape, tape_path, teacher_meta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,8 +62,8 @@ def test_replayed_teacher_gives_the_trained_runs_results(tmp_path):
 
 
 def test_detection_teacher_replays_exactly(tmp_path):
-    from mtml.detection import DetectionTask
-    from mtml.polyp import flip_augment, make_synthetic_polyps
+    from mtml.tasks.detection import DetectionTask
+    from mtml.tasks.polyp import flip_augment, make_synthetic_polyps
 
     task = DetectionTask(size=64)
     data = make_synthetic_polyps(12, size=64, seed=0)
@@ -105,7 +105,7 @@ def test_the_students_settings_share_the_teacher_its_own_do_not():
     for own in (dict(lr=0.01), dict(seed=1), dict(epochs=2), dict(batch_size=32), dict(amp=True)):
         assert key(**own) != key(), own
 
-    from mtml.detection import DetectionTask
+    from mtml.tasks.detection import DetectionTask
 
     def detection_key(**kw):
         task = DetectionTask(**kw)

@@ -11,10 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mtml import CohortConfig, tiles
-from mtml.data import make_separable
-from mtml.download import MissingDatasetError
-from mtml.synthetic import FOLDER, SyntheticConfig, ensure_synthetic_default, generate
-from mtml.tiles import (TileDataset, augment_tiles, build_manifest, load_image, parse_tile_name,
+from mtml.tasks.data import make_separable
+from mtml.tasks.download import MissingDatasetError
+from mtml.tasks.synthetic import FOLDER, SyntheticConfig, ensure_synthetic_default, generate
+from mtml.tasks.tiles import (TileDataset, augment_tiles, build_manifest, load_image, parse_tile_name,
                         patient_split, scan_tiles)
 
 SMALL = SyntheticConfig(n_patients=8, tiles_per_patient=3, size=32, test_fraction=0.25, seed=3)
@@ -246,8 +246,8 @@ def test_stain_jitter_scales_each_tiles_optical_density_and_is_drawn_last():
 
 
 def test_the_task_owns_its_stain_jitter_and_refuses_another_augmentation():
-    from mtml.experiment import run_cohort
-    from mtml.task import ClassificationTask
+    from mtml.runs.experiment import run_cohort
+    from mtml.tasks.task import ClassificationTask
 
     for bad in (None, 1.0, -0.1, True, "0.3"):
         with pytest.raises(ValueError, match="STAIN_JITTER"):
@@ -269,7 +269,7 @@ def test_ensure_synthetic_default_generates_once(tmp_path, monkeypatch):
     frame = pd.read_csv(manifest)
     assert set(frame["split"]) == {"train", "val", "test"} and frame["synthetic"].all()
     assert all(tiles._BLK.match(p.split("/")[-1][:-4]) for p in frame["path"])  # the real naming
-    monkeypatch.setattr("mtml.synthetic.generate", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr("mtml.tasks.synthetic.generate", lambda *a, **k: pytest.fail("regenerated"))
     assert ensure_synthetic_default(tmp_path, SMALL) == manifest
     assert not list(tmp_path.glob(".synthetic-*"))  # no temporary folder left
 

@@ -1,4 +1,4 @@
-"""Tests of mtml.train: gradient isolation inside `cohort_step`, one forward per network, the
+"""Tests of mtml.core (cohort, step, loop): gradient isolation inside `cohort_step`, one forward per network, the
 terms each mode switches on, tiny fits in every mode, determinism, and bad parameters."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 from hand_metrics import assert_metrics_match, hand_metrics
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit, pretrain_teacher
-from mtml.data import TensorImageDataset, make_separable
-from mtml.evaluate import evaluate_classification
-from mtml.losses import soft_kl
-from mtml.models import build_cohort_networks, build_network
+from mtml.tasks.data import TensorImageDataset, make_separable
+from mtml.tasks.evaluate import evaluate_classification
+from mtml.core.losses import soft_kl
+from mtml.tasks.models import build_cohort_networks, build_network
 
 TASK = ClassificationTask(2)
 ALL_MODES = ("independent", "kd", "ml", "kd_ml", "offline")

@@ -22,29 +22,50 @@ def test_temperature_explorer_carries_its_figure_and_a_readable_slider():
     ui = widgets.temperature_explorer(TEACHER, STUDENT, value=2.0)
     bundle = ui._repr_mimebundle_()
     assert WIDGET_VIEW in bundle and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
-    slider, image = ui.children
+    slider, image, problem = ui.children
     assert slider.description == "temperature" and slider.style.description_width == "initial"
     assert image.value == base64.b64decode(bundle["image/png"])  # the live view starts at the static copy
     slider.value = 8.0
     assert bytes(image.value).startswith(b"\x89PNG") and image.value != base64.b64decode(bundle["image/png"])
+    assert problem.value == "" and not plt.get_fignums()
     ui.close()
 
 
 def test_widgets_build_no_output_widget():
-    """Output widgets are what nbclient-based runners (papermill, nbconvert) can hang on."""
+    """Output widgets are what nbclient-based runners (papermill, nbconvert) can hang on: none is
+    created when the widgets are built, nor when they are used."""
     import ipywidgets
 
-    built = [widgets.temperature_explorer(TEACHER, STUDENT), widgets.cohort_form(lambda **c: None),
-             widgets.dropdown_figure(lambda o: plt.subplots()[0], ["a"])]
+    def outputs():
+        return {k for k, w in ipywidgets.Widget.widgets.items() if getattr(w, "_model_name", "") == "OutputModel"}
 
-    def tree(widget):
-        yield widget
-        for child in getattr(widget, "children", ()):
-            yield from tree(child)
-
-    assert not [w for ui in built for w in tree(ui) if isinstance(w, ipywidgets.Output)]
-    for ui in built:
+    before = outputs()
+    explorer = widgets.temperature_explorer(TEACHER, STUDENT)
+    form = widgets.cohort_form(lambda **c: print("trained"))
+    dropdown = widgets.dropdown_figure(lambda o: plt.subplots()[0], ["a", "b"])
+    explorer.children[0].value = 8.0
+    dropdown.children[0].value = "b"
+    _press(form)
+    assert outputs() == before
+    for ui in (explorer, form, dropdown):
         ui.close()
+
+
+def test_a_failed_redraw_says_why_and_leaks_no_figure():
+    def draw(option):
+        fig = plt.figure()
+        if option == "bad":
+            raise ValueError("no such patient")
+        return fig
+
+    ui = widgets.dropdown_figure(draw, ["good", "bad"])
+    first = ui.children[1].value
+    ui.children[0].value = "bad"
+    assert "ValueError: no such patient" in ui.children[2].value and ui.children[1].value == first
+    assert not plt.get_fignums()
+    ui.children[0].value = "good"
+    assert ui.children[2].value == ""
+    ui.close()
 
 
 def test_the_gradient_axis_stays_fixed_while_tau_moves():
@@ -106,9 +127,25 @@ def test_cohort_form_shows_any_error_as_one_line():
     assert _press(form) == "cannot run: RuntimeError: out of memory"  # still usable
 
 
-def test_cohort_form_lets_an_interrupt_through():
+def test_cohort_form_lets_an_interrupt_through_and_says_so():
     def interrupted(**choices):
+        print("epoch 1 done")
         raise KeyboardInterrupt
 
+    form = widgets.cohort_form(interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _press(widgets.cohort_form(interrupted))
+        form.children[-2].click()
+    shown = html.unescape(re.sub(r"<[^>]+>", " ", form.children[-1].value))
+    assert "epoch 1 done" in shown and "interrupted" in shown and "training..." not in shown
+
+
+def test_cohort_form_without_a_table_repr_or_result():
+    class NoHtml:
+        def _repr_html_(self):
+            return None
+
+        def __str__(self):
+            return "plain result"
+
+    assert _press(widgets.cohort_form(lambda **c: NoHtml())) == "plain result"
+    assert _press(widgets.cohort_form(lambda **c: None)) == "done"

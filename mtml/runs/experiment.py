@@ -1,0 +1,110 @@
+"""One cohort run end to end (build, train, evaluate), shared by notebooks and scripts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .report import run_record
+from ..io import STORE, checkpoint_folder
+from ..tasks.models import build_cohort_networks
+from .spec import RunSpec, differences, spec_of
+from ..core.cohort import Cohort, CohortConfig
+from ..core.loop import fit, pretrain_teacher
+
+
+@dataclass
+class RunResult:
+    cohort: Cohort
+    history: pd.DataFrame
+    metrics: pd.DataFrame  # index: teacher, student_1..N, ensemble
+    spec: RunSpec
+    units: pd.DataFrame    # per test unit (tile or frame) predictions, for bootstrap intervals
+    external: dict = field(default_factory=dict)  # record keys of the external sets (mtml.external)
+    teacher_replayed: bool = False  # its teacher came from a tape (mtml.teacher_tape): not in its time
+
+    def record(self, **fields) -> dict:
+        """The run record for metrics.json: its spec hash, every setting of its spec, metrics (and
+        the external sets' metrics)."""
+        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(),
+                                           "teacher_replayed": self.teacher_replayed, **fields, **self.external})
+
+    def save(self, out_dir, **fields) -> dict:
+        """Writes `metrics.json` (the record) and `test_units.csv.gz` into `out_dir`."""
+        from ..io import write_csv, write_json
+
+        record = self.record(**fields)
+        write_csv(Path(out_dir) / UNITS_FILE, self.units, index=False, compression="gzip")
+        write_json(Path(out_dir) / "metrics.json", record)
+        return record
+
+
+UNITS_FILE = "test_units.csv.gz"
+
+
+def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", augment=None,
+               checkpoint_dir=None, resume: bool = False, progress: bool = True, callback=None,
+               networks=None, spec: RunSpec | None = None, external: dict | None = None) -> RunResult:
+    """Trains a cohort in `cfg.mode` (pre-training the teacher first for `offline`), then
+    evaluates every network and the student ensemble on `test` (or `val`). `spec` is the run's
+    identity (default: the config, the task's settings and the training set's size); pass
+    `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only. `networks`
+    defaults to the task's own builder (`task.networks`). `external`: sets of
+    `mtml.external.load_sets`, evaluated too (they never change the training). With a
+    `checkpoint_dir` in the run store (`checkpoint_folder`), an online teacher is recorded there,
+    or replayed when a run with the same teacher recorded it (`mtml.teacher_tape`: trained once
+    per seed, same results; the record's `teacher_replayed` says which, since it shortens train_time_s)."""
+    cfg.validate()
+    networks = networks or getattr(task, "networks", None) or build_cohort_networks
+    spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
+    actual = spec_of(cfg, task)
+    if spec.task != task.name or (spec.config, spec.task_settings) != (actual.config, actual.task_settings):
+        diff = differences({"config": spec.config, "task": spec.task_settings},
+                           {"config": actual.config, "task": actual.task_settings})
+        raise ValueError(f"the spec ({spec.task}) is not this run's ({task.name}; spec vs run: {diff or 'task'}); "
+                         "build both from the same parameters")
+    if getattr(task, "stain_jitter", 0) and augment != task.augment:
+        raise ValueError(f"the task's stain_jitter {task.stain_jitter} is part of this run's identity, but another "
+                         "augmentation was passed: pass augment=task.augment")
+    for name, (_, info) in (external or {}).items():
+        if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
+            raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")
+    fit_kw = dict(augment=augment, resume=resume, progress=progress)
+    teacher = None
+    if cfg.mode == "offline":
+        teacher_dir = Path(checkpoint_dir) / "teacher" if checkpoint_dir else None
+        teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
+                                   checkpoint_dir=teacher_dir, **fit_kw)
+    cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
+    store = Path(checkpoint_dir).parent if checkpoint_dir else None
+    history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback, spec=spec,
+                  tape_dir=store if store is not None and store.name == STORE else None, **fit_kw)
+    eval_data = test if test is not None else val
+    metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
+    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
+                       teacher_replayed=history.attrs.get("teacher_replayed", False))
+    if external:
+        from .external import external_record
+
+
+        result.external = external_record(task, cohort.networks, external)
+    return result
+
+
+def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, out_dir,
+                         device="cpu", augment=None, resume: bool = True) -> RunResult:
+    """The baseline of a notebook's run: the same students, seed, data and settings in mode
+    `independent` (no teacher, no peers), kept in the run store beside `out_dir`
+    (`checkpoint_folder`), so the notebooks sharing it train it once and load it after that
+    (`resume=False` trains it again, as the notebook's RESUME does for its own run)."""
+    from .parameters import config_from_parameters, spec_from_parameters
+
+    base = {**knobs, "MODE": "independent"}
+    for key in ("TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE"):  # independent students have neither
+        if key in base:
+            base[key] = "auto"
+    spec = spec_from_parameters(task_name, base)
+    return run_cohort(config_from_parameters(base, task_name), task, train, val, test, device=device,
+                      augment=augment, checkpoint_dir=checkpoint_folder(out_dir, spec.hash), resume=resume,
+                      progress=False, spec=spec)

@@ -1,0 +1,638 @@
+"""A study is a file: `studies/<name>.yaml` names the task, its data, a version, the modes, the
+seeds, every parameter and a time budget. One command runs it, collects exactly its runs and
+writes `docs/results/<name>/`:
+
+    python -m mtml.runs.study studies/kvasir_tiny_cpu.yaml --workers 2   # runs what is missing, then reports
+    python -m mtml.runs.study studies/kvasir_tiny_cpu.yaml --report      # the report only
+    python -m mtml.runs.study studies/kvasir_tiny_cpu.yaml --smoke --out /tmp/s   # a tiny subset (CI)
+
+`runs.csv` holds one row per finished run with its spec hash, and is the study's resume state:
+a run whose hash is in it is never run again, so a study can be finished across sessions and
+machines by committing the CSV (and `units/`, each run's test predictions for bootstrap
+intervals) as it grows. `RESULTS.md` and the figures are generated from them; never edit them.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from ..cli import Parser
+from ..names import students_in
+from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
+                         task_from_parameters, typed)
+from .report import mean_ci, paired_differences, sets_in, summarise, summarise_sets
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "docs" / "results"
+CLAIMS = (("kd_ml", "kd"), ("kd_ml", "ml"), ("kd_ml", "independent"))
+ALPHA, POWER = 0.05, 0.80
+METRIC = {"detection": "map50", "classification": "auroc"}
+KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
+        "target_difference", "notes", "external", "claims", "reuse"}
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    task: str
+    data: str                     # real | synthetic
+    version: str
+    modes: tuple
+    seeds: tuple
+    params: dict = field(default_factory=dict)
+    budget_minutes: float = 120.0
+    target_difference: float = 0.02  # the difference the study should be able to detect
+    title: str = ""
+    notes: str = ""
+    external: tuple = ()          # prepared folders every run is also tested on (mtml.external)
+    claims: tuple = CLAIMS        # ((a, b), ...): "a ensemble > b ensemble", Holm over all of them
+    reuse: tuple = ()             # other studies whose finished runs of this plan are taken as they are
+
+    @classmethod
+    def load(cls, path) -> "Study":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(raw) - KEYS
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a study has {sorted(KEYS)}")
+        missing = {"name", "task", "data", "version", "modes", "seeds"} - set(raw)
+        if missing:
+            raise ValueError(f"{path}: missing keys {sorted(missing)}")
+        if raw["task"] not in METRIC or raw["data"] not in ("real", "synthetic"):
+            raise ValueError(f"{path}: task must be detection|classification and data real|synthetic")
+        bad = [k for k in raw.get("params", {}) if not k.isupper() or k in ("MODE", "SEED", "VERSION")]
+        if bad:
+            raise ValueError(f"{path}: params {bad} are not notebook parameters (UPPER_CASE; mode, "
+                             "seed and version have their own keys)")
+        for key in ("modes", "seeds"):
+            if len(set(raw[key])) != len(raw[key]):
+                raise ValueError(f"{path}: {key} {raw[key]} repeat an entry; list each once")
+        if raw["name"] != Path(path).stem:
+            raise ValueError(f"{path}: name {raw['name']!r} must be the file's name {Path(path).stem!r}")
+        external = raw.get("external") or []
+        if not isinstance(external, list) or not all(isinstance(f, str) for f in external):
+            raise ValueError(f"{path}: external must be a list of prepared data folders")
+        if "claims" in raw:
+            claims = tuple(tuple(c) for c in raw["claims"] or ())
+            if not claims or any(len(c) != 2 or not set(c) <= set(raw["modes"]) or c[0] == c[1] for c in claims):
+                raise ValueError(f"{path}: claims must be pairs [a, b] of two of the study's modes {raw['modes']}")
+        else:  # the default claims whose modes the study has
+            claims = tuple(c for c in CLAIMS if set(c) <= set(raw["modes"]))
+        reuse = raw.get("reuse") or []
+        return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
+                      "params": raw.get("params", {}), "external": tuple(external), "claims": claims,
+                      "reuse": tuple([reuse] if isinstance(reuse, str) else reuse)})
+
+    @property
+    def metric(self) -> str:
+        return METRIC[self.task]
+
+    def parameters(self, mode: str, seed: int, smoke: bool = False) -> dict:
+        params = {**self.params, "VERSION": self.version, "MODE": mode, "SEED": seed}
+        return typed(smoke_parameters(self.task, params) if smoke else params)
+
+    def planned(self, smoke: bool = False) -> list[dict]:
+        seeds = self.seeds[:2] if smoke else self.seeds
+        return [self.parameters(mode, seed, smoke) for seed in seeds for mode in self.modes]
+
+
+# data ------------------------------------------------------------------------------------------
+_DATA: dict = {}
+
+
+def load_data(study: Study, params: dict):
+    """(train, val, test, description, augment) for a run's parameters, cached per process (every
+    run of a study sees the same data); the networks come from the task."""
+    key = (study.task, params.get("DATA_DIR"), params.get("FRAME_SIZE"), params.get("TILE_SIZE"),
+           params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("SPLIT_SEED"), params.get("SPLIT_BY"))
+    if key not in _DATA:
+        if study.task == "detection":
+            from ..tasks.polyp import flip_augment, polyp_splits
+
+            size = params.get("FRAME_SIZE", 160)
+            limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
+            extra = {"split_by": params["SPLIT_BY"]} if "SPLIT_BY" in params else {}
+            *splits, label = polyp_splits(params.get("DATA_DIR"), size, limits, seed=params.get("SPLIT_SEED", 0),
+                                          **extra)
+            if study.data == "real" and label.startswith("SYNTHETIC"):
+                raise FileNotFoundError(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
+            _DATA[key] = (*splits, label, flip_augment)
+        else:
+            from .parameters import classification_manifest
+            from ..tasks.tiles import TileDataset
+
+            manifest, kind = classification_manifest(params.get("DATA_DIR"))
+            if (study.data == "real") != (kind == "real"):
+                raise ValueError(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
+            splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True)
+                      for s in ("train", "val", "test")]
+            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", None)  # the task's own augmentation
+    return _DATA[key]
+
+
+def external_sets(study: Study, task, params: dict) -> dict:
+    """The study's external sets (`mtml.external.load_sets`), loaded once per process."""
+    from .external import load_sets
+
+    key = ("external", study.external, getattr(task, "size", None), params.get("TILE_SIZE"))
+    if key not in _DATA:
+        _DATA[key] = load_sets(task, [Path(f) if Path(f).is_absolute() else REPO / f for f in study.external],
+                               params.get("TILE_SIZE", 224))
+    return _DATA[key]
+
+
+# one run ---------------------------------------------------------------------------------------
+def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.DataFrame]:
+    """Trains and tests one run: its record (metrics on the test split, the operating point chosen
+    on validation for detection, the students' diversity, the ensemble gain) and its test units."""
+    import torch
+
+    from .experiment import run_cohort
+
+    torch.set_num_threads(threads)
+    train, val, test, label, augment = load_data(study, params)
+    task = task_from_parameters(study.task, params)
+    spec = spec_from_parameters(study.task, params)
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_cohort(config_from_parameters(params, study.task), task, train, val, test, device=device,
+                        augment=augment or task.augment, progress=False, spec=spec,
+                        external=external_sets(study, task, params))
+    row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
+                        commit=current_commit(), machine=machine_label(threads))
+    row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
+    nets = result.cohort.networks
+    students = students_in(nets)
+    if study.task == "detection":
+        from ..tasks.detection_eval import operating_point
+        from .diversity import detection_diversity
+
+        _, preds, targets = task.evaluate(nets, val, return_predictions=True)
+        val_units = task.test_units(preds, targets, data=val)
+        for who in [*nets, "ensemble"]:
+            for k, v in operating_point(val_units, result.units, who).items():
+                row[f"{who}/{k}"] = v
+        for k in ("op_precision", "op_recall", "op_f1"):
+            row[f"students_mean/{k}"] = float(np.mean([row[f"{s}/{k}"] for s in students]))
+        diversity = detection_diversity(nets, test, task, {s: row[f"{s}/op_threshold"] for s in students})
+        units = result.units[result.units["network"] == "ensemble"].round({"score": 7})
+    else:
+        from .diversity import classification_diversity
+
+        u = result.units
+        diversity = classification_diversity({s: np.c_[1 - u[s], u[s]] for s in students})
+        units = u[["unit", "label", "item", "ensemble"]].round({"ensemble": 7})
+    row.update({f"diversity/{k}": v for k, v in diversity.items()})
+    row["ensemble_gain"] = row[f"ensemble/{study.metric}"] - row[f"students_mean/{study.metric}"]
+    return row, units
+
+
+def current_commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (the run used code
+    that no commit holds as it was)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mtml", "notebooks"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def code_changes(commits, repo=REPO) -> str:
+    """How `mtml/` differs between the oldest and newest of `commits` (git's shortstat), since a
+    spec hash covers settings and data, not code, and how many runs used uncommitted code ("+changes",
+    which no commit holds); "" for one clean commit."""
+    recorded = [c for c in commits if isinstance(c, str) and c.strip() and c != "unknown"]
+    dirty = sum(c.endswith("+changes") for c in recorded)
+    uncommitted = (f"; {dirty} run(s) from uncommitted changes, not compared" if dirty else "") + (
+        f"; {len(commits) - len(recorded)} run(s) without a recorded commit" if len(recorded) < len(commits) else "")
+    found = sorted({c.removesuffix("+changes") for c in recorded})
+    if len(found) < 2:
+        return uncommitted
+    dated = subprocess.run(["git", "log", "--no-walk=sorted", "--format=%h", *found], cwd=repo,
+                           capture_output=True, text=True)
+    order = dated.stdout.split()
+    if dated.returncode or len(order) != len(found):
+        return "; mtml/ between them not compared (a commit is not in this checkout)" + uncommitted
+    stat = subprocess.run(["git", "diff", "--shortstat", order[-1], order[0], "--", "mtml"], cwd=repo,
+                          capture_output=True, text=True).stdout.strip()
+    return f"; mtml/ from {order[-1]} to {order[0]}: {stat or 'unchanged'} (a spec hash does not cover code){uncommitted}"
+
+
+def machine_label(threads: int) -> str:
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} torch thread(s) per run"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {where}"
+
+
+# state -----------------------------------------------------------------------------------------
+def read_runs(out: Path) -> pd.DataFrame:
+    csv = out / "runs.csv"
+    return pd.read_csv(csv, dtype={"spec_hash": str}) if csv.is_file() else pd.DataFrame({"spec_hash": []})
+
+
+def done_hashes(out: Path) -> set:
+    return set(read_runs(out)["spec_hash"])
+
+
+def append(out: Path, row: dict, units: pd.DataFrame) -> None:
+    """Adds a finished run: its units first, then its row (so a row always has its units)."""
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    units.to_csv(out / "units" / f"{row['spec_hash']}.csv.gz", index=False,
+                 compression={"method": "gzip", "mtime": 0})
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        csv, table = out / "runs.csv", read_runs(out)
+        if row["spec_hash"] in set(table["spec_hash"]):  # another worker or command finished it
+            return
+        table = pd.concat([table, pd.DataFrame([row])]) if len(table) else pd.DataFrame([row])
+        tmp = csv.with_suffix(".tmp")
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, csv)
+
+
+def adopt(study: Study, out: Path) -> int:
+    """Takes the finished runs of the studies in `study.reuse` whose spec hash this study plans
+    (the same run identity: the same computation) into `out`, with their test units; returns how
+    many were taken. They carry only the sets they were tested on: a study that names `external`
+    sets trains its runs itself or tests reused ones with `python -m mtml.runs.external`."""
+    planned = {spec_from_parameters(study.task, p).hash for p in study.planned()}
+    taken = 0
+    for other in study.reuse:
+        source = RESULTS / other
+        if not (source / "runs.csv").is_file():
+            raise FileNotFoundError(f"study {study.name} reuses {other!r}, but {source / 'runs.csv'} does not exist: "
+                                    "check the name under reuse:")
+        table = read_runs(source)
+        for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
+            units_file = source / "units" / f"{row['spec_hash']}.csv.gz"
+            if not units_file.is_file():  # a row without its test units cannot enter the report
+                print(f"not taken from {other}: run {row['spec_hash']} has no {units_file.name}", file=sys.stderr)
+                continue
+            units = pd.read_csv(units_file)
+            append(out, {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}, units)
+            taken += 1
+    return taken
+
+
+def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1) -> int:
+    """Runs this worker's share of the missing runs; returns how many failed."""
+    runs = study.planned(smoke)
+    failed = 0
+    for i, params in enumerate(runs):
+        if i % workers != worker:
+            continue
+        spec_hash = spec_from_parameters(study.task, params).hash
+        if spec_hash in done_hashes(out):
+            continue
+        what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}"
+        try:
+            row, units = run_one(study, params, threads=1 if workers > 1 else max(1, os.cpu_count() or 1))
+        except Exception as err:  # one failed run never stops the study; it is listed and retried
+            failed += 1
+            print(f"{what}: FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            continue
+        append(out, row, units)
+        print(f"{what}: ensemble {study.metric} {row[f'ensemble/{study.metric}']:.3f} "
+              f"({row['train_time_s']:.0f} s)", flush=True)
+    return failed
+
+
+# report ----------------------------------------------------------------------------------------
+def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFrame, dict, list]:
+    """Exactly this study's finished runs (rows whose hash a planned run has), their test units
+    keyed (version, mode, seed), and the planned runs still missing."""
+    planned = {spec_from_parameters(study.task, p).hash: p for p in study.planned(smoke)}
+    table = read_runs(out)
+    runs = table[table["spec_hash"].isin(planned)].reset_index(drop=True)
+    if len(table) and runs.empty:
+        first = spec_from_parameters(study.task, next(iter(planned.values())))
+        stored = table.iloc[0]
+        differ = sorted(k for k, v in first.flat().items() if k in stored and str(stored[k]) != str(v))
+        raise ValueError(f"{out / 'runs.csv'} holds {len(table)} runs, none of this study's plan on this "
+                         f"machine (first differing settings: {differ[:5] or 'the data fingerprint'}); "
+                         "nothing was overwritten: check the data and the study file")
+    missing = [p for h, p in planned.items() if h not in set(runs["spec_hash"])]
+    units = {(r.version, r.mode, r.seed): pd.read_csv(out / "units" / f"{r.spec_hash}.csv.gz")
+             for r in runs.itertuples()}
+    return runs, units, missing
+
+
+def detectable_difference(differences, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean paired difference a two-sided paired t-test at `alpha` detects with
+    probability `power` (exact: the noncentral t's tails, integrated over the chi-square of the
+    spread), taking the observed spread of the differences as the true one, for their number."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    d = np.asarray(differences, float)
+    n = len(d)
+    if n < 2:
+        return math.nan
+    sd, df = d.std(ddof=1), n - 1
+    if sd == 0:
+        return 0.0
+    crit, norm, chi2 = scipy_stats.t.ppf(1 - alpha / 2, df), scipy_stats.norm, scipy_stats.chi2
+
+    def shortfall(nc):  # P(|T| > crit) - power, T noncentral t with df and nc
+        tails = lambda v: (norm.sf(crit * math.sqrt(v / df) - nc)  # noqa: E731
+                           + norm.cdf(-crit * math.sqrt(v / df) - nc)) * chi2.pdf(v, df)
+        return quad(tails, 0, math.inf)[0] - power
+
+    high = 4.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(brentq(shortfall, 0.0, high, xtol=1e-10) * sd / math.sqrt(n))
+
+
+def verdicts(runs: pd.DataFrame, metric: str, units: dict | None, claims=CLAIMS) -> pd.DataFrame:
+    """One row per claim "a ensemble > b ensemble" (all of them, whether or not its runs exist;
+    by default kd_ml against kd, ml and independent): paired mean difference over seeds, its 95%
+    t-interval, the paired t-test p adjusted by Holm over the k claims (a claim without a p counts
+    as p = 1), the 95% bootstrap interval over test units, the detectable difference at the
+    Bonferroni level 0.05 / k (a bound for Holm), and the verdict: confirmed when the difference is positive, p_holm < 0.05 and the
+    bootstrap interval lies above 0; refuted when negative by the same rule; else inconclusive
+    (also whenever there is no bootstrap interval)."""
+    from .stats import holm
+
+    present = [c for c in claims if {c[0], c[1]} <= set(runs["mode"])]
+    table = paired_differences(runs, metric, "ensemble", units, pairs=present) if present else pd.DataFrame()
+    found = {(r["a"], r["b"]): r for r in table.to_dict("records")}
+    wide = runs.pivot(index="seed", columns="mode", values=f"ensemble/{metric}")
+    p = [found[c]["p_value"] if c in found and np.isfinite(found[c]["p_value"]) else 1.0 for c in claims]
+    rows = []
+    for claim, p_holm in zip(claims, holm(p)):
+        r = found.get(claim, {})
+        mean = r.get("mean(ensemble a-b)", math.nan)
+        lo, hi = r.get("boot_lo", math.nan), r.get("boot_hi", math.nan)
+        if p_holm < ALPHA and mean > 0 and lo > 0:
+            verdict = "confirmed"
+        elif p_holm < ALPHA and mean < 0 and hi < 0:
+            verdict = "refuted"
+        else:
+            verdict = "inconclusive"
+        d = (wide[claim[0]] - wide[claim[1]]).dropna() if claim in found else []
+        rows.append({"claim": f"{claim[0]} ensemble > {claim[1]} ensemble", "seeds": r.get("seeds", 0),
+                     "mean": mean, "ci95": r.get("ci95", math.nan), "p_holm": p_holm, "boot_lo": lo,
+                     "boot_hi": hi, "detectable": detectable_difference(d, ALPHA / len(claims)),
+                     "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def _holm_phrase(n: int) -> str:
+    if n == 1:
+        return "p of the paired t-test (one claim: Holm leaves it as it is)"
+    return f"p of the paired t-test, Holm-adjusted over the {({2: 'two', 3: 'three'}).get(n, str(n))} claims"
+
+
+def _pm(mean, half, digits=3) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
+
+
+def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFrame | None = None,
+                  hygiene: dict | None = None) -> Path:
+    """RESULTS.md, results.csv (one row per mode) and the figures, from runs.csv and units/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs, units, missing = study_runs(study, out, smoke)
+    metric, label = study.metric, "SYNTHETIC " if study.data == "synthetic" else ""
+    title = study.title or study.name
+    head = [f"# {title}" + (" (SYNTHETIC data)" if label and "SYNTHETIC" not in title else ""), "",
+            f"Generated by `python -m mtml.runs.study studies/{study.name}.yaml{' --smoke' if smoke else ''}` "
+            "from `runs.csv` and `units/`; do not edit.", ""]
+    if runs.empty:
+        (out / "RESULTS.md").write_text("\n".join(head + ["No finished runs yet."]) + "\n")
+        return out / "RESULTS.md"
+    runs = runs.assign(order=runs["mode"].map(study.modes.index)).sort_values(["order", "seed"]).drop(columns="order")
+    summary = summarise(runs, metric, units)
+    per_mode = runs.groupby("mode", sort=False)
+    extra = {}
+    for col in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall", "diversity/disagreement",
+                "diversity/kl", "ensemble_gain", "train_time_s"):
+        if col in runs:
+            extra[col] = {m: mean_ci(g[col]) for m, g in per_mode}
+    summary = summary.set_index("mode").loc[[m for m in study.modes if m in set(runs["mode"])]].reset_index()
+    summary.to_csv(out / "results.csv", index=False, float_format="%.6g")
+    decided = verdicts(runs, metric, units, study.claims)
+    decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
+
+    data = re.sub(r"/\S*/(?=[^/\s()]+)", "", str(runs["data"].iloc[0]))  # no local folders
+    if "data.manifest_sha256" in runs:
+        data += f"; manifest sha256 {runs['data.manifest_sha256'].iloc[0]}"
+    used = {k: v for k, v in study.parameters(study.modes[0], study.seeds[0], smoke).items()
+            if k not in ("MODE", "SEED", "VERSION")}
+    commits = ", ".join(sorted(set(runs["commit"].astype(str))))
+    machines = "; ".join(sorted(set(runs["machine"].astype(str))))
+    lines = head + [
+        f"- data: {data}", f"- task: {study.task}, version {study.version}; metric: {metric} of the student "
+        "ensemble on the TEST split, each run tested once; every parameter fixed in the study file beforehand",
+        f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))}; runs: {len(runs)} of "
+        f"{len(runs) + len(missing)} planned" + (f" (MISSING: {len(missing)})" if missing else ""),
+        f"- code: commit(s) {commits}{code_changes(runs['commit'])}; machine: {machines}",
+        f"- time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over the runs' own "
+        f"clocks (parallel workers overlap, so the wall time is shorter); budget: {study.budget_minutes:.0f} min "
+        "of wall time",
+        f"- parameters: {', '.join(f'{k}={v}' for k, v in sorted(used.items()))}", ""]
+    if study.notes:
+        lines += [study.notes.strip(), ""]
+    too_coarse = decided["detectable"].gt(study.target_difference).any() or decided["detectable"].isna().any()
+    lines += ["## Verdicts" + (f" (PROVISIONAL: {len(runs)} of {len(runs) + len(missing)} runs)" if missing else ""), "",
+              f"Paired by seed; mean difference of the ensembles' {metric} with its 95% t-interval over seeds; "
+              f"{_holm_phrase(len(study.claims))}; the 95% bootstrap "
+              f"interval over test {'frames' if study.task == 'detection' else 'patients'} (one shared resampling of "
+              "the test set, the networks fixed); detectable: the smallest true difference a paired t-test at alpha "
+              f"0.05 / {len(study.claims)} "
+              "finds with power 0.8 given the observed spread and number of seeds. Confirmed: positive, "
+              "p_holm < 0.05 and a bootstrap interval above 0; refuted: negative by the same rule; otherwise "
+              f"inconclusive. The study aimed to detect {study.target_difference}"
+              + (": it cannot for every claim (more seeds needed)." if too_coarse else ", and can for every claim."), "",
+              "| claim | seeds | difference | p (Holm) | bootstrap 95% | detectable | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for r in decided.itertuples():
+        lines.append(f"| {r.claim} | {r.seeds} | {_pm(r.mean, r.ci95)} | {r.p_holm:.3f} | "
+                     f"[{r.boot_lo:+.3f}, {r.boot_hi:+.3f}] | {r.detectable:.3f} | **{r.verdict}** |")
+    lines += ["", "## Every mode", "", f"Test {metric}, mean ± 95% t-interval over seeds; the ensemble's "
+              "bootstrap interval over the test set; ensemble gain = ensemble minus the students' mean; "
+              "diversity between the students (see `mtml.diversity`).", ""]
+    cols = ["mode", "seeds", "teacher", "students' mean", "ensemble", "ensemble bootstrap"]
+    op = "ensemble/op_f1" in extra
+    cols += (["ensemble F1 at val operating point", "precision", "recall"] if op else [])
+    cols += ["ensemble gain", "disagreement", "KL", "minutes per run"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in summary.itertuples():
+        cells = [r.mode, str(r.seeds), _pm(getattr(r, "teacher_mean", math.nan), getattr(r, "teacher_ci95", math.nan)),
+                 _pm(r.students_mean_mean, r.students_mean_ci95), _pm(r.ensemble_mean, r.ensemble_ci95),
+                 f"[{r.ensemble_boot_lo:.3f}, {r.ensemble_boot_hi:.3f}]"]
+        if op:
+            cells += [_pm(*extra[c][r.mode][:2]) for c in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall")]
+        cells += [_pm(*extra["ensemble_gain"][r.mode][:2]), _pm(*extra["diversity/disagreement"][r.mode][:2]),
+                  _pm(*extra["diversity/kl"][r.mode][:2], digits=4),
+                  f"{extra['train_time_s'][r.mode][0] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if costs is not None:
+        lines += ["", "## What compression buys", "", f"Per {'frame' if study.task == 'detection' else 'tile'} "
+                  f"at batch 1, CPU, {int(costs['threads'].iloc[0])} torch thread ({costs['machine'].iloc[0]}; median "
+                  "of timed forwards; FLOPs of matmuls and convolutions from torch.utils.flop_counter):", "",
+                  "| model | parameters | GFLOPs | latency ms (IQR) |", "|---|---|---|---|"]
+        for who, c in costs.iterrows():
+            lines.append(f"| {who} | {int(c['params']):,} | {c['flops'] / 1e9:.3f} | "
+                         f"{c['latency_ms']:.1f} ({c['latency_iqr_ms']:.1f}) |")
+    if sets_in(runs.columns):
+        per_set = summarise_sets(runs, metric)
+        per_set.to_csv(out / "results_external.csv", index=False, float_format="%.6g")
+        lines += ["", "## External test sets", "", f"The same networks tested on other data (`external` in the "
+                  f"study file; test: the runs' own test split). {metric}, mean ± 95% t-interval over seeds.", "",
+                  "| set | mode | seeds | teacher | students' mean | ensemble |", "|---|---|---|---|---|---|"]
+        for r in per_set.itertuples():
+            lines.append(f"| {r.eval_set} | {r.mode} | {r.seeds} | "
+                         f"{_pm(getattr(r, 'teacher_mean', math.nan), getattr(r, 'teacher_ci95', math.nan))} | "
+                         f"{_pm(r.students_mean_mean, r.students_mean_ci95)} | {_pm(r.ensemble_mean, r.ensemble_ci95)} |")
+    if hygiene:
+        lines += ["", "## Split hygiene", ""] + [f"- {k}: {v}" for k, v in hygiene.items()]
+    lines += ["", "## Figures", ""]
+    for name, draw in _figures(out, runs, summary, costs, metric).items():
+        lines.append(f"- `{name}`: {draw}")
+    if missing:
+        lines += ["", "## Missing runs", "", *[f"- {p['MODE']} seed {p['SEED']}" for p in missing],
+                  "", "Run the command again to add them; finished runs are never re-run."]
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    return out / "RESULTS.md"
+
+
+def _figures(out: Path, runs, summary, costs, metric) -> dict:
+    import matplotlib.pyplot as plt
+
+    from ..teach.plots import plot_accuracy_vs_cost
+
+    from ..io import save_figure
+
+    made = {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, g in runs.groupby("mode", sort=False):
+        ax.scatter(g["diversity/disagreement"], g["ensemble_gain"], label=mode)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="disagreement between students (test)", ylabel=f"ensemble gain ({metric})",
+           title="Ensemble gain against the students' diversity (one point per run)")
+    ax.legend()
+    made["gain_vs_diversity.png"] = (fig, "ensemble gain against the students' disagreement, per run")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (mode, g) in enumerate(runs.groupby("mode", sort=False)):
+        ax.scatter(np.full(len(g), i), g[f"ensemble/{metric}"], color=f"C{i}")
+        for seed, v in zip(g["seed"], g[f"ensemble/{metric}"]):
+            ax.annotate(str(seed), (i, v), xytext=(4, 0), textcoords="offset points", fontsize=7)
+    ax.set_xticks(range(runs["mode"].nunique()), list(runs["mode"].unique()))
+    ax.set(ylabel=f"ensemble {metric} (test)", title="Every run (label: seed)")
+    made["ensemble_by_mode.png"] = (fig, f"each run's ensemble {metric} by mode, seeds labelled")
+    if costs is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plot_accuracy_vs_cost(summary, costs, metric, ax=ax)
+        made["accuracy_vs_cost.png"] = (fig, f"{metric} against CPU latency per frame/tile, per mode")
+    for name, (fig, _) in made.items():
+        save_figure(fig, out / name)
+        plt.close(fig)
+    return {name: text for name, (_, text) in made.items()}
+
+
+def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
+    """costs.csv, measured once per study (kept, so a report regenerates identical tables)."""
+    from .costs import network_costs
+
+    params = study.parameters(study.modes[0], study.seeds[0], smoke)
+    size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
+    setting = f"{study.task} {study.version} size {size} students {int(params.get('N_STUDENTS', 2))}"
+    if study.version == "tiny" and study.task == "classification":  # the tiny widths changed once (mtml.models)
+        from ..tasks.models import tiny_widths_label
+
+        setting += " widths " + tiny_widths_label()
+    path = out / "costs.csv"
+    if path.is_file():
+        kept = pd.read_csv(path, index_col=0)
+        if "setting" in kept and kept["setting"].iloc[0] == setting:
+            return kept
+    costs = network_costs(study.task, study.version, int(params.get("N_STUDENTS", 2)), size=size,
+                          repeats=5 if smoke else 50)
+    costs = costs.assign(setting=setting, machine=machine_label(int(costs["threads"].iloc[0])).split(", CPU")[0])
+    costs.to_csv(path, float_format="%.6g")
+    return costs
+
+
+def split_hygiene(study: Study, smoke: bool) -> dict | None:
+    if study.task != "detection" or study.data != "real":
+        return None
+    from ..tasks.polyp import default_polyp_root, split_hygiene as measure
+
+    params = study.parameters(study.modes[0], 0, smoke)
+    root = Path(params["DATA_DIR"]) if params.get("DATA_DIR") else default_polyp_root()[0]
+    return measure(root, seed=params.get("SPLIT_SEED", 0))
+
+
+def committed(name: str) -> dict:
+    """The kit's committed results of study `name` (docs/results/<name>/), for the notebooks:
+    {"folder", "about" (RESULTS.md's header lines), "verdicts", "modes" (the per-mode table)}."""
+    folder = RESULTS / name
+    if not (folder / "verdicts.csv").is_file():
+        raise FileNotFoundError(f"no committed results in {folder}: python -m mtml.runs.study studies/{name}.yaml")
+    text = (folder / "RESULTS.md").read_text().splitlines()
+    about = [line for line in text[:text.index("## Verdicts")] if line.startswith(("#", "-"))]
+    return {"folder": folder, "about": "\n".join(about), "verdicts": pd.read_csv(folder / "verdicts.csv"),
+            "modes": pd.read_csv(folder / "results.csv")}
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m mtml.runs.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="a study file, e.g. studies/kvasir_tiny_cpu.yaml")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each")
+    p.add_argument("--report", action="store_true", help="write the results only, run nothing")
+    p.add_argument("--smoke", action="store_true", help="2 seeds at the notebooks' smoke caps (CI)")
+    p.add_argument("--out", help="results folder (default docs/results/<name>; --smoke needs one)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    study = Study.load(args.study)  # a bad study file: one line, exit 2 (mtml.cli)
+    if args.smoke and not args.out:
+        p.error("--smoke writes a tiny study: give --out FOLDER (the committed results stay as they are)")
+    out = Path(args.out) if args.out else RESULTS / study.name
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker is not None:
+        return 1 if run_study(study, out, args.smoke, args.worker, args.workers) else 0
+    failed = 0
+    start = time.perf_counter()
+    if not args.report and not args.smoke and study.reuse:
+        print(f"taken from {', '.join(study.reuse)}: {adopt(study, out)} finished run(s) of this plan")
+    if not args.report:
+        if args.workers > 1:
+            cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(args.workers)]
+            procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []))
+                     for k in range(args.workers)]
+            failed = sum(proc.wait() != 0 for proc in procs)
+        else:
+            failed = run_study(study, out, args.smoke)
+    costs = measure_costs(study, out, args.smoke)
+    print(write_results(study, out, args.smoke, costs, split_hygiene(study, args.smoke)),
+          f"({time.perf_counter() - start:.0f} s)")
+    if failed:
+        print("some runs failed (listed above); run the same command again to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from ..cli import run_main
+
+    sys.exit(run_main(main, prog="python -m mtml.runs.study"))
+

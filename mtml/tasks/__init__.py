@@ -1,0 +1,1 @@
+"""One home per task: its data, networks, metrics and distillation terms (classification, detection)."""

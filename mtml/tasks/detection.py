@@ -1,0 +1,143 @@
+"""The detection task for `mtml.core.step.cohort_step`: batches of frames with boxes, a detector's
+dense outputs from one forward, FCOS's own losses, dense distillation (`mtml.dense_distill`), the
+students' mean ensemble and FCOS's postprocess. Detectors live in `mtml.detectors`, their
+evaluation in `mtml.detection_eval`, pictures in `mtml.plots.draw_detections`.
+
+The student ensemble averages the students' sigmoid probabilities, box regressions and
+centerness at each location and runs FCOS's postprocess (score threshold, NMS) once; weighted box
+fusion of the students' final boxes is the alternative (`ensemble="wbf"`).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .dense_distill import DenseDistillation
+from .detection_eval import detection_units, evaluate_detection
+
+
+def resize_item(image: torch.Tensor, boxes: torch.Tensor, size: int):
+    """Resizes a (3, H, W) image to (3, size, size) and scales its (k, 4) xyxy boxes to match."""
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image, boxes
+    image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)[0]
+    return image, boxes * torch.tensor([size / w, size / h, size / w, size / h])
+
+
+class DetectionTask:
+    """Batches: `image` (B, 3, S, S) float in [0, 1], `targets` a list of {boxes (k, 4) xyxy pixels,
+    labels (k,) = 1}, `index` (B,). Items are dicts with `image` (uint8 or float) and `boxes`."""
+
+    name = "detection"
+    history_metrics = ("map50",)
+    config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01,  # ours, with size=160 below
+                       "feature_levels": 3}  # features matched on P3-P5 (mtml.features)
+    # settings() the teacher's training and its validation map50 never read: runs that differ only
+    # in them share one teacher tape (mtml.teacher_tape)
+    student_only_settings = ("ensemble", "score_threshold", "wbf_iou", "weighting", "box_loss",
+                             "w_cls", "w_box", "w_ctr")
+
+    def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
+                 score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",
+                 w_distill_cls: float = 1.0, w_distill_box: float = 1.0, w_distill_ctr: float = 1.0):
+        if ensemble not in ("mean", "wbf"):
+            raise ValueError(f"ensemble must be 'mean' or 'wbf', got {ensemble!r}")
+        if size < 32 or size % 32:
+            raise ValueError(f"size must be a multiple of 32 (the FPN's coarsest stride), got {size}")
+        self.distill = DenseDistillation(distill_weighting, box_loss, w_distill_cls, w_distill_box, w_distill_ctr)
+        self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
+        self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
+
+    def networks(self, version, n_students, num_classes=2, pretrained=False, with_teacher=True):
+        """The version's detectors at this task's frame size."""
+        from .detectors import build_detection_networks
+
+        return build_detection_networks(version, n_students, num_classes, pretrained, with_teacher, size=self.size)
+
+    def is_own_network(self, model):
+        from .detectors import is_detector
+
+        return is_detector(model)
+
+    def test_units(self, preds, targets, data=None) -> pd.DataFrame:
+        return detection_units(preds, targets, frames=getattr(data, "frames", None))
+
+    def settings(self):
+        return {"size": self.size, "ensemble": self.ensemble_kind, "score_threshold": self.score_threshold,
+                "wbf_iou": self.wbf_iou, **self.distill.settings()}
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "DetectionTask":
+        """The task whose `settings()` are `s` (a run spec's task settings)."""
+        return cls(size=s["size"], ensemble=s["ensemble"], score_threshold=s["score_threshold"],
+                   wbf_iou=s["wbf_iou"], distill_weighting=s["weighting"], box_loss=s["box_loss"],
+                   w_distill_cls=s["w_cls"], w_distill_box=s["w_box"], w_distill_ctr=s["w_ctr"])
+
+    # batches ------------------------------------------------------------------------------
+    def collate(self, items):
+        images, targets = [], []
+        for item in items:
+            image = item["image"]
+            image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+            boxes = torch.as_tensor(item["boxes"], dtype=torch.float32).reshape(-1, 4)
+            image, boxes = resize_item(image, boxes, self.size)
+            images.append(image)
+            targets.append({"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)})
+        return {"image": torch.stack(images), "targets": targets,
+                "index": torch.tensor([int(item.get("index", i)) for i, item in enumerate(items)])}
+
+    def to_device(self, batch, device):
+        return {"image": batch["image"].to(device, non_blocking=True), "index": batch["index"],
+                "targets": [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]}
+
+    # training -----------------------------------------------------------------------------
+    def outputs(self, model, batch):
+        """One forward of a `DenseFCOS` (or of its DDP / compiled wrapper): the dense maps, plus
+        the detector itself (its losses, box coder and postprocess) and the batch's boxes."""
+        return {**model(batch["image"]), "model": getattr(model, "module", model),
+                "targets": batch["targets"]}
+
+    def outputs_and_features(self, model, batch, levels: int = 1):
+        """(outputs, the first `levels` FPN maps) of one forward (`mtml.features`)."""
+        out = self.outputs(model, batch)
+        if levels > len(out["features"]):
+            raise ValueError(f"feature_levels={levels}, but the detector has {len(out['features'])} FPN levels")
+        return out, out["features"][:levels]
+
+    def supervised_loss(self, out, batch):
+        """FCOS's own losses: focal classification + GIoU boxes + centerness BCE, summed."""
+        losses = out["model"].compute_loss(batch["targets"], out, out["anchors"], out["per_level"])
+        return sum(losses.values())
+
+    def distill_target(self, out):
+        """The part of a teacher's output that `distill_loss` reads (what a teacher tape keeps)."""
+        return {k: out[k] for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
+
+    def distill_loss(self, out, target, temperature):
+        """`mtml.dense_distill.DenseDistillation` with this task's settings; `target` is detached."""
+        return self.distill(out, target, temperature)
+
+    # inference ----------------------------------------------------------------------------
+    def ensemble(self, outs):
+        """Mean of the students' probabilities, regressions and centerness, as logits again."""
+        def mean_prob(key):
+            return torch.logit(torch.stack([torch.sigmoid(o[key]) for o in outs]).mean(0), eps=1e-6)
+
+        return {**outs[0], "cls_logits": mean_prob("cls_logits"), "bbox_ctrness": mean_prob("bbox_ctrness"),
+                "bbox_regression": torch.stack([o["bbox_regression"] for o in outs]).mean(0)}
+
+    def detections(self, out):
+        """FCOS postprocess (score threshold, top-k, NMS) -> [{boxes, scores, labels}] per image;
+        class 0 (torchvision's background slot, never trained positive) is dropped."""
+        split = {k: list(out[k].split(out["per_level"], dim=1))
+                 for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
+        anchors = [list(a.split(out["per_level"])) for a in out["anchors"]]
+        dets = out["model"].postprocess_detections(split, anchors, out["image_sizes"])
+        return [{k: v[d["labels"] > 0].cpu() for k, v in d.items()} for d in dets]
+
+    def evaluate(self, networks, data, batch_size=16, return_predictions=False, **kw):
+        return evaluate_detection(networks, data, self, batch_size=batch_size,
+                                  return_predictions=return_predictions, **kw)

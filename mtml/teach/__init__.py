@@ -1,0 +1,1 @@
+"""The teaching surface: widgets, plots, generated readings of results, the offline handout."""
