@@ -110,10 +110,9 @@ def test_warmup_gives_distillation_no_weight_at_step_0_and_full_weight_after(one
 
     def student_grads(mode, warmup, step, steps_per_epoch=2):
         cohort = Cohort.build(CohortConfig(mode=mode, seed=1, distill_warmup_epochs=warmup, clip_grad_norm=0.0))
-        cohort.steps_per_epoch = steps_per_epoch
         params = list(cohort.students[0].parameters())
         before = [p.detach().clone() for p in params]
-        terms = cohort_step(cohort, batch, task, step=step)
+        terms = cohort_step(cohort, batch, task, step=step, distill_scale=distill_ramp(step / steps_per_epoch, warmup))
         return [b - p.detach() for b, p in zip(before, params)], terms
 
     plain, _ = student_grads("independent", 0.0, 0)

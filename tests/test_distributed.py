@@ -20,6 +20,7 @@ from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit
 from mtml.tasks.data import make_separable
 from mtml.runs.distributed import GlobalBatchNorm2d, main, sync_batchnorm
 from mtml.io import load_checkpoint
+from mtml.runs.checkpoint import Checkpoint
 from mtml.core.sampling import epoch_order, shard_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_fit_shard_trains_on_its_slice_and_only_rank_0_writes(tmp_path):
             seen.extend(int(it["index"]) for it in items)
             return super().collate(items)
 
-    history = fit(Cohort.build(cfg), Recording(), data, checkpoint_dir=tmp_path, progress=False,
+    history = fit(Cohort.build(cfg), Recording(), data, callbacks=[Checkpoint(tmp_path)], progress=False,
                   shard=(1, 2))
     order = epoch_order(32, cfg.seed, 0)
     assert seen == [i for b in range(4) for i in order[8 * b + 4: 8 * b + 8]]

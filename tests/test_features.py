@@ -13,6 +13,8 @@ from mtml.tasks.detection import DetectionTask
 from mtml.core.features import EPS, feature_loss, uses
 from mtml.tasks.polyp import make_synthetic_polyps
 from mtml.runs.spec import spec_of
+from mtml.core.loop import Callback
+from mtml.runs.checkpoint import Checkpoint
 
 TASK = ClassificationTask(2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,10 +147,9 @@ def test_adapters_train_save_and_resume_exactly(tmp_path):
     first = Cohort.build(CohortConfig(**{**cfg.__dict__, "epochs": 2}), task=TASK)
     spec = spec_of(cfg, TASK, {"train_items": len(data)})
     with pytest.raises(KeyboardInterrupt):
-        fit(first, TASK, data, val, progress=False, checkpoint_dir=tmp_path, spec=spec,
-            callback=lambda history: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop after epoch 1
+        fit(first, TASK, data, val, progress=False, callbacks=[Checkpoint(tmp_path, spec), StopAfterOneEpoch()])
     resumed = Cohort.build(cfg, task=TASK)
-    fit(resumed, TASK, data, val, progress=False, checkpoint_dir=tmp_path, resume=True, spec=spec)
+    fit(resumed, TASK, data, val, progress=False, callbacks=[Checkpoint(tmp_path, spec, resume=True)])
     for (k, v), w in zip(whole.adapters.state_dict().items(), resumed.adapters.state_dict().values()):
         assert torch.equal(v, w), k
     for a, c in zip(whole.students[1].parameters(), resumed.students[1].parameters()):
@@ -255,3 +256,8 @@ def test_adapters_draw_from_their_own_generator_only():
     torch.manual_seed(0)
     Cohort.build(CohortConfig(mode="kd_ml_styles"), task=TASK)
     assert torch.equal(torch.rand(3), after_plain)  # the global stream is where it would be without them
+
+
+class StopAfterOneEpoch(Callback):
+    def on_epoch_end(self, cohort, state):
+        raise KeyboardInterrupt

@@ -20,6 +20,7 @@ from mtml import ClassificationTask, Cohort, CohortConfig, NonFiniteLossError, f
 from mtml.tasks.data import make_separable
 from mtml.io import load_checkpoint, save_checkpoint, write_json, write_text
 from mtml.runs.checkpoint import CHECKPOINT_NAME
+from mtml.runs.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT = 60  # seconds; a child that runs longer is killed and the test fails
@@ -34,6 +35,7 @@ torch.set_num_threads(1)
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.tasks.data import make_separable
 from mtml.io import save_checkpoint
+from mtml.runs.checkpoint import Checkpoint
 
 out, ckpt_dir, resume, every = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]) or None
 cfg = CohortConfig(mode="kd_ml", n_students=2, epochs=3, batch_size=16, lr=0.05, seed=3)
@@ -50,8 +52,8 @@ def augment(batch, generator=None):
     return {**batch, "image": image}
 
 history = fit(cohort, ClassificationTask(2), make_separable(80, 16, seed=1),
-              make_separable(32, 16, seed=1, split=1), augment=augment, checkpoint_dir=ckpt_dir,
-              resume=resume, checkpoint_every=every, progress=False)
+              make_separable(32, 16, seed=1, split=1), augment=augment,
+              callbacks=[Checkpoint(ckpt_dir, resume=resume, every=every)], progress=False)
 save_checkpoint(out, {"networks": {k: m.state_dict() for k, m in cohort.networks.items()},
                       "history": history.drop(columns="time_s").to_dict("list")})
 """
@@ -151,19 +153,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     marker.rmdir()
     cohort, task, data = tiny_setup()
     with pytest.raises(ValueError, match="not a valid mtml checkpoint"):
-        fit(cohort, task, data, checkpoint_dir=ckpt.parent, resume=True, progress=False)
+        fit(cohort, task, data, callbacks=[Checkpoint(ckpt.parent, resume=True)], progress=False)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", "half"], ids=["empty", "text", "truncated"])
 def test_an_unreadable_checkpoint_gives_a_clear_error(tmp_path, content):
     cohort, task, data = tiny_setup()
-    fit(cohort, task, data, checkpoint_dir=tmp_path, progress=False)
+    fit(cohort, task, data, callbacks=[Checkpoint(tmp_path)], progress=False)
     ckpt = tmp_path / CHECKPOINT_NAME
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2] if content == "half" else content)
     cohort, task, data = tiny_setup()
     with pytest.raises(ValueError, match="not a valid mtml checkpoint"):
-        fit(cohort, task, data, checkpoint_dir=tmp_path, resume=True, progress=False)
+        fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, resume=True)], progress=False)
 
 
 @pytest.mark.parametrize("change", [
@@ -171,7 +173,7 @@ def test_an_unreadable_checkpoint_gives_a_clear_error(tmp_path, content):
     dict(model_only=True)], ids=lambda change: "-".join(f"{k}={v}" for k, v in change.items()))
 def test_a_checkpoint_for_another_cohort_or_format_gives_a_clear_error(tmp_path, change):
     cohort, task, data = tiny_setup()
-    fit(cohort, task, data, checkpoint_dir=tmp_path, progress=False)
+    fit(cohort, task, data, callbacks=[Checkpoint(tmp_path)], progress=False)
     ckpt = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(ckpt)
     if "version" in change:  # building a v1 cohort is slow on CPU: relabel the checkpoint instead
@@ -186,7 +188,7 @@ def test_a_checkpoint_for_another_cohort_or_format_gives_a_clear_error(tmp_path,
     kept = {k: v for k, v in change.items() if k in ("mode", "n_students")}
     cohort, task, data = tiny_setup(**kept)
     with pytest.raises(ValueError) as err:
-        fit(cohort, task, data, checkpoint_dir=tmp_path, resume=True, progress=False)
+        fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, resume=True)], progress=False)
     message = str(err.value)
     assert "resume=False" in message
     for key in ("mode", "n_students", "version", "format"):
@@ -266,7 +268,7 @@ def test_a_diverging_run_stops_naming_network_step_and_term_and_keeps_the_last_g
     cohort, task, data = tiny_setup(lr=1e6, epochs=10)
     recorder = Recorder(tmp_path / CHECKPOINT_NAME)
     with pytest.raises(NonFiniteLossError) as err:
-        fit(cohort, task, data, checkpoint_dir=tmp_path, checkpoint_every=1, augment=recorder, progress=False)
+        fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, every=1)], augment=recorder, progress=False)
     assert err.value.step >= 1  # the first step is finite: there is a good checkpoint to keep
     check_stop(err.value, cohort, recorder)
 
@@ -277,7 +279,6 @@ def test_a_nan_in_a_batch_stops_at_that_step_naming_the_first_network_and_its_te
     poisoned_step = 3  # epoch 1, second batch
     recorder = Recorder(tmp_path / CHECKPOINT_NAME, poison=poisoned_step)
     with pytest.raises(NonFiniteLossError) as err:
-        fit(cohort, task, data, checkpoint_dir=tmp_path,
-            checkpoint_every=1, augment=recorder, progress=False)
+        fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, every=1)], augment=recorder, progress=False)
     assert (err.value.network, err.value.term, err.value.step) == (network, "sup", poisoned_step)
     check_stop(err.value, cohort, recorder)

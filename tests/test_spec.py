@@ -16,6 +16,7 @@ from mtml.tasks.data import make_separable
 from mtml.runs.parameters import SMOKE_CAPS, notebook_defaults, smoke_parameters, spec_from_parameters
 from mtml.runs.report import check_one_run_per_cell, paired_differences
 from mtml.runs.spec import spec_of
+from mtml.runs.checkpoint import Checkpoint
 from mtml.core.cohort import MODES, build_teacher
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -120,11 +121,10 @@ def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
     data = make_separable(64, 16, seed=0)
     cfg = CohortConfig(mode="kd", epochs=1, batch_size=32)
     task = ClassificationTask()
-    fit(Cohort.build(cfg), task, data, progress=False, checkpoint_dir=tmp_path,
-        spec=spec_of(cfg, task, {"box_loss": "giou"}))
+    fit(Cohort.build(cfg), task, data, progress=False, callbacks=[Checkpoint(tmp_path, spec_of(cfg, task, {"box_loss": "giou"}))])
     with pytest.raises(ValueError, match=r"another run.*data\.box_loss"):
-        fit(Cohort.build(cfg), task, data, progress=False, checkpoint_dir=tmp_path, resume=True,
-            spec=spec_of(cfg, task, {"box_loss": "l1"}))
+        fit(Cohort.build(cfg), task, data, progress=False,
+            callbacks=[Checkpoint(tmp_path, spec_of(cfg, task, {"box_loss": "l1"}), resume=True)])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["spec_hash"] == spec_of(cfg, task, {"box_loss": "giou"}).hash
 

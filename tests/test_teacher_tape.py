@@ -10,6 +10,9 @@ import torch
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.tasks.data import make_separable
 from mtml.runs.spec import spec_of
+from mtml.core.loop import Callback
+from mtml.runs.checkpoint import Checkpoint
+from mtml.runs.teacher_tape import TeacherTape
 from mtml.runs.teacher_tape import TapeRecorder, TapeReplay, tape_key, read_tape, tape_path, teacher_meta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,9 +30,24 @@ def spec(cfg, task=TASK, n: int | None = None):
     return spec_of(cfg, task, {"train_items": n or len(TRAIN), "dataset": "make_separable(seed=0)"})
 
 
+def with_store(cohort: Cohort, tape_dir, run_spec, checkpoint_dir=None, resume=True, stop=False) -> list:
+    """The callbacks of a run in the store: its checkpoint, its teacher tape (both optional), and a
+    KeyboardInterrupt after the first epoch (`stop`)."""
+    callbacks = [Checkpoint(checkpoint_dir, run_spec, resume)] if checkpoint_dir else []
+    callbacks += [TeacherTape(tape_dir, run_spec, resume)] if tape_dir else []
+    return callbacks + ([StopAfterOneEpoch()] if stop else [])
+
+
+class StopAfterOneEpoch(Callback):
+    def on_epoch_end(self, cohort, state):
+        raise KeyboardInterrupt
+
+
 def run(cohort: Cohort, tape_dir, **kw):
-    return cohort, fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, tape_dir=tape_dir,
-                       spec=spec(cohort.cfg), **{"resume": True, **kw})
+    """(cohort, history, whether its teacher was replayed) of a run with `tape_dir` as its run store."""
+    callbacks = with_store(cohort, tape_dir, spec(cohort.cfg), **kw)
+    history = fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False, callbacks=callbacks)
+    return cohort, history, any(isinstance(cb, TeacherTape) and cb.replayed for cb in callbacks)
 
 
 def count_teacher_forwards(cohort: Cohort) -> list:
@@ -39,7 +57,7 @@ def count_teacher_forwards(cohort: Cohort) -> list:
 
 
 def assert_same_run(a, b) -> None:
-    (cohort_a, hist_a), (cohort_b, hist_b) = a, b
+    (cohort_a, hist_a, _), (cohort_b, hist_b, _) = a, b
     pd.testing.assert_frame_equal(hist_a.drop(columns="time_s"), hist_b.drop(columns="time_s"), check_exact=True)
     for name, net in cohort_a.networks.items():
         other = cohort_b.networks[name].state_dict()
@@ -49,14 +67,14 @@ def assert_same_run(a, b) -> None:
 
 def test_replayed_teacher_gives_the_trained_runs_results(tmp_path):
     trained = run(cohort_of("kd_ml"), tape_dir=None)  # no tape: the teacher trains
-    assert trained[1].attrs["teacher_replayed"] is False
+    assert trained[2] is False
     run(cohort_of("kd"), tape_dir=tmp_path)  # records this seed's teacher
     assert tape_path(tmp_path, spec(trained[0].cfg)).is_file()
     cohort = cohort_of("kd_ml")
     calls = count_teacher_forwards(cohort)
     replayed = run(cohort, tape_dir=tmp_path)
     assert calls == [], "a replayed teacher must not run"
-    assert replayed[1].attrs["teacher_replayed"] is True
+    assert replayed[2] is True
     assert_same_run(trained, replayed)
     assert list(replayed[1].columns) == list(trained[1].columns)
 
@@ -69,8 +87,9 @@ def test_detection_teacher_replays_exactly(tmp_path):
     data = make_synthetic_polyps(12, size=64, seed=0)
 
     def detection_run(cohort, tape_dir):
-        return cohort, fit(cohort, task, data, data, augment=flip_augment, progress=False, tape_dir=tape_dir,
-                           resume=True, spec=spec(cohort.cfg, task, len(data)))
+        callbacks = with_store(cohort, tape_dir, spec(cohort.cfg, task, len(data)))
+        history = fit(cohort, task, data, data, augment=flip_augment, progress=False, callbacks=callbacks)
+        return cohort, history, any(isinstance(cb, TeacherTape) and cb.replayed for cb in callbacks)
 
     def detection_cohort(mode):
         return Cohort.build(CohortConfig.for_task(task, mode=mode, epochs=2, batch_size=4, seed=1), task=task)
@@ -91,7 +110,7 @@ def test_detection_teacher_replays_exactly(tmp_path):
     cohort = detection_cohort("kd_ml")
     calls = count_teacher_forwards(cohort)
     replayed = detection_run(cohort, tmp_path)
-    assert calls == [] and replayed[1].attrs["teacher_replayed"] is True
+    assert calls == [] and replayed[2] is True
     assert_same_run(trained, replayed)
     assert len(list(tmp_path.rglob("teacher_tape.pt"))) == 1
 
@@ -138,11 +157,8 @@ def test_a_teacher_that_draws_random_numbers_is_not_recorded(tmp_path):
 
 
 def stop_after_one_epoch(cohort, tape_dir, ckpt):
-    def stop(history):
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run(cohort, tape_dir=tape_dir, checkpoint_dir=ckpt, callback=stop)
+        run(cohort, tape_dir=tape_dir, checkpoint_dir=ckpt, stop=True)
 
 
 def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
@@ -154,7 +170,7 @@ def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
     assert_same_run(uninterrupted, run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt))
 
     stop_after_one_epoch(cohort_of("kd_ml"), tmp_path, ckpt := tmp_path / "run2")
-    with pytest.raises(ValueError, match="replays a teacher tape: resume it with its tape_dir"):
+    with pytest.raises(ValueError, match="replays the teacher .*: resume it with its teacher tape"):
         run(cohort_of("kd_ml"), tape_dir=None, checkpoint_dir=ckpt)  # it would train a teacher from scratch
     run(cohort_of("kd"), tape_dir=tmp_path, resume=False)  # the same teacher recorded again: another tape
     with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed .recorded again since.: delete"):
@@ -171,7 +187,7 @@ def test_a_finished_replay_reloads_without_its_tape(tmp_path):
     next(tmp_path.rglob("teacher_tape.pt")).unlink()
     reloaded = run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
     assert_same_run(finished, reloaded)
-    assert reloaded[1].attrs["teacher_replayed"] is True
+    assert reloaded[2] is True
     assert not list(tmp_path.rglob("teacher_tape.pt")), "reloading a finished run records nothing"
 
 
@@ -190,7 +206,7 @@ def test_recorder_notes_what_spoils_a_tape(tmp_path):
 
 def test_a_tape_needs_a_data_fingerprint_and_is_not_recorded_twice(tmp_path, monkeypatch):
     cohort = cohort_of("kd")
-    fit(cohort, TASK, TRAIN, VAL, progress=False, tape_dir=tmp_path)  # data known by its size only
+    fit(cohort, TASK, TRAIN, VAL, progress=False, callbacks=[TeacherTape(tmp_path)])  # data known by its size only
     assert not list(tmp_path.rglob("*.pt"))
     run(cohort_of("kd"), tape_dir=tmp_path)
     tape = next(tmp_path.rglob("teacher_tape.pt"))

@@ -14,6 +14,7 @@ from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step, fit, pre
 from mtml.tasks.data import TensorImageDataset, make_separable
 from mtml.tasks.evaluate import evaluate_classification
 from mtml.core.losses import soft_kl
+from mtml.runs.checkpoint import Checkpoint
 from mtml.tasks.models import build_cohort_networks, build_network
 
 TASK = ClassificationTask(2)
@@ -312,11 +313,11 @@ def test_empty_datasets_raise_before_any_training():
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
     data = make_separable(64, 16, seed=0)
     fit(build("kd", epochs=1, batch_size=32), ClassificationTask(), data, progress=False,
-        checkpoint_dir=tmp_path)
+        callbacks=[Checkpoint(tmp_path)])
     with pytest.raises(ValueError, match="another run.*config.temperature"):
         fit(build("kd", epochs=1, batch_size=32, temperature=2.0), ClassificationTask(), data,
-            progress=False, checkpoint_dir=tmp_path, resume=True)
+            progress=False, callbacks=[Checkpoint(tmp_path, resume=True)])
     # num_workers does not change what is computed: the finished run is simply reloaded
     history = fit(build("kd", epochs=1, batch_size=32, num_workers=1), ClassificationTask(), data,
-                  progress=False, checkpoint_dir=tmp_path, resume=True)
+                  progress=False, callbacks=[Checkpoint(tmp_path, resume=True)])
     assert len(history) == 1

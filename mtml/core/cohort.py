@@ -24,7 +24,6 @@ from torch import nn
 
 from ..names import student_name, students_in
 from ..tasks.models import build_cohort_networks, check_version
-from ..tasks.task import check_networks
 
 MODES = ("independent", "kd", "ml", "kd_ml", "offline", "kd_ml_styles")
 USES_TEACHER = ("kd", "kd_ml", "offline", "kd_ml_styles")
@@ -210,8 +209,6 @@ class Cohort:
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
             foreach=True)
         self.scheduler = None
-        self.steps_per_epoch: int | None = None  # set by fit; the distillation warm-up needs it
-        self.sync_adapter_grads = None  # set by mtml.distributed.wrap_cohort
 
     @classmethod
     def build(cls, cfg: CohortConfig, device="cpu", teacher: nn.Module | None = None,
@@ -234,7 +231,8 @@ class Cohort:
         seed_everything(cfg.seed)  # dropout etc. draw the same stream in every mode
         if task is not None:
             named = {student_name(i): s for i, s in enumerate(students)}
-            check_networks(task, {"teacher": teacher, **named} if teacher is not None else named)
+            if hasattr(task, "check_networks"):
+                task.check_networks({"teacher": teacher, **named} if teacher is not None else named)
             _check_stackable(cfg, None, task)
         return cls(cfg, teacher, students, device)
 

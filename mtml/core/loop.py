@@ -1,180 +1,182 @@
-"""The fit loop: epochs of `cohort_step` over a dataset, per-epoch validation, checkpoints that
-resume exactly, and the teacher tape; `pretrain_teacher` for the offline baseline."""
+"""The fit loop: epochs of `cohort_step` over a dataset and a validation pass after each epoch.
+
+Everything else is a `Callback` passed in: checkpoints that resume exactly
+(`mtml.runs.checkpoint.Checkpoint`), the teacher tape (`mtml.runs.teacher_tape.TeacherTape`),
+live curves (`mtml.plots.LiveCurves`), DDP's gradient averaging (`mtml.runs.distributed`).
+The sample order of an epoch depends only on (seed, epoch), and augmentation draws from a
+generator of (seed, global step), so a run resumed from a checkpoint repeats an uninterrupted one.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..io import load_checkpoint, save_checkpoint
-from ..runs.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint, check_finite_weights, rng_state,
-                               set_rng_state)
-from ..runs.spec import RunSpec, spec_of
 from ..tasks.models import build_cohort_networks
-from ..tasks.task import check_networks
 from .cohort import AUTO, Cohort, CohortConfig, augmentation_generator, build_teacher, seed_everything
-from .features import uses
 from .sampling import epoch_order, shard_order
-from .step import cohort_step
+from .step import cohort_step, distill_ramp
 
 
-def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, checkpoint_dir=None,
-        resume: bool = False, checkpoint_every: int | None = None, progress: bool = True,
-        callback=None, eval_batch_size: int = 128, shard: tuple[int, int] | None = None,
-        spec: RunSpec | None = None, tape_dir=None) -> pd.DataFrame:
-    """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history.
+@dataclass
+class LoopState:
+    """Where the loop stands; a checkpoint saves it and a resumed run starts from it."""
+    steps_per_epoch: int
+    epoch: int = 0                # epochs finished
+    step_in_epoch: int = 0        # steps of the current epoch finished
+    history: list = field(default_factory=list)  # one row per finished epoch
+    sums: dict = field(default_factory=dict)     # this epoch's loss terms summed so far ("_steps": count)
+    resumed: bool = False         # started from a checkpoint
+    teacher_source: str | None = None  # id of what stands in for the teacher's steps (a tape), kept on resume
+    supplied: set = field(default_factory=set)   # networks whose validation metrics a callback supplies
 
-    The sample order of an epoch depends only on (seed, epoch) and augmentation draws from the
-    global RNG, which checkpoints carry, so a resumed run repeats an uninterrupted one exactly.
-    Checkpoints go to `checkpoint_dir/checkpoint.pt` at each epoch end and every
-    `checkpoint_every` steps. `callback(history)` runs after each epoch (live plots).
-    `shard=(rank, world)`: this process trains on its slice of every global batch and only rank 0
-    writes checkpoints (used by `mtml.distributed`, which also syncs the networks).
-    `spec` is the run's identity (`mtml.spec`); a checkpoint resumes only under the same spec
-    hash. Without it the spec is the config, the task's settings and the training set's size.
-    `augment(batch, generator=g)` draws only from `g`, a function of (seed, step).
-    `tape_dir` (the run store): an online teacher is recorded there, or, with `resume`, replayed
-    from a run that trained the same teacher (`mtml.teacher_tape`; the results are the same).
-    """
-    from tqdm.auto import tqdm
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
+
+@dataclass(frozen=True)
+class FitRun:
+    """What a callback may need to know of the run it joins."""
+    task: object
+    train_items: int
+    val_items: int
+    eval_batch_size: int
+    shard: tuple[int, int] | None
+
+
+class Callback:
+    """Hooks of `fit`, each optional. `teacher_step`, when set, stands in for the online teacher's
+    training step (see `cohort_step`); at most one callback sets it."""
+    teacher_step = None
+
+    def on_fit_start(self, cohort: Cohort, state: LoopState, run: FitRun) -> None: ...
+    def before_update(self, cohort: Cohort) -> None: ...  # between backward and the optimiser step
+    def on_step_end(self, cohort: Cohort, state: LoopState) -> None: ...
+    def on_validation_end(self, cohort: Cohort, state: LoopState, row: dict) -> dict:
+        return row  # the epoch's history row, before time_s is added
+
+    def on_epoch_end(self, cohort: Cohort, state: LoopState) -> None: ...  # the row is in state.history
+    def on_fit_end(self, cohort: Cohort, state: LoopState) -> None: ...
+
+
+def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callbacks=(), progress: bool = True,
+        eval_batch_size: int = 128, shard: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history (mean training loss
+    terms, validation metrics of every network and the ensemble, seconds).
+    `augment(batch, generator=g)` must draw only from `g`. `shard=(rank, world)`: this process
+    trains on its slice of every global batch (`mtml.runs.distributed`)."""
     cfg = cohort.cfg
-    check_networks(task, cohort.networks)
-    n = len(train_data)
-    spec = spec if spec is not None else spec_of(cfg, task, {"train_items": n})
-    if n == 0:
+    _check_data(cohort, task, train_data, val_data)
+    drop_last = len(train_data) > cfg.batch_size  # BatchNorm needs > 1 sample per batch
+    state = LoopState(steps_per_epoch=len(train_data) // cfg.batch_size if drop_last else 1)
+    if cohort.scheduler is None:
+        cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            cohort.optimizer, T_max=cfg.epochs * state.steps_per_epoch)
+    run = FitRun(task, len(train_data), len(val_data) if val_data is not None else 0, eval_batch_size, shard)
+    for cb in callbacks:
+        cb.on_fit_start(cohort, state, run)
+    teacher_step = _teacher_step(callbacks, state, cfg)
+    while state.epoch < cfg.epochs:
+        start = time.perf_counter()
+        cohort.train()
+        for batch in _batches(train_data, task, cfg, state, drop_last, shard, progress):
+            batch = task.to_device(batch, cohort.device)
+            if augment is not None:
+                batch = augment(batch, generator=augmentation_generator(cfg.seed, state.global_step))
+            terms = cohort_step(cohort, batch, task, state.global_step, teacher_step=teacher_step,
+                                distill_scale=distill_ramp(state.global_step / state.steps_per_epoch,
+                                                           cfg.distill_warmup_epochs),
+                                before_update=lambda: [cb.before_update(cohort) for cb in callbacks])
+            for k, v in terms.items():
+                state.sums[k] = state.sums.get(k, 0.0) + float(v)
+            state.sums["_steps"] = state.sums.get("_steps", 0) + 1
+            state.step_in_epoch += 1
+            for cb in callbacks:
+                cb.on_step_end(cohort, state)
+        row = _epoch_row(cohort, task, state, val_data, eval_batch_size)
+        for cb in callbacks:
+            row = cb.on_validation_end(cohort, state, row)
+        row["time_s"] = time.perf_counter() - start
+        state.history.append(row)
+        state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, {}
+        for cb in callbacks:
+            cb.on_epoch_end(cohort, state)
+    for cb in callbacks:
+        cb.on_fit_end(cohort, state)
+    return pd.DataFrame(state.history)
+
+
+def _check_data(cohort: Cohort, task, train_data, val_data) -> None:
+    if hasattr(task, "check_networks"):
+        task.check_networks(cohort.networks)
+    if len(train_data) == 0:
         raise ValueError("the training dataset is empty: check the data folder or manifest")
     if val_data is not None and len(val_data) == 0:
         raise ValueError("the validation dataset is empty: pass val_data=None or check its split")
-    drop_last = n > cfg.batch_size  # BatchNorm needs > 1 sample per batch
-    steps_per_epoch = n // cfg.batch_size if drop_last else 1
-    cohort.steps_per_epoch = steps_per_epoch
-    if cohort.scheduler is None:
-        cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            cohort.optimizer, T_max=cfg.epochs * steps_per_epoch)
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    epoch, skip, history, sums, state = 0, 0, [], {}, None
-    if resume and ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        check_checkpoint(state, spec, ckpt)
-        cohort.load_state_dict(state["cohort"])
-        set_rng_state(state["rng"])
-        epoch, skip, history = state["epoch"], state["step_in_epoch"], state["history"]
-        sums = {k: v for k, v in state["sums"].items()}
-    tape = _teacher_tape(cohort, task, tape_dir, spec, state, ckpt, resume, shard, steps=cfg.epochs * steps_per_epoch,
-                         epochs=cfg.epochs, eval_batch_size=eval_batch_size,
-                         val_items=len(val_data) if val_data is not None else 0)
-    replaying = tape is not None and tape.replaying
-
-    def save(epoch_, step_in_epoch, sums_):
-        if ckpt is None or (shard is not None and shard[0] != 0):
-            return
-        check_finite_weights(cohort, epoch_ * steps_per_epoch + step_in_epoch - 1)
-        save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "spec": spec.as_dict(), "spec_hash": spec.hash,
-                               "config": asdict(cfg), "cohort": cohort.state_dict(), "rng": rng_state(),
-                               "epoch": epoch_, "step_in_epoch": step_in_epoch,
-                               "history": history, "sums": sums_, "teacher_tape": tape.id if replaying else None})
-
-    while epoch < cfg.epochs:
-        start = time.perf_counter()
-        order = epoch_order(n, cfg.seed, epoch)[skip * cfg.batch_size:]
-        batch_size = cfg.batch_size
-        if shard is not None:
-            order, batch_size = shard_order(order, cfg.batch_size, *shard)
-        loader = DataLoader(train_data, batch_size=batch_size, sampler=order,
-                            collate_fn=task.collate, num_workers=cfg.num_workers,
-                            drop_last=drop_last, generator=torch.Generator().manual_seed(cfg.seed),
-                            persistent_workers=False)
-        cohort.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{cfg.mode}]",
-                   disable=not progress, leave=False)
-        for step_in_epoch, batch in enumerate(bar, start=skip):
-            batch = task.to_device(batch, cohort.device)
-            global_step = epoch * steps_per_epoch + step_in_epoch
-            if augment is not None:
-                batch = augment(batch, generator=augmentation_generator(cfg.seed, global_step))
-            terms = cohort_step(cohort, batch, task, step=global_step, teacher_tape=tape)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            sums["_steps"] = sums.get("_steps", 0) + 1
-            bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items() if k.endswith(("/loss", "teacher/sup"))})
-            if checkpoint_every and (global_step + 1) % checkpoint_every == 0:
-                save(epoch, step_in_epoch + 1, sums)
-        steps = max(sums.pop("_steps", 1), 1)
-        row = {"epoch": epoch + 1, "lr": cohort.optimizer.param_groups[0]["lr"],
-               **{f"train/{k}": v / steps for k, v in sums.items()}}
-        if val_data is not None:  # a replayed teacher's metrics come from its tape
-            evaluated = {k: m for k, m in cohort.networks.items() if not (replaying and k == "teacher")}
-            metrics = task.evaluate(evaluated, val_data, batch_size=eval_batch_size, metrics=task.history_metrics)
-            for net, values in metrics.iterrows():
-                for m in task.history_metrics:
-                    row[f"val/{net}/{m}"] = float(values[m])
-        if tape is not None:
-            row = tape.epoch_end(row, epoch)
-        if replaying and epoch + 1 == cfg.epochs:
-            cohort.teacher.load_state_dict(tape.teacher)  # the recorded teacher's final weights
-        row["time_s"] = time.perf_counter() - start
-        history.append(row)
-        epoch, skip, sums = epoch + 1, 0, {}
-        save(epoch, 0, sums)
-        if callback is not None:
-            callback(pd.DataFrame(history))
-    if tape is not None and not replaying:
-        tape.save(cohort.teacher)
-    history = pd.DataFrame(history)
-    history.attrs["teacher_replayed"] = replaying or bool(state and state.get("teacher_tape"))
-    return history
 
 
-def _teacher_tape(cohort: Cohort, task, tape_dir, spec: RunSpec, state: dict | None, ckpt, resume: bool,
-                  shard, **run):
-    """The run's teacher tape (`mtml.teacher_tape`): with `resume`, a replay of a tape recorded for
-    this teacher; else a recorder of the teacher trained from its first step; None without an
-    online teacher, in a sharded run, in a finished run, or in a resumed run whose teacher trained so far.
-    A resumed run that replayed goes on only with the same tape."""
-    replayed = state is not None and state.get("teacher_tape")
-    if state is not None and state["epoch"] >= cohort.cfg.epochs:
-        return None  # finished: its checkpoint holds the teacher's final weights
-    if replayed and (tape_dir is None or shard is not None):
-        raise ValueError(f"{ckpt} replays a teacher tape: resume it with its tape_dir (the run store) and unsharded, "
-                         f"or delete {Path(ckpt).parent} to train the run again")
-    if tape_dir is None or cohort.teacher is None or cohort.frozen_teacher or shard is not None:
-        return None
-    if not set(spec.data) - {"train_items"}:
-        return None  # the data is known by its size only: a tape could be another dataset's
-    from ..runs.teacher_tape import TapeRecorder, read_tape, tape_key, tape_path, teacher_meta
-
-    path, key, meta = tape_path(tape_dir, spec, task), tape_key(spec, task), teacher_meta(cohort.teacher, cohort.device, **run)
-    if state is not None:  # resumed: go on as the checkpoint began
-        if not replayed:
-            return None
-        replay, why = read_tape(path, key, meta)
-        if replay is None or replay.id != replayed:
-            raise ValueError(f"{ckpt} replays the teacher tape {path}, which is gone or changed "
-                             f"({why or 'recorded again since'}): delete {Path(ckpt).parent} to train the run again")
-        return replay
-    recorder = TapeRecorder(path, key, meta, getattr(task, "distill_target", None))  # notes the file as it is now
-    replay = read_tape(path, key, meta)[0] if resume else None  # resume=False retrains: records afresh
-    if replay is None:
-        return recorder
-    needs_maps = any(uses(k, "features") for k in cohort.cfg.knowledge()[0])  # a tape holds no feature maps
-    return None if needs_maps else replay  # with maps the teacher trains, and its tape is kept for others
+def _teacher_step(callbacks, state: LoopState, cfg: CohortConfig):
+    """The one callback's stand-in for the teacher's steps, or None; a resumed run whose teacher
+    came from one goes on only with it."""
+    found = [cb.teacher_step for cb in callbacks if cb.teacher_step is not None]
+    if len(found) > 1:
+        raise ValueError("two callbacks stand in for the teacher's steps: pass at most one teacher tape")
+    if state.teacher_source and not found and state.epoch < cfg.epochs:
+        raise ValueError(f"this run's checkpoint replays the teacher {state.teacher_source}: resume it with its "
+                         "teacher tape (the run store, unsharded), or delete its checkpoint to train the run again")
+    return found[0] if found else None
 
 
-def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu",
-                     networks=build_cohort_networks, data: dict | None = None, **fit_kw) -> nn.Module:
-    """Trains the version's teacher alone on its supervised loss, for the `offline` baseline.
-    It starts from the same weights as the online teacher of kd and kd_ml. `data` (the run
-    spec's data fingerprint) makes its checkpoint resume only on the same data."""
-    solo = replace(cfg, mode="independent", n_students=1, teacher_knowledge=AUTO, peer_knowledge=AUTO)
+def _batches(train_data, task, cfg: CohortConfig, state: LoopState, drop_last: bool, shard, progress: bool):
+    """The rest of this epoch's batches: its seeded order from the current step on (this rank's
+    slice of each global batch when sharded), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    order = epoch_order(len(train_data), cfg.seed, state.epoch)[state.step_in_epoch * cfg.batch_size:]
+    batch_size = cfg.batch_size
+    if shard is not None:
+        order, batch_size = shard_order(order, cfg.batch_size, *shard)
+    loader = DataLoader(train_data, batch_size=batch_size, sampler=order, collate_fn=task.collate,
+                        num_workers=cfg.num_workers, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs} [{cfg.mode}]", disable=not progress, leave=False)
+    for batch in bar:
+        yield batch
+        bar.set_postfix({k: f"{v / max(state.sums.get('_steps', 1), 1):.3f}"
+                         for k, v in state.sums.items() if k.endswith(("/loss", "teacher/sup"))})
+
+
+def _epoch_row(cohort: Cohort, task, state: LoopState, val_data, eval_batch_size: int) -> dict:
+    """The epoch's history row: mean training terms, learning rate, validation metrics (of the
+    networks whose metrics no callback supplies)."""
+    sums = dict(state.sums)
+    steps = max(sums.pop("_steps", 1), 1)
+    row = {"epoch": state.epoch + 1, "lr": cohort.optimizer.param_groups[0]["lr"],
+           **{f"train/{k}": v / steps for k, v in sums.items()}}
+    if val_data is not None:
+        evaluated = {k: m for k, m in cohort.networks.items() if k not in state.supplied}
+        metrics = task.evaluate(evaluated, val_data, batch_size=eval_batch_size, metrics=task.history_metrics)
+        for net, values in metrics.iterrows():
+            for m in task.history_metrics:
+                row[f"val/{net}/{m}"] = float(values[m])
+    return row
+
+
+def solo_config(cfg: CohortConfig) -> CohortConfig:
+    """The config that trains `cfg`'s teacher alone (the offline baseline's pre-training)."""
+    return replace(cfg, mode="independent", n_students=1, teacher_knowledge=AUTO, peer_knowledge=AUTO)
+
+
+def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu", networks=build_cohort_networks,
+                     **fit_kw) -> nn.Module:
+    """Trains the version's teacher alone on its supervised loss, for the `offline` baseline
+    (`solo_config(cfg)`). It starts from the same weights as the online teacher of kd and kd_ml."""
     teacher = build_teacher(cfg, networks)
     seed_everything(cfg.seed)
-    cohort = Cohort(solo, None, [teacher], device)
-    spec = spec_of(solo, task, {**data, "role": "offline teacher"}) if data is not None else None
-    fit(cohort, task, train_data, spec=spec, **fit_kw)
+    fit(Cohort(solo_config(cfg), None, [teacher], device), task, train_data, **fit_kw)
     return teacher.eval()

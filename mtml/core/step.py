@@ -55,7 +55,7 @@ def _student_forwards(cohort: Cohort, batch, task, with_maps):
     return [with_maps(i, s) for i, s in enumerate(cohort.students)]
 
 
-def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
+def _cohort_losses(cohort: Cohort, batch, task, step: int, ramp: float, teacher_step=None):
     """The forwards and loss terms of one cohort step: (summed loss, {name: term}). An online
     teacher's loss is back-propagated at once (OURS, for speed): its graph is freed before the
     students run, which lowers peak memory; the gradients are the same."""
@@ -63,11 +63,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
     terms: dict[str, torch.Tensor] = {}
     total = 0.0
     teacher_out = None
-    ramp = 1.0
     if cfg.distill_warmup_epochs > 0:
-        if not cohort.steps_per_epoch:
-            raise ValueError("distill_warmup_epochs > 0 needs cohort.steps_per_epoch (fit sets it)")
-        ramp = distill_ramp(step / cohort.steps_per_epoch, cfg.distill_warmup_epochs)
         terms["cohort/distill_ramp"] = torch.tensor(ramp)
     teacher_k, peer_k = cfg.knowledge()
     levels = cfg.feature_levels
@@ -92,7 +88,7 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int, teacher_tape=None):
                 return map_tensors(out, torch.Tensor.detach), maps, sup.detach()
 
             teacher_out, teacher_maps, terms["teacher/sup"] = (  # a tape records it, or replays a recorded one
-                teacher_tape.step(step, train_teacher, cohort.device) if teacher_tape is not None else train_teacher())
+                teacher_step(step, train_teacher, cohort.device) if teacher_step is not None else train_teacher())
         teacher_maps = map_tensors(teacher_maps, torch.Tensor.detach)
     peer_maps_needed = uses(peer_k, "features")
     forwards = _student_forwards(cohort, batch, task, lambda i, s: forward(
@@ -164,16 +160,20 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
         raise NonFiniteLossError("cohort", "total", step, float(total.detach()))  # finite terms overflowed
 
 
-def cohort_step(cohort: Cohort, batch, task, step: int = 0, teacher_tape=None) -> dict[str, torch.Tensor]:
+def cohort_step(cohort: Cohort, batch, task, step: int = 0, *, distill_scale: float = 1.0, teacher_step=None,
+                before_update=None) -> dict[str, torch.Tensor]:
     """One optimisation step of the whole cohort on one batch. Returns detached loss terms.
-    `teacher_tape` (`mtml.teacher_tape`, from fit) records the online teacher or replays it."""
+    `distill_scale` multiplies w_kd and w_ml (the loop's warm-up, `distill_ramp`).
+    `teacher_step(step, train_teacher, device)`, if given, stands in for the online teacher's step
+    (the teacher tape records or replays it); `before_update()` runs between the backward pass and
+    the update (DDP averages the adapters' gradients there)."""
     cohort.optimizer.zero_grad(set_to_none=True)
     task = _AmpTask(task, cohort.device) if cohort.cfg.amp else task
-    total, terms = _cohort_losses(cohort, batch, task, step, teacher_tape)
+    total, terms = _cohort_losses(cohort, batch, task, step, distill_scale, teacher_step)
     _check_finite(total, terms, step)
     total.backward()
-    if cohort.sync_adapter_grads is not None:  # under DDP (mtml.distributed): the adapters' share
-        cohort.sync_adapter_grads()
+    if before_update is not None:
+        before_update()
     if cohort.cfg.clip_grad_norm > 0:  # one param group per network
         for group in cohort.optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(group["params"], cohort.cfg.clip_grad_norm, foreach=True)

@@ -1,15 +1,19 @@
-"""The fit loop's checkpoints: every global RNG as plain data, the weights checked finite before
-a save, and a stored checkpoint checked against the run it is meant to resume."""
+"""Checkpoints of the fit loop (a `Callback`): the cohort, every global RNG and the loop's state
+at each epoch end (and every N steps), so that a resumed run repeats an uninterrupted one exactly;
+the weights are checked finite before a save, and a stored checkpoint against the run it resumes."""
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.loop import Callback
 from ..core.step import NonFiniteLossError
-from .spec import RunSpec, differences
+from ..io import load_checkpoint, save_checkpoint
+from .spec import RunSpec, differences, spec_of
 
 
 def rng_state() -> dict:
@@ -56,3 +60,41 @@ def check_checkpoint(state, spec: RunSpec, path: Path) -> None:
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes
+
+
+class Checkpoint(Callback):
+    """Writes `folder/checkpoint.pt` at each epoch end and every `every` steps (rank 0 only when
+    sharded). With `resume`, a run starts from the checkpoint there, which must belong to the same
+    run: `spec`, or, without one, the config, the task's settings and the training set's size."""
+
+    def __init__(self, folder, spec: RunSpec | None = None, resume: bool = False, every: int | None = None):
+        self.path, self.spec, self.resume, self.every = Path(folder) / CHECKPOINT_NAME, spec, resume, every
+        self.write = True
+
+    def on_fit_start(self, cohort, state, run) -> None:
+        self.spec = self.spec if self.spec is not None else spec_of(cohort.cfg, run.task, {"train_items": run.train_items})
+        self.write = run.shard is None or run.shard[0] == 0
+        if not (self.resume and self.path.exists()):
+            return
+        saved = load_checkpoint(self.path)
+        check_checkpoint(saved, self.spec, self.path)
+        cohort.load_state_dict(saved["cohort"])
+        set_rng_state(saved["rng"])
+        state.epoch, state.step_in_epoch, state.history = saved["epoch"], saved["step_in_epoch"], saved["history"]
+        state.sums, state.resumed, state.teacher_source = dict(saved["sums"]), True, saved.get("teacher_tape")
+
+    def on_step_end(self, cohort, state) -> None:
+        if self.every and state.global_step % self.every == 0:
+            self.save(cohort, state)
+
+    def on_epoch_end(self, cohort, state) -> None:
+        self.save(cohort, state)
+
+    def save(self, cohort, state) -> None:
+        if not self.write:
+            return
+        check_finite_weights(cohort, state.global_step - 1)
+        save_checkpoint(self.path, {"format": CHECKPOINT_FORMAT, "spec": self.spec.as_dict(), "spec_hash": self.spec.hash,
+                                    "config": asdict(cohort.cfg), "cohort": cohort.state_dict(), "rng": rng_state(),
+                                    "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                                    "history": state.history, "sums": state.sums, "teacher_tape": state.teacher_source})

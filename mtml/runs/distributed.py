@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..cli import Parser
 from ..core.cohort import Cohort, CohortConfig, MODES
-from ..core.loop import fit
+from ..core.loop import Callback, fit
+from .checkpoint import Checkpoint
 
 
 def _distributed() -> bool:
@@ -78,14 +79,12 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def wrap_cohort(cohort: Cohort) -> Cohort:
     """Wraps the trainable networks used by `cohort_step` in DDP, with BatchNorm synchronised.
-    The students' feature adapters (`mtml.features`) live outside the networks: their gradients
-    are averaged over the ranks by `cohort_step` after each backward, as DDP does for the networks.
+    The students' feature adapters (`mtml.features`) live outside the networks: `AverageAdapterGrads`
+    averages their gradients over the ranks after each backward, as DDP does for the networks.
     `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
     if cohort.cfg.stack_students:  # a stacked forward would bypass DDP's gradient averaging
         raise ValueError("stack_students=True cannot run under DDP (the stacked forward bypasses the "
                          "wrapped students): turn stack_students off")
-    if len(cohort.adapters):
-        cohort.sync_adapter_grads = lambda: _average_grads(cohort.adapters.parameters())
     ids = [cohort.device.index or 0] if cohort.device.type == "cuda" else None
 
     def wrap(m):  # synced BN keeps the buffers equal on all ranks: no buffer broadcasts needed
@@ -96,6 +95,13 @@ def wrap_cohort(cohort: Cohort) -> Cohort:
         cohort.teacher = wrap(cohort.teacher)
     cohort.students = [wrap(s) for s in cohort.students]
     return cohort
+
+
+class AverageAdapterGrads(Callback):
+    """Averages the feature adapters' gradients over the ranks before each update (`fit_distributed`)."""
+
+    def before_update(self, cohort) -> None:
+        _average_grads(cohort.adapters.parameters())
 
 
 def _average_grads(parameters) -> None:
@@ -135,6 +141,8 @@ def fit_distributed(cohort: Cohort, task, train_data, val_data=None, **fit_kw) -
     rank = dist.get_rank()
     fit_kw["progress"] = fit_kw.get("progress", True) and rank == 0
     wrap_cohort(cohort)
+    if len(cohort.adapters):
+        fit_kw["callbacks"] = [*fit_kw.get("callbacks", ()), AverageAdapterGrads()]
     history = fit(cohort, task, train_data, val_data, shard=(rank, dist.get_world_size()), **fit_kw)
     return reduce_history(history)
 
@@ -218,7 +226,7 @@ def main(argv=None) -> pd.DataFrame:
         task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
     cohort = Cohort.build(cfg, device, task=task)
     try:
-        history = fit_distributed(cohort, task, train_data, val_data, checkpoint_dir=args.out)
+        history = fit_distributed(cohort, task, train_data, val_data, callbacks=[Checkpoint(args.out)])
         if not _distributed() or dist.get_rank() == 0:
             write_csv(Path(args.out) / "history.csv", history, index=False)
             write_json(Path(args.out) / "config.json",

@@ -11,7 +11,9 @@ from ..io import STORE, checkpoint_folder
 from ..tasks.models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from ..core.cohort import Cohort, CohortConfig
-from ..core.loop import fit, pretrain_teacher
+from ..core.loop import fit, pretrain_teacher, solo_config
+from .checkpoint import Checkpoint
+from .teacher_tape import TeacherTape
 
 
 @dataclass
@@ -70,20 +72,22 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     for name, (_, info) in (external or {}).items():
         if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
             raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")
-    fit_kw = dict(augment=augment, resume=resume, progress=progress)
     teacher = None
     if cfg.mode == "offline":
-        teacher_dir = Path(checkpoint_dir) / "teacher" if checkpoint_dir else None
-        teacher = pretrain_teacher(task, train, cfg, device, networks=networks, data=spec.data,
-                                   checkpoint_dir=teacher_dir, **fit_kw)
+        solo = [Checkpoint(Path(checkpoint_dir) / "teacher", spec_of(solo_config(cfg), task, {**spec.data, "role": "offline teacher"}),
+                           resume)] if checkpoint_dir else []
+        teacher = pretrain_teacher(task, train, cfg, device, networks=networks, augment=augment, progress=progress,
+                                   callbacks=solo)
     cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
+    callbacks = [Checkpoint(checkpoint_dir, spec, resume)] if checkpoint_dir else []
     store = Path(checkpoint_dir).parent if checkpoint_dir else None
-    history = fit(cohort, task, train, val, checkpoint_dir=checkpoint_dir, callback=callback, spec=spec,
-                  tape_dir=store if store is not None and store.name == STORE else None, **fit_kw)
+    tape = TeacherTape(store, spec, resume) if store is not None and store.name == STORE else None
+    callbacks += [cb for cb in (tape, callback) if cb is not None]
+    history = fit(cohort, task, train, val, augment=augment, progress=progress, callbacks=callbacks)
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
     result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
-                       teacher_replayed=history.attrs.get("teacher_replayed", False))
+                       teacher_replayed=tape is not None and tape.replayed)
     if external:
         from .external import external_record
 

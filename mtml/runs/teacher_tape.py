@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from ..core.features import uses
+from ..core.loop import Callback
 from ..io import load_checkpoint, map_tensors, save_checkpoint
-from .spec import RunSpec
+from .spec import RunSpec, spec_of
 
 TAPE_FORMAT = 1
 TAPE_NAME = "teacher_tape.pt"
@@ -186,3 +188,59 @@ def read_tape(path: Path, key: str, meta: dict) -> tuple[TapeReplay | None, str]
     if differ or len(tape.get("outputs", ())) != meta["steps"] or len(tape.get("val", ())) != meta["epochs"]:
         return None, "recorded under other conditions: " + ("; ".join(differ) or "its length differs")
     return TapeReplay(tape), ""
+
+
+class TeacherTape(Callback):
+    """The fit loop's teacher tape: records the online teacher into `store` (the run store), or,
+    with `resume`, replays a tape recorded there for the same teacher instead of training it. None
+    of it happens without an online teacher, in a sharded run, in a finished run, in a resumed run
+    whose teacher trained so far, or when the data is known by its size only (`spec.data`).
+    `replayed` says afterwards whether the run's teacher came from a tape."""
+
+    def __init__(self, store, spec: RunSpec | None = None, resume: bool = False):
+        self.store, self.spec, self.resume = Path(store), spec, resume
+        self.tape, self.replayed = None, False
+
+    def on_fit_start(self, cohort, state, run) -> None:
+        spec = self.spec if self.spec is not None else spec_of(cohort.cfg, run.task, {"train_items": run.train_items})
+        self.tape = self._tape(cohort, state, run, spec)
+        if self.tape is not None and self.tape.replaying:
+            state.teacher_source, state.supplied = self.tape.id, state.supplied | {"teacher"}
+        self.teacher_step = self.tape.step if self.tape is not None else None
+
+    def _tape(self, cohort, state, run, spec: RunSpec):
+        cfg = cohort.cfg
+        if state.epoch >= cfg.epochs or cohort.teacher is None or cohort.frozen_teacher or run.shard is not None:
+            return None  # finished: its checkpoint holds the teacher's final weights
+        if not set(spec.data) - {"train_items"}:
+            return None  # the data is known by its size only: a tape could be another dataset's
+        path, key = tape_path(self.store, spec, run.task), tape_key(spec, run.task)
+        meta = teacher_meta(cohort.teacher, cohort.device, steps=cfg.epochs * state.steps_per_epoch, epochs=cfg.epochs,
+                            eval_batch_size=run.eval_batch_size, val_items=run.val_items)
+        if state.resumed:  # go on as the checkpoint began
+            if not state.teacher_source:
+                return None
+            replay, why = read_tape(path, key, meta)
+            if replay is None or replay.id != state.teacher_source:
+                raise ValueError(f"this run's checkpoint replays the teacher tape {path}, which is gone or changed "
+                                 f"({why or 'recorded again since'}): delete the run's checkpoint to train it again")
+            return replay
+        recorder = TapeRecorder(path, key, meta, getattr(run.task, "distill_target", None))  # notes the file as it is now
+        replay = read_tape(path, key, meta)[0] if self.resume else None  # resume=False retrains: records afresh
+        if replay is None:
+            return recorder
+        needs_maps = any(uses(k, "features") for k in cfg.knowledge()[0])  # a tape holds no feature maps
+        return None if needs_maps else replay  # with maps the teacher trains, and its tape is kept for others
+
+    def on_validation_end(self, cohort, state, row: dict) -> dict:
+        if self.tape is None:
+            return row
+        row = self.tape.epoch_end(row, state.epoch)
+        if self.tape.replaying and state.epoch + 1 == cohort.cfg.epochs:
+            cohort.teacher.load_state_dict(self.tape.teacher)  # the recorded teacher's final weights
+        return row
+
+    def on_fit_end(self, cohort, state) -> None:
+        if self.tape is not None and not self.tape.replaying:
+            self.tape.save(cohort.teacher)
+        self.replayed = bool(state.teacher_source)

@@ -62,6 +62,11 @@ class DetectionTask:
 
         return is_detector(model)
 
+    def check_networks(self, networks: dict) -> None:
+        from .task import check_networks
+
+        check_networks(self, networks)
+
     def test_units(self, preds, targets, data=None) -> pd.DataFrame:
         return detection_units(preds, targets, frames=getattr(data, "frames", None))
 

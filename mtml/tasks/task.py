@@ -25,6 +25,7 @@ class Task(Protocol):
     def networks(self, version: str, n_students: int, num_classes: int = 2, pretrained: bool = False,
                  with_teacher: bool = True): ...         # (teacher or None, [students]) for a version
     def is_own_network(self, model: torch.nn.Module) -> bool: ...
+    def check_networks(self, networks: dict) -> None: ...  # ValueError naming a network of another kind
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> Any: ...
     def outputs_and_features(self, model: torch.nn.Module, batch: Any, levels: int) -> tuple: ...  # same forward
@@ -72,6 +73,9 @@ class ClassificationTask:
         from .detectors import is_detector
 
         return not is_detector(model)
+
+    def check_networks(self, networks: dict) -> None:
+        check_networks(self, networks)
 
     def outputs(self, model, batch):
         return model(batch["image"])

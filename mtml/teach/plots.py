@@ -5,6 +5,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..core.loop import Callback
+
 
 def learning_curves(history: pd.DataFrame, metric: str = "accuracy", axes=None):
     """Training loss per network (left) and validation `metric` per network (right)."""
@@ -25,11 +27,14 @@ def learning_curves(history: pd.DataFrame, metric: str = "accuracy", axes=None):
     return axes
 
 
-class LiveCurves:
-    """A `fit(callback=...)` that redraws the learning curves after each epoch in a notebook."""
+class LiveCurves(Callback):
+    """A fit callback that redraws the learning curves after each epoch in a notebook."""
 
     def __init__(self, metric: str = "accuracy", title: str = ""):
         self.metric, self.title, self.handle = metric, title, None
+
+    def on_epoch_end(self, cohort, state) -> None:
+        self(pd.DataFrame(state.history))
 
     def __call__(self, history: pd.DataFrame):
         from IPython.display import display
