@@ -125,11 +125,11 @@ def main(argv=None) -> int:
                    help="official kavsir_bboxes.json, or connected components of the masks")
     k.add_argument("--split-by", choices=("near_duplicates", "frame"), default="near_duplicates",
                    help="keep near-duplicate frames in one split (default), or split frame by frame "
-                        "(the old split); see mtml/near_duplicates.py")
+                        "(the old split); see mtml/tasks/near_duplicates.py")
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.choices["cvc"].add_argument("--sequence-ends", default=None,
                                     help="last frame of each sequence, comma-separated "
-                                         "(default: the 29 ranges documented in mtml/polyp.py)")
+                                         "(default: the 29 ranges documented in mtml/tasks/polyp.py)")
     args = parser.parse_args(argv)
     if args.source and not Path(args.source).expanduser().exists():
         raise FileNotFoundError(f"--from {args.source} does not exist: give the folder or archive of the dataset")

@@ -33,7 +33,8 @@ def run(params: dict) -> dict:
     import torch
 
     import mtml
-    from mtml.runs.parameters import classification_manifest, config_from_parameters, spec_from_parameters, task_from_parameters
+    from mtml.tasks.synthetic import classification_manifest
+    from mtml.runs.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
     from mtml.runs.study import current_commit, machine_label
     from mtml.tasks.tiles import TileDataset
 

@@ -99,7 +99,7 @@ def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):
 
 
 def _sha(manifest):
-    from mtml.runs.parameters import file_fingerprint
+    from mtml.tasks.download import file_fingerprint
 
     return file_fingerprint(manifest)
 

@@ -13,7 +13,8 @@ import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit, reproduce
 from mtml.tasks.data import make_separable
-from mtml.runs.parameters import SMOKE_CAPS, notebook_defaults, smoke_parameters, spec_from_parameters
+from mtml.tasks import task_class
+from mtml.runs.parameters import notebook_defaults, smoke_parameters, spec_from_parameters
 from mtml.runs.report import check_one_run_per_cell, paired_differences
 from mtml.runs.spec import spec_of
 from mtml.runs.checkpoint import Checkpoint
@@ -102,7 +103,7 @@ def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, m
 
 
 def test_every_runner_notebook_shrinks_as_the_runner_expects():
-    """The runner hashes the smoke caps of `SMOKE_CAPS`; each runner notebook's `if SMOKE:` cell
+    """The runner hashes the task's `smoke_caps`; each runner notebook's `if SMOKE:` cell
     must shrink to exactly those values, or the runner would never find its runs."""
     for task, runners in reproduce.RUNNERS.items():
         for name in set(runners.values()):
@@ -110,8 +111,9 @@ def test_every_runner_notebook_shrinks_as_the_runner_expects():
             namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True)
             exec(nb.cells[2].source, namespace)  # the notebook's own smoke cell
             expected = smoke_parameters(task, notebook_defaults(NOTEBOOKS / f"{name}.ipynb"))
-            assert {k: namespace[k] for k in SMOKE_CAPS[task]} == {k: expected[k] for k in SMOKE_CAPS[task]}, name
-            small = {k: 1 for k in SMOKE_CAPS[task] if k not in ("FRAME_SIZE", "TILE_SIZE")}  # explicit small values stay
+            caps = task_class(task).smoke_caps
+            assert {k: namespace[k] for k in caps} == {k: expected[k] for k in caps}, name
+            small = {k: 1 for k in caps if k not in ("FRAME_SIZE", "TILE_SIZE")}  # explicit small values stay
             namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True, **small)
             exec(nb.cells[2].source, namespace)
             assert {k: namespace[k] for k in small} == small, name

@@ -170,7 +170,7 @@ def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
     assert_same_run(uninterrupted, run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt))
 
     stop_after_one_epoch(cohort_of("kd_ml"), tmp_path, ckpt := tmp_path / "run2")
-    with pytest.raises(ValueError, match="replays the teacher .*: resume it with its teacher tape"):
+    with pytest.raises(ValueError, match="replays a teacher tape: resume it with its tape"):
         run(cohort_of("kd_ml"), tape_dir=None, checkpoint_dir=ckpt)  # it would train a teacher from scratch
     run(cohort_of("kd"), tape_dir=tmp_path, resume=False)  # the same teacher recorded again: another tape
     with pytest.raises(ValueError, match="replays the teacher tape .* gone or changed .recorded again since.: delete"):
@@ -178,6 +178,19 @@ def test_a_resumed_replay_goes_on_only_with_its_own_tape(tmp_path):
     tape.unlink()
     with pytest.raises(ValueError, match="gone or changed .no tape."):
         run(cohort_of("kd_ml"), tape_dir=tmp_path, checkpoint_dir=ckpt)
+
+
+def test_callbacks_act_in_their_order_whatever_order_they_are_given_in(tmp_path):
+    """The checkpoint restores a run before the tape decides: a resumed replay whose tape is gone
+    is refused even when the tape callback comes first in the list."""
+    run(cohort_of("kd"), tape_dir=tmp_path)
+    stop_after_one_epoch(cohort_of("kd_ml"), tmp_path, ckpt := tmp_path / "run")
+    next(tmp_path.rglob("teacher_tape.pt")).unlink()
+    cohort = cohort_of("kd_ml")
+    run_spec = spec(cohort.cfg)
+    with pytest.raises(ValueError, match="gone or changed .no tape."):
+        fit(cohort, TASK, TRAIN, VAL, augment=TASK.augment, progress=False,
+            callbacks=[TeacherTape(tmp_path, run_spec, resume=True), Checkpoint(ckpt, run_spec, resume=True)])
 
 
 def test_a_finished_replay_reloads_without_its_tape(tmp_path):

@@ -231,8 +231,7 @@ class Cohort:
         seed_everything(cfg.seed)  # dropout etc. draw the same stream in every mode
         if task is not None:
             named = {student_name(i): s for i, s in enumerate(students)}
-            if hasattr(task, "check_networks"):
-                task.check_networks({"teacher": teacher, **named} if teacher is not None else named)
+            check_networks(task, {"teacher": teacher, **named} if teacher is not None else named)
             _check_stackable(cfg, None, task)
         return cls(cfg, teacher, students, device)
 
@@ -308,3 +307,14 @@ def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Modul
     teacher, _ = networks(cfg.version, 0, cfg.num_classes, pretrained=cfg.pretrained,
                           with_teacher=True)
     return teacher
+
+
+def check_networks(task, networks: dict) -> None:
+    """ValueError before any step when a network is not of `task`'s kind: the task's own
+    `check_networks` (which names both kinds), else its `is_own_network`, else nothing."""
+    if hasattr(task, "check_networks"):
+        return task.check_networks(networks)
+    for name, model in networks.items():
+        if hasattr(task, "is_own_network") and not task.is_own_network(model):
+            raise ValueError(f"the {task.name} task cannot train {name} ({type(model).__name__}): build the cohort "
+                             "with the task's own networks (networks=task.networks)")

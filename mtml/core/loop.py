@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..tasks.models import build_cohort_networks
-from .cohort import AUTO, Cohort, CohortConfig, augmentation_generator, build_teacher, seed_everything
+from .cohort import AUTO, Cohort, CohortConfig, augmentation_generator, build_teacher, check_networks, seed_everything
 from .sampling import epoch_order, shard_order
 from .step import cohort_step, distill_ramp
 
@@ -31,6 +31,7 @@ class LoopState:
     history: list = field(default_factory=list)  # one row per finished epoch
     sums: dict = field(default_factory=dict)     # this epoch's loss terms summed so far ("_steps": count)
     resumed: bool = False         # started from a checkpoint
+    checkpoint: str | None = None  # where the run's checkpoint lives (for messages)
     teacher_source: str | None = None  # id of what stands in for the teacher's steps (a tape), kept on resume
     supplied: set = field(default_factory=set)   # networks whose validation metrics a callback supplies
 
@@ -50,8 +51,11 @@ class FitRun:
 
 
 class Callback:
-    """Hooks of `fit`, each optional. `teacher_step`, when set, stands in for the online teacher's
+    """Hooks of `fit`, each optional. `fit` calls callbacks in `order` (then as given): a checkpoint
+    (0) restores the run before the teacher tape (1) decides what to do, and saves each epoch
+    before the others (10) see it. `teacher_step`, when set, stands in for the online teacher's
     training step (see `cohort_step`); at most one callback sets it."""
+    order = 10
     teacher_step = None
 
     def on_fit_start(self, cohort: Cohort, state: LoopState, run: FitRun) -> None: ...
@@ -67,10 +71,11 @@ class Callback:
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callbacks=(), progress: bool = True,
         eval_batch_size: int = 128, shard: tuple[int, int] | None = None) -> pd.DataFrame:
     """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history (mean training loss
-    terms, validation metrics of every network and the ensemble, seconds).
-    `augment(batch, generator=g)` must draw only from `g`. `shard=(rank, world)`: this process
-    trains on its slice of every global batch (`mtml.runs.distributed`)."""
+    terms, validation metrics of every network and the ensemble, seconds). `callbacks`: see
+    `Callback`. `augment(batch, generator=g)` must draw only from `g`. `shard=(rank, world)`: this
+    process trains on its slice of every global batch (`mtml.runs.distributed`)."""
     cfg = cohort.cfg
+    callbacks = sorted(callbacks, key=lambda cb: cb.order)
     _check_data(cohort, task, train_data, val_data)
     drop_last = len(train_data) > cfg.batch_size  # BatchNorm needs > 1 sample per batch
     state = LoopState(steps_per_epoch=len(train_data) // cfg.batch_size if drop_last else 1)
@@ -112,8 +117,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
 
 
 def _check_data(cohort: Cohort, task, train_data, val_data) -> None:
-    if hasattr(task, "check_networks"):
-        task.check_networks(cohort.networks)
+    check_networks(task, cohort.networks)
     if len(train_data) == 0:
         raise ValueError("the training dataset is empty: check the data folder or manifest")
     if val_data is not None and len(val_data) == 0:
@@ -127,8 +131,8 @@ def _teacher_step(callbacks, state: LoopState, cfg: CohortConfig):
     if len(found) > 1:
         raise ValueError("two callbacks stand in for the teacher's steps: pass at most one teacher tape")
     if state.teacher_source and not found and state.epoch < cfg.epochs:
-        raise ValueError(f"this run's checkpoint replays the teacher {state.teacher_source}: resume it with its "
-                         "teacher tape (the run store, unsharded), or delete its checkpoint to train the run again")
+        raise ValueError(f"{state.checkpoint} replays a teacher tape: resume it with its tape (the run store) and "
+                         f"unsharded, or delete {state.checkpoint} to train the run again")
     return found[0] if found else None
 
 

@@ -160,13 +160,17 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
         raise NonFiniteLossError("cohort", "total", step, float(total.detach()))  # finite terms overflowed
 
 
-def cohort_step(cohort: Cohort, batch, task, step: int = 0, *, distill_scale: float = 1.0, teacher_step=None,
+def cohort_step(cohort: Cohort, batch, task, step: int = 0, *, distill_scale: float | None = None, teacher_step=None,
                 before_update=None) -> dict[str, torch.Tensor]:
     """One optimisation step of the whole cohort on one batch. Returns detached loss terms.
-    `distill_scale` multiplies w_kd and w_ml (the loop's warm-up, `distill_ramp`).
+    `distill_scale` multiplies w_kd and w_ml: the warm-up's `distill_ramp`, which the loop passes
+    (required when `distill_warmup_epochs > 0`; else 1).
     `teacher_step(step, train_teacher, device)`, if given, stands in for the online teacher's step
     (the teacher tape records or replays it); `before_update()` runs between the backward pass and
     the update (DDP averages the adapters' gradients there)."""
+    if distill_scale is None and cohort.cfg.distill_warmup_epochs > 0:
+        raise ValueError("distill_warmup_epochs > 0 needs distill_scale (fit passes distill_ramp(epochs done, warm-up))")
+    distill_scale = 1.0 if distill_scale is None else distill_scale
     cohort.optimizer.zero_grad(set_to_none=True)
     task = _AmpTask(task, cohort.device) if cohort.cfg.amp else task
     total, terms = _cohort_losses(cohort, batch, task, step, distill_scale, teacher_step)

@@ -45,7 +45,7 @@ def check_finite_weights(cohort, step: int) -> None:
 
 def check_checkpoint(state, spec: RunSpec, path: Path) -> None:
     """ValueError unless `state` is a checkpoint of this format for the run `spec` identifies."""
-    hint = "use another checkpoint_dir or resume=False"
+    hint = "use another checkpoint folder or resume=False"
     if not isinstance(state, dict) or not {"spec", "spec_hash", "cohort", "rng", "epoch"} <= set(state):
         raise ValueError(f"{path} is not an mtml fit checkpoint of this format (no spec, cohort, rng, "
                          f"epoch); {hint}")
@@ -67,13 +67,16 @@ class Checkpoint(Callback):
     sharded). With `resume`, a run starts from the checkpoint there, which must belong to the same
     run: `spec`, or, without one, the config, the task's settings and the training set's size."""
 
+    order = 0  # restores before, and saves before, every other callback
+
     def __init__(self, folder, spec: RunSpec | None = None, resume: bool = False, every: int | None = None):
-        self.path, self.spec, self.resume, self.every = Path(folder) / CHECKPOINT_NAME, spec, resume, every
-        self.write = True
+        self.path, self.given, self.resume, self.every = Path(folder) / CHECKPOINT_NAME, spec, resume, every
+        self.spec, self.write = spec, True
 
     def on_fit_start(self, cohort, state, run) -> None:
-        self.spec = self.spec if self.spec is not None else spec_of(cohort.cfg, run.task, {"train_items": run.train_items})
+        self.spec = self.given if self.given is not None else spec_of(cohort.cfg, run.task, {"train_items": run.train_items})
         self.write = run.shard is None or run.shard[0] == 0
+        state.checkpoint = str(self.path)
         if not (self.resume and self.path.exists()):
             return
         saved = load_checkpoint(self.path)

@@ -79,8 +79,9 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def wrap_cohort(cohort: Cohort) -> Cohort:
     """Wraps the trainable networks used by `cohort_step` in DDP, with BatchNorm synchronised.
-    The students' feature adapters (`mtml.features`) live outside the networks: `AverageAdapterGrads`
-    averages their gradients over the ranks after each backward, as DDP does for the networks.
+    The students' feature adapters (`mtml.features`) live outside the networks: pass the callback
+    `AverageAdapterGrads()` to `fit` (as `fit_distributed` does) to average their gradients over the
+    ranks after each backward, as DDP does for the networks.
     `cohort.networks` keeps the unwrapped modules (evaluation and checkpoints see plain keys)."""
     if cohort.cfg.stack_students:  # a stacked forward would bypass DDP's gradient averaging
         raise ValueError("stack_students=True cannot run under DDP (the stacked forward bypasses the "

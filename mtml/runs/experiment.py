@@ -11,7 +11,7 @@ from ..io import STORE, checkpoint_folder
 from ..tasks.models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from ..core.cohort import Cohort, CohortConfig
-from ..core.loop import fit, pretrain_teacher, solo_config
+from ..core.loop import Callback, fit, pretrain_teacher, solo_config
 from .checkpoint import Checkpoint
 from .teacher_tape import TeacherTape
 
@@ -45,6 +45,16 @@ class RunResult:
 UNITS_FILE = "test_units.csv.gz"
 
 
+class EachEpoch(Callback):
+    """A fit callback calling `function(history so far)` after each epoch."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def on_epoch_end(self, cohort, state) -> None:
+        self.function(pd.DataFrame(state.history))
+
+
 def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", augment=None,
                checkpoint_dir=None, resume: bool = False, progress: bool = True, callback=None,
                networks=None, spec: RunSpec | None = None, external: dict | None = None) -> RunResult:
@@ -56,7 +66,9 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     `mtml.external.load_sets`, evaluated too (they never change the training). With a
     `checkpoint_dir` in the run store (`checkpoint_folder`), an online teacher is recorded there,
     or replayed when a run with the same teacher recorded it (`mtml.teacher_tape`: trained once
-    per seed, same results; the record's `teacher_replayed` says which, since it shortens train_time_s)."""
+    per seed, same results; the record's `teacher_replayed` says which, since it shortens train_time_s).
+    `callback`: a fit `Callback` (e.g. `mtml.plots.LiveCurves`) or a function called with the history
+    after each epoch."""
     cfg.validate()
     networks = networks or getattr(task, "networks", None) or build_cohort_networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
@@ -82,6 +94,8 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     callbacks = [Checkpoint(checkpoint_dir, spec, resume)] if checkpoint_dir else []
     store = Path(checkpoint_dir).parent if checkpoint_dir else None
     tape = TeacherTape(store, spec, resume) if store is not None and store.name == STORE else None
+    if callback is not None and not isinstance(callback, Callback):  # a function of the history so far
+        callback = EachEpoch(callback)
     callbacks += [cb for cb in (tape, callback) if cb is not None]
     history = fit(cohort, task, train, val, augment=augment, progress=progress, callbacks=callbacks)
     eval_data = test if test is not None else val

@@ -61,7 +61,7 @@ def set_fingerprint(task_name: str, folder, size: int = 160) -> str:
         from ..tasks.polyp import polyp_fingerprint
 
         return polyp_fingerprint(folder, size)["manifest_sha256"]
-    from .parameters import file_fingerprint
+    from ..tasks.download import file_fingerprint
 
     return file_fingerprint(_manifest(folder))
 
@@ -117,10 +117,9 @@ def load_run(run_dir, device: str = "cpu"):
     `checkpoints/<spec hash>/` for runs made before the store)."""
     import torch
 
-    from ..tasks.detection import DetectionTask
+    from ..tasks import task_class
     from ..io import load_checkpoint
     from .spec import RunSpec
-    from ..tasks.task import ClassificationTask
     from ..core.cohort import CohortConfig
 
     run_dir = Path(run_dir).expanduser()
@@ -148,7 +147,7 @@ def load_run(run_dir, device: str = "cpu"):
     if spec.hash != record["spec_hash"]:
         raise ValueError(f"{checkpoint} is of run {spec.hash}, metrics.json of run {record['spec_hash']}: "
                          "the folder mixes two runs; run it again")
-    task = {"detection": DetectionTask, "classification": ClassificationTask}[spec.task].from_settings(spec.task_settings)
+    task = task_class(spec.task).from_settings(spec.task_settings)
     cfg = CohortConfig.from_dict(state["config"])
     from .spec import spec_of
 

@@ -6,12 +6,11 @@ before it starts: the runner skips a finished run without executing anything.
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 from pathlib import Path
 
-from .spec import RunSpec, spec_of
 from ..core.cohort import CohortConfig
+from ..tasks import task_class
+from .spec import RunSpec, spec_of
 
 # notebook parameter -> CohortConfig field
 CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_students",
@@ -20,10 +19,6 @@ CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_stud
                      "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm",
                      "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs", "TEACHER_KNOWLEDGE": "teacher_knowledge",
                      "PEER_KNOWLEDGE": "peer_knowledge", "W_FEAT": "w_feat", "FEATURE_LEVELS": "feature_levels"}
-# what a notebook's `if SMOKE:` cell caps (the runner applies the same caps before hashing;
-# tests/test_spec.py checks that every notebook's smoke cell agrees)
-SMOKE_CAPS = {"classification": {"EPOCHS": 2, "TILE_SIZE": 32},
-              "detection": {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}}
 
 
 FLOAT_PARAMETERS = ("STAIN_JITTER", "TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
@@ -69,55 +64,13 @@ def config_from_parameters(params: dict, task: str) -> CohortConfig:
 
 
 def task_from_parameters(task: str, params: dict):
-    if task == "classification":
-        from ..tasks.task import ClassificationTask
-
-        return ClassificationTask(num_classes=2, stain_jitter=typed(params).get("STAIN_JITTER", 0.0))
-    if task == "detection":
-        from ..tasks.detection import DetectionTask
-
-        kw = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
-              "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
-              "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}
-        params = typed(params)
-        return DetectionTask(**{k: params[p] for k, p in kw.items() if p in params})
-    raise ValueError(f"unknown task {task!r}; choose classification or detection")
-
-
-def classification_manifest(data_dir) -> tuple[Path, str]:
-    """(manifest path, 'real' or 'SYNTHETIC') for a classification DATA_DIR (None: synthetic)."""
-    if data_dir:
-        return Path(data_dir) / "manifest.csv", "real"
-    from ..tasks.synthetic import ensure_synthetic_default
-
-    return ensure_synthetic_default(), "SYNTHETIC"
-
-
-def file_fingerprint(path) -> str:
-    from ..tasks.download import MissingDatasetError
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingDatasetError("manifest", path, "python data_scripts/msi_mss.py --help (or polyp.py)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """The `task` (a registered name, `mtml.tasks.task_class`) built from notebook parameters."""
+    return task_class(task).from_parameters(typed(params))
 
 
 def data_fingerprint(task: str, params: dict) -> dict:
     """What data a run sees: source, content hash and sizes (no image is decoded)."""
-    params = typed(params)
-    if task == "classification":
-        manifest, kind = classification_manifest(params.get("DATA_DIR"))
-        fingerprint = {"kind": kind, "manifest_sha256": file_fingerprint(manifest),
-                       "tile_size": params.get("TILE_SIZE", 224)}
-        stamp = manifest.parent / "synthetic.json"  # the generator's version and settings
-        if kind == "SYNTHETIC" and stamp.is_file():
-            fingerprint["generator"] = json.loads(stamp.read_text())
-        return fingerprint
-    from ..tasks.polyp import polyp_fingerprint
-
-    limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
-    return polyp_fingerprint(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
-                             seed=params.get("SPLIT_SEED", 0), split_by=params.get("SPLIT_BY", "near_duplicates"))
+    return task_class(task).data_fingerprint(typed(params))
 
 
 def spec_from_parameters(task: str, params: dict) -> RunSpec:
@@ -142,9 +95,10 @@ def parse_parameters(items) -> dict:
 
 
 def smoke_parameters(task: str, params: dict) -> dict:
-    """`params` shrunk as the notebooks' `if SMOKE:` cell shrinks them."""
+    """`params` shrunk as the notebooks' `if SMOKE:` cell shrinks them (the task's `smoke_caps`;
+    tests/test_spec.py checks that every notebook's smoke cell agrees)."""
     out = dict(params)
-    for key, cap in SMOKE_CAPS[task].items():
+    for key, cap in task_class(task).smoke_caps.items():
         out[key] = cap if out.get(key) is None else min(out[key], cap)
     return out
 

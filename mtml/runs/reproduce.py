@@ -48,6 +48,7 @@ import pandas as pd
 
 from ..cli import Parser
 from ..io import save_figure, write_csv
+from ..tasks import task_class
 from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
 from ..core.cohort import USES_TEACHER
@@ -63,7 +64,6 @@ RUNNERS = {
                   "kd_ml": "07_detection_kd_plus_ml", "independent": "07_detection_kd_plus_ml",
                   "offline": "05_detection_kd_only", "kd_ml_styles": "07_detection_kd_plus_ml"},
 }
-METRIC = {"classification": "auroc", "detection": "map50"}
 ONLINE_TEACHER = tuple(m for m in USES_TEACHER if m != "offline")  # the modes that record or replay a tape
 
 
@@ -230,7 +230,7 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[
     for stale in (runs_dir / f"{task}_paired.csv", runs_dir / f"{task}_comparison.png"):
         stale.unlink(missing_ok=True)  # an earlier grid's outputs never pass for this one's
     if len(table):
-        metric = METRIC[task]
+        metric = task_class(task).metric
         fig = comparison_figure(table, metric, f"{task}: {metric} per mode (our runs; mean, 95% CI over seeds)")
         figure = save_figure(fig, runs_dir / f"{task}_comparison.png", dpi=120)
         plt.close(fig)  # written: one process may report many grids
@@ -244,9 +244,9 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[
     external.unlink(missing_ok=True)
     wanted = {set_name(f) for run in runs for f in run.parameters.get("EXTERNAL_DATA_DIRS") or []}
     if len(table) and wanted & set(sets_in(table.columns)):
-        per_set = summarise_sets(table, METRIC[task], sets=wanted)
+        per_set = summarise_sets(table, task_class(task).metric, sets=wanted)
         write_csv(external, per_set, index=False)
-        print(f"\nper evaluation set ({METRIC[task]}; mean and 95% t-interval over seeds; {external}):")
+        print(f"\nper evaluation set ({task_class(task).metric}; mean and 95% t-interval over seeds; {external}):")
         print(per_set.round(4).to_string(index=False))
     return csv, figure
 

@@ -4,7 +4,7 @@ A `RunSpec` holds the task's name, every `CohortConfig` field that changes resul
 own settings (box loss, frame size, ...) and a fingerprint of the data (manifest content hash,
 or the synthetic generator's settings and version). Its `hash` is computed once and is the only
 identity of a run: it names checkpoint and output folders, is stored in every checkpoint and
-`metrics.json`, decides whether `fit` may resume and whether `mtml.reproduce` may skip a run.
+`metrics.json`, decides whether a run resumes from its checkpoint (`mtml.runs.checkpoint`) and whether `mtml.reproduce` may skip a run.
 
 Notebooks and the reproduction runner build specs from the same UPPER_CASE parameters with
 `mtml.parameters.spec_from_parameters`, so both agree on a run's identity before it starts.

@@ -31,6 +31,7 @@ from scipy import stats as scipy_stats
 
 from ..cli import Parser
 from ..names import students_in
+from ..tasks import task_class, task_names
 from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
                          task_from_parameters, typed)
 from .report import mean_ci, paired_differences, sets_in, summarise, summarise_sets
@@ -39,7 +40,6 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results"
 CLAIMS = (("kd_ml", "kd"), ("kd_ml", "ml"), ("kd_ml", "independent"))
 ALPHA, POWER = 0.05, 0.80
-METRIC = {"detection": "map50", "classification": "auroc"}
 KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
         "target_difference", "notes", "external", "claims", "reuse"}
 
@@ -72,8 +72,8 @@ class Study:
         missing = {"name", "task", "data", "version", "modes", "seeds"} - set(raw)
         if missing:
             raise ValueError(f"{path}: missing keys {sorted(missing)}")
-        if raw["task"] not in METRIC or raw["data"] not in ("real", "synthetic"):
-            raise ValueError(f"{path}: task must be detection|classification and data real|synthetic")
+        if raw["task"] not in task_names() or raw["data"] not in ("real", "synthetic"):
+            raise ValueError(f"{path}: task must be one of {'|'.join(task_names())} and data real|synthetic")
         bad = [k for k in raw.get("params", {}) if not k.isupper() or k in ("MODE", "SEED", "VERSION")]
         if bad:
             raise ValueError(f"{path}: params {bad} are not notebook parameters (UPPER_CASE; mode, "
@@ -99,7 +99,7 @@ class Study:
 
     @property
     def metric(self) -> str:
-        return METRIC[self.task]
+        return task_class(self.task).metric
 
     def parameters(self, mode: str, seed: int, smoke: bool = False) -> dict:
         params = {**self.params, "VERSION": self.version, "MODE": mode, "SEED": seed}
@@ -132,7 +132,7 @@ def load_data(study: Study, params: dict):
                 raise FileNotFoundError(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
             _DATA[key] = (*splits, label, flip_augment)
         else:
-            from .parameters import classification_manifest
+            from ..tasks.synthetic import classification_manifest
             from ..tasks.tiles import TileDataset
 
             manifest, kind = classification_manifest(params.get("DATA_DIR"))

@@ -197,6 +197,8 @@ class TeacherTape(Callback):
     whose teacher trained so far, or when the data is known by its size only (`spec.data`).
     `replayed` says afterwards whether the run's teacher came from a tape."""
 
+    order = 1  # after the checkpoint has restored the run
+
     def __init__(self, store, spec: RunSpec | None = None, resume: bool = False):
         self.store, self.spec, self.resume = Path(store), spec, resume
         self.tape, self.replayed = None, False
@@ -222,8 +224,8 @@ class TeacherTape(Callback):
                 return None
             replay, why = read_tape(path, key, meta)
             if replay is None or replay.id != state.teacher_source:
-                raise ValueError(f"this run's checkpoint replays the teacher tape {path}, which is gone or changed "
-                                 f"({why or 'recorded again since'}): delete the run's checkpoint to train it again")
+                raise ValueError(f"{state.checkpoint} replays the teacher tape {path}, which is gone or changed "
+                                 f"({why or 'recorded again since'}): delete {state.checkpoint} to train the run again")
             return replay
         recorder = TapeRecorder(path, key, meta, getattr(run.task, "distill_target", None))  # notes the file as it is now
         replay = read_tape(path, key, meta)[0] if self.resume else None  # resume=False retrains: records afresh

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import register
 from .dense_distill import DenseDistillation
 from .detection_eval import detection_units, evaluate_detection
 
@@ -27,12 +28,31 @@ def resize_item(image: torch.Tensor, boxes: torch.Tensor, size: int):
     return image, boxes * torch.tensor([size / w, size / h, size / w, size / h])
 
 
+@register
 class DetectionTask:
     """Batches: `image` (B, 3, S, S) float in [0, 1], `targets` a list of {boxes (k, 4) xyxy pixels,
     labels (k,) = 1}, `index` (B,). Items are dicts with `image` (uint8 or float) and `boxes`."""
 
     name = "detection"
+    metric = "map50"
     history_metrics = ("map50",)
+    smoke_caps = {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}
+    PARAMETERS = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
+                  "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
+                  "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> "DetectionTask":
+        return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params})
+
+    @staticmethod
+    def data_fingerprint(params: dict) -> dict:
+        """The prepared frames' manifest hash, the frame size, the split and its caps."""
+        from .polyp import polyp_fingerprint
+
+        limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
+        return polyp_fingerprint(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
+                                 seed=params.get("SPLIT_SEED", 0), split_by=params.get("SPLIT_BY", "near_duplicates"))
     config_defaults = {"epochs": 8, "batch_size": 8, "lr": 0.01,  # ours, with size=160 below
                        "feature_levels": 3}  # features matched on P3-P5 (mtml.features)
     # settings() the teacher's training and its validation map50 never read: runs that differ only

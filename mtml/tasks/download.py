@@ -157,3 +157,11 @@ def safe_extract(archive, target_dir) -> list[Path]:
                     target.mkdir(parents=True, exist_ok=True)
             return out
     raise ValueError(f"{archive} is neither a zip nor a tar archive (corrupt or truncated download?)")
+
+
+def file_fingerprint(path) -> str:
+    """The first 16 hex digits of the SHA-256 of a prepared dataset's manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDatasetError("manifest", path, "python data_scripts/msi_mss.py --help (or polyp.py)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -152,3 +152,10 @@ def ensure_synthetic_default(root=None, cfg: SyntheticConfig = SyntheticConfig()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def classification_manifest(data_dir) -> tuple[Path, str]:
+    """(manifest path, 'real' or 'SYNTHETIC') for a classification DATA_DIR (None: the synthetic default)."""
+    if data_dir:
+        return Path(data_dir) / "manifest.csv", "real"
+    return ensure_synthetic_default(), "SYNTHETIC"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from ..core.losses import soft_kl
+from . import register
 
 
 class Task(Protocol):
@@ -42,12 +43,35 @@ class Task(Protocol):
     def test_units(self, *predictions, data=None) -> Any: ...  # per test unit, for bootstrap intervals
 
 
+@register
 class ClassificationTask:
     """Batches are dicts with `image` (B, C, H, W) float and `label` (B,) long."""
 
     name = "classification"
+    metric = "auroc"
     history_metrics = ("accuracy", "auroc")
     config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see the README
+    smoke_caps = {"EPOCHS": 2, "TILE_SIZE": 32}
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> "ClassificationTask":
+        return cls(num_classes=2, stain_jitter=params.get("STAIN_JITTER", 0.0))
+
+    @staticmethod
+    def data_fingerprint(params: dict) -> dict:
+        """The manifest's content hash, the tile size, and the synthetic generator's settings."""
+        import json
+
+        from .download import file_fingerprint
+        from .synthetic import classification_manifest
+
+        manifest, kind = classification_manifest(params.get("DATA_DIR"))
+        fingerprint = {"kind": kind, "manifest_sha256": file_fingerprint(manifest),
+                       "tile_size": params.get("TILE_SIZE", 224)}
+        stamp = manifest.parent / "synthetic.json"  # the generator's version and settings
+        if kind == "SYNTHETIC" and stamp.is_file():
+            fingerprint["generator"] = json.loads(stamp.read_text())
+        return fingerprint
 
     def __init__(self, num_classes: int = 2, channels_last: bool = False, stain_jitter: float = 0.0):
         if num_classes < 2:
