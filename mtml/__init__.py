@@ -20,9 +20,9 @@ from .tasks.task import ClassificationTask
 _FOLDERS = {
     "core": ("losses", "cohort", "step", "loop", "sampling", "stacking", "features"),
     "tasks": ("task", "models", "detectors", "detection", "detection_eval", "dense_distill", "evaluate", "tiles",
-              "synthetic", "polyp", "near_duplicates", "data", "download"),
+              "synthetic", "polyp", "near_duplicates", "data", "download", "diversity"),
     "runs": ("spec", "checkpoint", "teacher_tape", "experiment", "parameters", "study", "reproduce", "execution", "external",
-             "stats", "report", "costs", "diversity", "distributed"),
+             "stats", "report", "costs", "distributed"),
     "teach": ("widgets", "plots", "reading", "handout"),
 }
 _SHORT = {name: f"{folder}.{name}" for folder, names in _FOLDERS.items() for name in names}

@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 
 from mtml import study as study_mod
 from mtml.tasks.detection_eval import f1_at_thresholds, operating_point
-from mtml.runs.diversity import classification_diversity
+from mtml.tasks.diversity import classification_diversity
 from mtml.runs.study import Study, detectable_difference, verdicts
 
 

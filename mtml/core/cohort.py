@@ -295,7 +295,7 @@ def _check_stackable(cfg: CohortConfig, students, task=None) -> None:
     if not cfg.stack_students:
         return
     reason = None if students is None else why_not_stackable(students)
-    if reason is None and task is not None and getattr(task, "name", None) != "classification":
+    if reason is None and task is not None and not getattr(task, "stackable", False):
         reason = f"it runs classifiers only, not the {getattr(task, 'name', type(task).__name__)} task"
     if reason:
         raise ValueError(f"stack_students=True cannot stack these students: {reason}; turn stack_students off")

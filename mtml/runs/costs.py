@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..cli import Parser
 from ..tasks.models import count_parameters
 from ..core.cohort import CohortConfig
+from ..tasks import task_class
+from ..tasks.task import TILE_SIZE
 
-TILE_SIZE = 64  # the classification notebooks' TILE_SIZE default (tests/test_costs.py checks it)
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
@@ -31,27 +32,6 @@ def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     with torch.inference_mode(), counter:
         model(example)
     return int(counter.get_total_flops())
-
-
-def _networks(task: str, version: str, n_students: int, size: int | None):
-    """(teacher, students, input size, combine) built as `Cohort.build` builds them."""
-    cfg = CohortConfig(mode="kd", version=version, n_students=n_students).validate()
-    if task == "classification":
-        from ..tasks.models import build_cohort_networks
-        from ..tasks.task import ClassificationTask
-
-        probs = ClassificationTask(cfg.num_classes).probabilities
-        teacher, students = build_cohort_networks(version, n_students, cfg.num_classes, pretrained=False)
-        return teacher, students, size or TILE_SIZE, lambda outs: torch.stack([probs(o) for o in outs]).mean(0)
-    if task == "detection":
-        from ..tasks.detection import DetectionTask
-        from ..tasks.detectors import FRAME_SIZE, build_detection_networks
-
-        size = size or FRAME_SIZE[version]
-        teacher, students = build_detection_networks(version, n_students, cfg.num_classes,
-                                                     pretrained=False, size=size)
-        return teacher, students, size, DetectionTask(size=size).ensemble
-    raise ValueError(f"unknown task {task!r}; choose classification or detection")
 
 
 def network_costs(task: str, version: str, n_students: int, size: int | None = None, threads: int = 1,
@@ -64,7 +44,8 @@ def network_costs(task: str, version: str, n_students: int, size: int | None = N
     the notebooks' TILE_SIZE for classification, the version's FRAME_SIZE for detection)."""
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats and threads must be >= 1, got {repeats}, {threads}")
-    teacher, students, size, combine = _networks(task, version, n_students, size)
+    CohortConfig(mode="kd", version=version, n_students=n_students).validate()  # names a bad version
+    teacher, students, size, combine = task_class(task).cost_networks(version, n_students, size)
     for m in (teacher, *students):
         m.eval()
     x = torch.rand(1, 3, size, size)

@@ -25,11 +25,12 @@ class RunResult:
     units: pd.DataFrame    # per test unit (tile or frame) predictions, for bootstrap intervals
     external: dict = field(default_factory=dict)  # record keys of the external sets (mtml.external)
     teacher_replayed: bool = False  # its teacher came from a tape (mtml.teacher_tape): not in its time
+    scalars: tuple = ()             # the task's own metric names, recorded beside SCALAR_METRICS
 
     def record(self, **fields) -> dict:
         """The run record for metrics.json: its spec hash, every setting of its spec, metrics (and
         the external sets' metrics)."""
-        return run_record(self.metrics, **{"spec_hash": self.spec.hash, **self.spec.flat(),
+        return run_record(self.metrics, self.scalars, **{"spec_hash": self.spec.hash, **self.spec.flat(),
                                            "teacher_replayed": self.teacher_replayed, **fields, **self.external})
 
     def save(self, out_dir, **fields) -> dict:
@@ -101,7 +102,8 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
     result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
-                       teacher_replayed=tape is not None and tape.replayed)
+                       teacher_replayed=tape is not None and tape.replayed,
+                       scalars=tuple(dict.fromkeys((*task.history_metrics, getattr(task, "metric", task.history_metrics[0])))))
     if external:
         from .external import external_record
 

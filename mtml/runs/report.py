@@ -24,10 +24,11 @@ SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "patient_auroc
 SEPARATOR = ":"  # `<external set>:<network>/<metric>` (mtml.external)
 
 
-def run_record(metrics: pd.DataFrame, **fields) -> dict:
-    """Flattens a metrics table (index = network) into one run record."""
+def run_record(metrics: pd.DataFrame, scalars: tuple = (), **fields) -> dict:
+    """Flattens a metrics table (index = network) into one run record: the columns named in
+    SCALAR_METRICS, then those in `scalars` (a task's own metrics)."""
     record = dict(fields)
-    cols = [m for m in SCALAR_METRICS if m in metrics.columns]
+    cols = [m for m in dict.fromkeys((*SCALAR_METRICS, *scalars)) if m in metrics.columns]
     for net, row in metrics.iterrows():
         for m in cols:
             record[f"{net}/{m}"] = float(row[m])

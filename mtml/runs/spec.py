@@ -66,10 +66,9 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}
     if not config.get("stack_students"):  # added later: runs without it keep their identity
         config.pop("stack_students", None)
-    if cfg.version == "tiny" and task.name == "classification":  # the widths changed once (mtml.models)
-        from ..tasks.models import tiny_widths_label
-
-        config["tiny_widths"] = tiny_widths_label()
+    revision = getattr(task, "network_revision", lambda version: None)(cfg.version)
+    if revision:  # tiny classifiers' widths changed once under the same name (mtml.models)
+        config["tiny_widths"] = revision
     teacher, peer = cfg.knowledge()
     if cfg.uses_features:
         config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,

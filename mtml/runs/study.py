@@ -30,7 +30,6 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from ..cli import Parser
-from ..names import students_in
 from ..tasks import task_class, task_names
 from .parameters import (config_from_parameters, smoke_parameters, spec_from_parameters,
                          task_from_parameters, typed)
@@ -120,27 +119,7 @@ def load_data(study: Study, params: dict):
     key = (study.task, params.get("DATA_DIR"), params.get("FRAME_SIZE"), params.get("TILE_SIZE"),
            params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("SPLIT_SEED"), params.get("SPLIT_BY"))
     if key not in _DATA:
-        if study.task == "detection":
-            from ..tasks.polyp import flip_augment, polyp_splits
-
-            size = params.get("FRAME_SIZE", 160)
-            limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
-            extra = {"split_by": params["SPLIT_BY"]} if "SPLIT_BY" in params else {}
-            *splits, label = polyp_splits(params.get("DATA_DIR"), size, limits, seed=params.get("SPLIT_SEED", 0),
-                                          **extra)
-            if study.data == "real" and label.startswith("SYNTHETIC"):
-                raise FileNotFoundError(f"study {study.name} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
-            _DATA[key] = (*splits, label, flip_augment)
-        else:
-            from ..tasks.synthetic import classification_manifest
-            from ..tasks.tiles import TileDataset
-
-            manifest, kind = classification_manifest(params.get("DATA_DIR"))
-            if (study.data == "real") != (kind == "real"):
-                raise ValueError(f"study {study.name} declares data: {study.data}, DATA_DIR gives {kind} tiles")
-            splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True)
-                      for s in ("train", "val", "test")]
-            _DATA[key] = (*splits, f"{kind} tiles ({manifest})", None)  # the task's own augmentation
+        _DATA[key] = task_class(study.task).load_splits(params, study.data, f"study {study.name}")
     return _DATA[key]
 
 
@@ -175,28 +154,8 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=current_commit(), machine=machine_label(threads))
     row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
-    nets = result.cohort.networks
-    students = students_in(nets)
-    if study.task == "detection":
-        from ..tasks.detection_eval import operating_point
-        from .diversity import detection_diversity
-
-        _, preds, targets = task.evaluate(nets, val, return_predictions=True)
-        val_units = task.test_units(preds, targets, data=val)
-        for who in [*nets, "ensemble"]:
-            for k, v in operating_point(val_units, result.units, who).items():
-                row[f"{who}/{k}"] = v
-        for k in ("op_precision", "op_recall", "op_f1"):
-            row[f"students_mean/{k}"] = float(np.mean([row[f"{s}/{k}"] for s in students]))
-        diversity = detection_diversity(nets, test, task, {s: row[f"{s}/op_threshold"] for s in students})
-        units = result.units[result.units["network"] == "ensemble"].round({"score": 7})
-    else:
-        from .diversity import classification_diversity
-
-        u = result.units
-        diversity = classification_diversity({s: np.c_[1 - u[s], u[s]] for s in students})
-        units = u[["unit", "label", "item", "ensemble"]].round({"ensemble": 7})
-    row.update({f"diversity/{k}": v for k, v in diversity.items()})
+    extra, units = task.study_record(result, val, test)
+    row.update(extra)
     row["ensemble_gain"] = row[f"ensemble/{study.metric}"] - row[f"students_mean/{study.metric}"]
     return row, units
 
@@ -554,12 +513,12 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
     from .costs import network_costs
 
     params = study.parameters(study.modes[0], study.seeds[0], smoke)
-    size = params.get("FRAME_SIZE") if study.task == "detection" else params.get("TILE_SIZE")
+    task = task_class(study.task)
+    size = params.get(task.size_parameter)
     setting = f"{study.task} {study.version} size {size} students {int(params.get('N_STUDENTS', 2))}"
-    if study.version == "tiny" and study.task == "classification":  # the tiny widths changed once (mtml.models)
-        from ..tasks.models import tiny_widths_label
-
-        setting += " widths " + tiny_widths_label()
+    revision = getattr(task, "network_revision", lambda version: None)(study.version)
+    if revision:  # the tiny widths changed once (mtml.models)
+        setting += " widths " + revision
     path = out / "costs.csv"
     if path.is_file():
         kept = pd.read_csv(path, index_col=0)
@@ -573,13 +532,10 @@ def measure_costs(study: Study, out: Path, smoke: bool) -> pd.DataFrame | None:
 
 
 def split_hygiene(study: Study, smoke: bool) -> dict | None:
-    if study.task != "detection" or study.data != "real":
+    measure = getattr(task_class(study.task), "split_hygiene", None)
+    if measure is None or study.data != "real":
         return None
-    from ..tasks.polyp import default_polyp_root, split_hygiene as measure
-
-    params = study.parameters(study.modes[0], 0, smoke)
-    root = Path(params["DATA_DIR"]) if params.get("DATA_DIR") else default_polyp_root()[0]
-    return measure(root, seed=params.get("SPLIT_SEED", 0))
+    return measure(study.parameters(study.modes[0], 0, smoke))
 
 
 def committed(name: str) -> dict:

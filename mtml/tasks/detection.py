@@ -9,6 +9,8 @@ fusion of the students' final boxes is the alternative (`ensemble="wbf"`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,63 @@ class DetectionTask:
     @classmethod
     def from_parameters(cls, params: dict) -> "DetectionTask":
         return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params})
+
+    size_parameter = "FRAME_SIZE"
+    stackable = False
+
+    @staticmethod
+    def load_splits(params: dict, data: str | None = None, who: str = "this run"):
+        """(train, val, test, description, flip augmentation) of the parameters' frames; with
+        `data="real"`, real Kvasir-SEG frames are required."""
+        from .polyp import flip_augment, polyp_splits
+
+        limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
+        extra = {"split_by": params["SPLIT_BY"]} if "SPLIT_BY" in params else {}
+        *splits, label = polyp_splits(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
+                                      seed=params.get("SPLIT_SEED", 0), **extra)
+        if data == "real" and label.startswith("SYNTHETIC"):
+            raise FileNotFoundError(f"{who} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
+        return (*splits, label, flip_augment)
+
+    def study_record(self, result, val, test) -> tuple[dict, pd.DataFrame]:
+        """What a study keeps of a finished run besides its metrics: each network's operating point
+        (the score threshold of best F1 on the validation frames, applied to the test frames), the
+        students' diversity at their thresholds, and the ensemble's test units."""
+        import numpy as np
+
+        from ..names import students_in
+        from .detection_eval import operating_point
+        from .diversity import detection_diversity
+
+        nets, row = result.cohort.networks, {}
+        students = students_in(nets)
+        _, preds, targets = self.evaluate(nets, val, return_predictions=True)
+        val_units = self.test_units(preds, targets, data=val)
+        for who in [*nets, "ensemble"]:
+            for k, v in operating_point(val_units, result.units, who).items():
+                row[f"{who}/{k}"] = v
+        for k in ("op_precision", "op_recall", "op_f1"):
+            row[f"students_mean/{k}"] = float(np.mean([row[f"{s}/{k}"] for s in students]))
+        diversity = detection_diversity(nets, test, self, {s: row[f"{s}/op_threshold"] for s in students})
+        row.update({f"diversity/{k}": v for k, v in diversity.items()})
+        return row, result.units[result.units["network"] == "ensemble"].round({"score": 7})
+
+    @staticmethod
+    def split_hygiene(params: dict) -> dict:
+        """How the split keeps near-duplicate frames apart (`mtml.polyp.split_hygiene`)."""
+        from .polyp import default_polyp_root, split_hygiene
+
+        root = Path(params["DATA_DIR"]) if params.get("DATA_DIR") else default_polyp_root()[0]
+        return split_hygiene(root, seed=params.get("SPLIT_SEED", 0))
+
+    @staticmethod
+    def cost_networks(version: str, n_students: int, size: int | None):
+        """(teacher, students, input size, combine) for `mtml.runs.costs`, built as a run builds them."""
+        from .detectors import FRAME_SIZE, build_detection_networks
+
+        size = size or FRAME_SIZE[version]
+        teacher, students = build_detection_networks(version, n_students, 2, pretrained=False, size=size)
+        return teacher, students, size, DetectionTask(size=size).ensemble
 
     @staticmethod
     def data_fingerprint(params: dict) -> dict:

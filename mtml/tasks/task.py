@@ -16,6 +16,8 @@ from torch.utils.data import default_collate
 from ..core.losses import soft_kl
 from . import register
 
+TILE_SIZE = 64  # the classification notebooks' TILE_SIZE default (tests/test_costs.py checks it)
+
 
 class Task(Protocol):
     """What `mtml.core`, `mtml.experiment` and the evaluators use of a task."""
@@ -56,6 +58,50 @@ class ClassificationTask:
     @classmethod
     def from_parameters(cls, params: dict) -> "ClassificationTask":
         return cls(num_classes=2, stain_jitter=params.get("STAIN_JITTER", 0.0))
+
+    size_parameter = "TILE_SIZE"   # the notebooks' image-size knob
+    stackable = True               # students can run as one grouped network (mtml.core.stacking)
+
+    @staticmethod
+    def load_splits(params: dict, data: str | None = None, who: str = "this run"):
+        """(train, val, test, description, augmentation or None for the task's own) of the
+        parameters' tiles; `data` ("real" or "synthetic"), if given, must be what DATA_DIR holds."""
+        from .synthetic import classification_manifest
+        from .tiles import TileDataset
+
+        manifest, kind = classification_manifest(params.get("DATA_DIR"))
+        if data is not None and (data == "real") != (kind == "real"):
+            raise ValueError(f"{who} declares data: {data}, DATA_DIR gives {kind} tiles")
+        splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True) for s in ("train", "val", "test")]
+        return (*splits, f"{kind} tiles ({manifest})", None)
+
+    def study_record(self, result, val, test) -> tuple:
+        """What a study keeps of a finished run besides its metrics: the students' diversity on the
+        test tiles, and the ensemble's test units."""
+        import numpy as np
+
+        from ..names import students_in
+        from .diversity import classification_diversity
+
+        u = result.units
+        diversity = classification_diversity({s: np.c_[1 - u[s], u[s]] for s in students_in(result.cohort.networks)})
+        return {f"diversity/{k}": v for k, v in diversity.items()}, u[["unit", "label", "item", "ensemble"]].round({"ensemble": 7})
+
+    @staticmethod
+    def network_revision(version: str) -> str | None:
+        """A label of the version's networks when they changed under an unchanged name (tiny's widths)."""
+        from .models import tiny_widths_label
+
+        return tiny_widths_label() if version == "tiny" else None
+
+    @staticmethod
+    def cost_networks(version: str, n_students: int, size: int | None):
+        """(teacher, students, input size, combine) for `mtml.runs.costs`, built as a run builds them."""
+        from .models import build_cohort_networks
+
+        probs = ClassificationTask(2).probabilities
+        teacher, students = build_cohort_networks(version, n_students, 2, pretrained=False)
+        return teacher, students, size or TILE_SIZE, lambda outs: torch.stack([probs(o) for o in outs]).mean(0)
 
     @staticmethod
     def data_fingerprint(params: dict) -> dict:

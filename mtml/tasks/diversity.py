@@ -16,8 +16,8 @@ import itertools
 import numpy as np
 import torch
 
-from ..tasks.detection_eval import match_flags
-from ..tasks.evaluate import eval_batches
+from .detection_eval import match_flags
+from .evaluate import eval_batches
 from ..names import students_in
 
 EPS = 1e-6
