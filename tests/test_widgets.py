@@ -19,6 +19,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def test_temperature_explorer_carries_its_figure_and_a_readable_slider():
+    open_before = set(plt.get_fignums())  # figures other tests left open
     ui = widgets.temperature_explorer(TEACHER, STUDENT, value=2.0)
     bundle = ui._repr_mimebundle_()
     assert WIDGET_VIEW in bundle and base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
@@ -27,7 +28,7 @@ def test_temperature_explorer_carries_its_figure_and_a_readable_slider():
     assert image.value == base64.b64decode(bundle["image/png"])  # the live view starts at the static copy
     slider.value = 8.0
     assert bytes(image.value).startswith(b"\x89PNG") and image.value != base64.b64decode(bundle["image/png"])
-    assert problem.value == "" and not plt.get_fignums()
+    assert problem.value == "" and set(plt.get_fignums()) == open_before
     ui.close()
 
 
@@ -58,11 +59,12 @@ def test_a_failed_redraw_says_why_and_leaks_no_figure():
             raise ValueError("no such patient")
         return fig
 
+    open_before = set(plt.get_fignums())
     ui = widgets.dropdown_figure(draw, ["good", "bad"])
     first = ui.children[1].value
     ui.children[0].value = "bad"
     assert "ValueError: no such patient" in ui.children[2].value and ui.children[1].value == first
-    assert not plt.get_fignums()
+    assert set(plt.get_fignums()) == open_before
     ui.children[0].value = "good"
     assert ui.children[2].value == ""
     ui.close()
@@ -86,12 +88,13 @@ def test_dropdown_figure_redraws_and_keeps_the_first_figure():
         ax.set_title(option)
         return fig
 
+    open_before = set(plt.get_fignums())
     ui = widgets.dropdown_figure(draw, ["p1", "p2"], "patient")
     first = ui.children[1].value
     ui.children[0].value = "p2"
     assert drawn == ["p1", "p2"] and ui.children[1].value != first
     assert base64.b64decode(ui._repr_mimebundle_()["image/png"]) == first  # the static copy stays the first
-    assert not plt.get_fignums(), "every drawn figure is closed"
+    assert set(plt.get_fignums()) == open_before, "every drawn figure is closed"
     ui.close()
 
 
