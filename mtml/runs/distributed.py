@@ -233,6 +233,8 @@ def main(argv=None) -> pd.DataFrame:
             write_json(Path(args.out) / "config.json",
                        {**asdict(cfg), "task": args.task, "world_size": dist.get_world_size() if _distributed() else 1})
             print(history.to_string(index=False))
+        if torchrun:  # a rank that leaves while rank 0 still writes can abort gloo ("terminate called")
+            dist.barrier()
     finally:
         if torchrun and dist.is_initialized():
             dist.destroy_process_group()
