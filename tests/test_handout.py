@@ -97,6 +97,19 @@ def test_a_widget_without_a_static_copy_says_where_to_use_it():
     assert "widgets" not in nb["metadata"]
 
 
+def test_a_cell_of_several_widgets_says_so_once():
+    """A training cell's live curves are several widgets: one note, the cell's other outputs kept."""
+    def live():
+        return {"output_type": "display_data", "data": {WIDGET_VIEW: {"model_id": "z"}, "text/plain": "HBox()"}}
+    text = {"output_type": "stream", "name": "stdout", "text": "epoch 1\n"}
+    nb = {"cells": [{"cell_type": "code", "outputs": [live(), text, live(), live()]},
+                    {"cell_type": "code", "outputs": [live()]}]}
+    first, second = (cell["outputs"] for cell in static_widgets(nb)["cells"])
+    assert [o.get("data", {}).get("text/plain") for o in first] == [WIDGET_NOTE, None]
+    assert first[1] == text
+    assert second[0]["data"] == {"text/plain": WIDGET_NOTE}
+
+
 def _chromium() -> str:
     found = shutil.which("chromium")
     if not found:

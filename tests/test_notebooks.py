@@ -44,6 +44,9 @@ SINGLE_RUNS = ("01_kd_only", "02_ml_only", "03_kd_plus_ml", "05_detection_kd_onl
                "07_detection_kd_plus_ml")
 
 
+BUILT_BY_HAND = ("01_kd_only", "02_ml_only", "03_kd_plus_ml")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_teaches(path):
     """Exercises with folded solutions and key takeaways everywhere; in the single-run notebooks
@@ -52,8 +55,13 @@ def test_notebook_teaches(path):
     nb = nbformat.read(path, as_version=4)
     text = "\n".join(c.source for c in nb.cells)
     exercises = next(c.source for c in nb.cells if c.source.startswith("## Exercises"))
-    assert exercises.count("<details><summary>Solution</summary>") >= 2
+    assert exercises.count("<details><summary>Solution</summary>") >= 3
+    assert "** **Predict, then run" in exercises, "one exercise asks for a prediction before a run"
     assert nb.cells[-1].source.startswith("## Key takeaways")
+    if path.stem in BUILT_BY_HAND:  # the method as code, checked against the package
+        assert "by_hand(" in text and "torch.testing.assert_close(" in text
+    if path.stem in ("03_kd_plus_ml", "07_detection_kd_plus_ml"):
+        assert "## What the kit found" in text and "verdicts.csv" in text
     if path.stem in SINGLE_RUNS:
         assert "knowledge_flows(highlight=MODE" in text and "independent_baseline(" in text
         assert "## Reading the results" in text and "mtml.reading.read_run(" in text

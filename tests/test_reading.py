@@ -3,7 +3,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from mtml.teach.reading import paired_spread, premise, read_teachers, reading
+from mtml.teach.reading import describe_detections, paired_spread, premise, read_teachers, reading
 
 matplotlib.use("Agg")
 
@@ -187,3 +187,18 @@ def test_read_teachers_calls_a_teacher_ahead_or_behind_only_when_its_interval_ex
     assert "; ml:" not in text and "In kd_ml the students beat their teacher" in text
     assert "1 seed, no interval" in read_teachers(_teacher_runs([("kd", 0, 0.9, 0.8)]), "auroc")
     assert "No mode here has a teacher" in read_teachers(_teacher_runs([("ml", 0, float("nan"), 0.8)]), "auroc")
+
+
+def test_describe_detections_counts_kept_boxes_and_found_polyps_at_each_threshold():
+    import torch
+
+    truth = [{"boxes": torch.tensor([[10.0, 10, 50, 50]])}, {"boxes": torch.tensor([[0.0, 0, 20, 20], [60, 60, 90, 90]])}]
+    hit, miss = [10.0, 12, 50, 48], [100.0, 100, 120, 120]
+    preds = {"teacher": [{"boxes": torch.tensor([hit, miss]), "scores": torch.tensor([0.9, 0.8])},
+                         {"boxes": torch.tensor([[0.0, 0, 20, 20]]), "scores": torch.tensor([0.2])}],
+             "student_1": [{"boxes": torch.tensor([hit]), "scores": torch.tensor([0.4])},
+                           {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}]}
+    text = describe_detections(preds, truth, {"teacher": 0.5, "student_1": float("nan")}, range(2))
+    assert text == ("On these 2 frames (3 polyps): teacher keeps 2 boxes and finds 1; "
+                    "student_1 keeps 0 boxes and finds 0.")
+    assert "teacher keeps 3 boxes and finds 2" in describe_detections(preds, truth, {"teacher": 0.1, "student_1": 0.5}, [0, 1])

@@ -77,12 +77,20 @@ def copy_mathjax(target: Path) -> Path:
 
 def static_widgets(nb: dict) -> dict:
     """`nb` with every widget output reduced to its static copy (`mtml.widgets` stores one beside
-    the live view); a widget without one says to open the notebook. The widget state goes too."""
+    the live view); a widget without one says to open the notebook, once per cell (a training
+    cell's live curves are several widgets). The widget state goes too."""
     for cell in nb.get("cells", []):
+        kept, noted = [], False
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if data.pop(WIDGET_VIEW, None) is not None and not any(m in data for m in STATIC):
-                data["text/plain"] = WIDGET_NOTE
+                if noted:
+                    continue
+                data.clear()
+                data["text/plain"], noted = WIDGET_NOTE, True
+            kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
     nb.get("metadata", {}).pop("widgets", None)
     return nb
 

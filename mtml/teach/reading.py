@@ -235,3 +235,24 @@ def read_teachers(runs: pd.DataFrame, metric: str) -> str:
                " Distillation assumes a stronger teacher: only an interval above 0 shows one.")
     return ("**Teacher minus the students' mean (test, paired by seed, 95% t-interval).** "
             + "; ".join(parts) + "." + verdict)
+
+
+def describe_detections(preds: dict, targets: list, thresholds: dict, frames) -> str:
+    """What a detection figure shows, in words: per network, the boxes it keeps at its threshold
+    on `frames` and the ground-truth polyps they find (IoU >= 0.5)."""
+    from torchvision.ops import box_iou
+
+    frames = list(frames)
+    polyps = sum(len(targets[i]["boxes"]) for i in frames)
+    parts = []
+    for name, per_frame in preds.items():
+        kept = found = 0
+        for i in frames:
+            keep = per_frame[i]["scores"] >= thresholds[name]  # a NaN threshold (no validation detection) keeps none
+            boxes, truth = per_frame[i]["boxes"][keep], targets[i]["boxes"]
+            kept += len(boxes)
+            if len(boxes) and len(truth):
+                found += int((box_iou(truth, boxes) >= 0.5).any(1).sum())
+        parts.append(f"{name} keeps {kept} box{'' if kept == 1 else 'es'} and finds {found}")
+    return (f"On these {len(frames)} frames ({polyps} polyp{'' if polyps == 1 else 's'}): "
+            + "; ".join(parts) + ".")
