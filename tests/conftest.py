@@ -1,6 +1,7 @@
 """Shared fixtures: the real data folder beside the checkout, and a local HTTP server."""
 from __future__ import annotations
 
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +26,8 @@ def one_torch_thread():
 def shared_data() -> Path:
     """`../shared/data` beside the checkout (real files, never copied into the repo)."""
     if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real test data not found at {SHARED_DATA}: CI must run the real-data tests (see its SOURCES.md)")
         pytest.skip(f"real test data not found at {SHARED_DATA} (see its SOURCES.md)")
     return SHARED_DATA
 

@@ -35,15 +35,20 @@ def test_foreground_marks_locations_inside_the_boxes():
 
 
 def test_foreground_weighting_puts_the_box_weight_inside_the_boxes(outputs):
-    """The defect: with near-uniform confidences most of the box and centerness weight sat on
-    background. Hand-made target: a uniform confidence everywhere, one box per frame."""
-    teacher_out, _ = outputs
-    fg = foreground(teacher_out)
+    """The defect: with confidence weighting most of the box and centerness gradient sat on
+    background. With foreground weighting a student's boxes and centerness outside every
+    ground-truth box get no gradient at all; with confidence weighting most of it lands there."""
+    teacher_out, student_out = outputs
+    fg = foreground(student_out)
     assert 0 < fg.float().mean() < 0.3  # the polyps cover a minority of the locations
-    uniform = torch.ones_like(fg, dtype=torch.float32)
-    old_share = float((uniform * fg).sum() / uniform.sum())       # confidence weighting: w = c_t everywhere
-    new_share = float((uniform * fg * fg).sum() / (uniform * fg).sum())  # foreground weighting
-    assert old_share < 0.3 and new_share == 1.0
+    background_share = {}
+    for weighting in ("foreground", "confidence"):
+        loss = DenseDistillation(weighting=weighting, w_cls=0.0)
+        _, (_, box_grad, ctr_grad) = _grads(loss, student_out, teacher_out)
+        size = box_grad.abs().sum(-1) + ctr_grad.abs().reshape(fg.shape)  # per location
+        background_share[weighting] = float(size[~fg].sum() / size.sum())
+    assert background_share["foreground"] == 0.0
+    assert background_share["confidence"] > 0.5
 
 
 def _grads(loss_fn, student_out, teacher_out):

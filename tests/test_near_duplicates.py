@@ -1,15 +1,22 @@
 """Near-duplicate hashing and grouping, and Kvasir-SEG splits that keep near-copies together."""
 from __future__ import annotations
 
+import os
+
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from mtml.runs.parameters import notebook_defaults, smoke_parameters, spec_from_parameters
 from mtml.tasks.near_duplicates import (MAX_DISTANCE, cross_split_pairs, hamming, hash_images, image_hash,
-                                  near_duplicate_groups, near_duplicate_pairs)
+                                        near_duplicate_groups, near_duplicate_pairs)
 from mtml.tasks.polyp import (_kvasir_rows_in_memory, default_polyp_root, polyp_fingerprint, prepare_kvasir,
-                        split_frames, split_hygiene)
+                              split_frames, split_hygiene)
+
+DETECTION_NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "05_detection_kd_only.ipynb"
 
 
 def scene(seed: int, size=(480, 400)) -> Image.Image:
@@ -101,6 +108,12 @@ def test_fingerprint_is_the_split_itself_prepared_or_in_memory(tmp_path):
         prepare_kvasir(root, out_dir=tmp_path / split_by, split_by=split_by)
         assert polyp_fingerprint(root, split_by=split_by) == polyp_fingerprint(tmp_path / split_by)
     assert polyp_fingerprint(root) == polyp_fingerprint(root, split_by="near_duplicates")  # the default
+    splits = {by: pd.read_csv(tmp_path / by / "manifest.csv").set_index("frame")["split"] for by in ("frame", "near_duplicates")}
+    assert not splits["frame"].sort_index().equals(splits["near_duplicates"].sort_index())  # the fixture splits differ
+    assert polyp_fingerprint(root, split_by="frame") != polyp_fingerprint(root, split_by="near_duplicates")
+    params = {**smoke_parameters("detection", notebook_defaults(DETECTION_NOTEBOOK)), "DATA_DIR": str(root)}
+    assert (spec_from_parameters("detection", {**params, "SPLIT_BY": "frame"}).hash  # SPLIT_BY is in the identity
+            != spec_from_parameters("detection", {**params, "SPLIT_BY": "near_duplicates"}).hash)
     with pytest.raises(ValueError, match="split_by"):
         polyp_fingerprint(None, split_by="near-duplicates")
 
@@ -108,7 +121,7 @@ def test_fingerprint_is_the_split_itself_prepared_or_in_memory(tmp_path):
 def test_real_kvasir_grouped_split_has_no_cross_split_near_duplicates():
     root, label = default_polyp_root()
     if root is None:
-        pytest.skip(f"no real Kvasir-SEG frames ({label})")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"no real Kvasir-SEG frames ({label})")
     rows = _kvasir_rows_in_memory(root, 0, "near_duplicates")
     assert cross_split_pairs(hash_images(rows["image"]), rows["split"]) == 0
     report = split_hygiene(root, seed=0)

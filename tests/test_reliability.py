@@ -111,7 +111,8 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     # killed after `done` finished steps, while waiting to start the next one
     total = STEPS_PER_EPOCH * EPOCHS
     mid_epoch = [d for d in range(1, total) if d % STEPS_PER_EPOCH]
-    done = random.choice(mid_epoch if every else range(STEPS_PER_EPOCH + 1, total))
+    # its own seeded draw: fit reseeds the global `random`, so the step would depend on earlier tests
+    done = random.Random(every).choice(mid_epoch if every else range(STEPS_PER_EPOCH + 1, total))
     ckpt_dir = tmp_path / "ckpt"
     kill_after_lines([sys.executable, "-c", TRAINER, str(tmp_path / "killed.pt"), str(ckpt_dir), "0",
                       str(every)], done + 1, tmp_path)
