@@ -28,10 +28,13 @@ demo: $(STAMP)
 
 # tests/ includes the short stress check of the widget notebooks (tests/test_execution.py; the long
 # one is bench/stress_notebooks.py). nbval's per-cell limit: 4 x the longest smoke budget in
-# mtml/runs/execution.py, or MTML_CELL_TIMEOUT seconds.
+# mtml/runs/execution.py, or MTML_CELL_TIMEOUT seconds. nbval runs a copy of notebooks/ in a
+# temporary folder, so its runs land there: nothing is reloaded from an earlier `make test`.
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
-	MTML_SMOKE=1 $(PY) -m pytest -q -ra --nbval-lax --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} notebooks/
+	tmp=$$(mktemp -d) && cp -r notebooks "$$tmp/" && \
+	  MTML_SMOKE=1 $(PY) -m pytest -q -ra -p no:cacheprovider -c pyproject.toml --rootdir "$$tmp" --nbval-lax \
+	    --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} "$$tmp/notebooks"; status=$$?; rm -rf "$$tmp"; exit $$status
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
