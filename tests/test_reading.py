@@ -202,3 +202,6 @@ def test_describe_detections_counts_kept_boxes_and_found_polyps_at_each_threshol
     assert text == ("On these 2 frames (3 polyps): teacher keeps 2 boxes and finds 1; "
                     "student_1 keeps 0 boxes and finds 0.")
     assert "teacher keeps 3 boxes and finds 2" in describe_detections(preds, truth, {"teacher": 0.1, "student_1": 0.5}, [0, 1])
+    twins = [{"boxes": torch.tensor([[10.0, 10, 50, 50], [11.0, 11, 51, 51]])}]  # one box cannot find both
+    one = {"net": [{"boxes": torch.tensor([[10.0, 10, 50, 50]]), "scores": torch.tensor([0.9])}]}
+    assert describe_detections(one, twins, {"net": 0.5}, [0]) == "On this frame (2 polyps): net keeps 1 box and finds 1."

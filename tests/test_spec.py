@@ -152,7 +152,7 @@ def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
 
 def test_the_comparison_notebooks_default_runs_are_the_single_run_notebooks_runs():
     """What the run store's reloads rest on: 04's runs at seed 0 are exactly 01-03's and 01's
-    baseline, 09's kd_ml runs are 04's (same identity up to the data, which all read alike)."""
+    baseline, 09's kd_ml runs are 04's (at seed 0: 03's; same identity up to the data, which all read alike)."""
     from mtml.runs.parameters import config_from_parameters, task_from_parameters
 
     def identity(notebook, **change):
@@ -168,6 +168,24 @@ def test_the_comparison_notebooks_default_runs_are_the_single_run_notebooks_runs
             assert run("04_classification_comparison", MODE=mode, SEED=0) == run(notebook, MODE=mode), (notebook, mode, smoke)
         for seed in (0, 1, 2):
             assert run("09_learning_styles", MODE="kd_ml", SEED=seed) == run("04_classification_comparison", MODE="kd_ml", SEED=seed)
+
+
+
+def test_the_detection_comparison_default_runs_are_05_to_07s_runs():
+    """08 reloads seed 0 of every mode from 05-07 (their runs, 05's baseline): the same settings,
+    the same data knobs, at the defaults and at the smoke caps."""
+    from mtml.runs.parameters import config_from_parameters, task_from_parameters
+
+    data_knobs = ("DATA_DIR", "FRAME_SIZE", "TRAIN_FRAMES", "EVAL_FRAMES", "SPLIT_SEED", "SPLIT_BY")
+    for smoke in (False, True):
+        def run(notebook, **change):
+            knobs = {**notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"), **change}
+            knobs = smoke_parameters("detection", knobs) if smoke else knobs
+            cfg, task = config_from_parameters(knobs, "detection"), task_from_parameters("detection", knobs)
+            return spec_of(cfg, task).hash, {k: knobs.get(k) for k in data_knobs}
+        for notebook, mode in (("05_detection_kd_only", "kd"), ("06_detection_ml_only", "ml"),
+                               ("07_detection_kd_plus_ml", "kd_ml"), ("05_detection_kd_only", "independent")):
+            assert run("08_detection_comparison", MODE=mode, SEED=0) == run(notebook, MODE=mode), (notebook, mode, smoke)
 
 
 # -- paired runs ----------------------------------------------------------------------------------

@@ -204,3 +204,35 @@ def test_a_report_says_how_the_code_changed_between_the_commits_of_its_runs(tmp_
                                                                  "not in this checkout); 1 run(s) from uncommitted "
                                                                  "changes, not compared")
     assert code_changes(pd.Series([first, None, float("nan")]), tmp_path) == "; 2 run(s) without a recorded commit"
+
+
+def test_workers_share_one_queue_heaviest_first(tmp_path, monkeypatch):
+    """Two workers take runs from one queue (an atomic claim per run), heaviest mode first: every
+    run exactly once, both workers busy, no run dealt to a worker before it is free."""
+    import threading
+    import time
+
+    study = Study.load(study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml")
+    planned = study.planned(smoke=True)
+    assert [p["MODE"] for p in study_mod.queue(planned)][:2] == ["offline", "offline"]
+    assert [p["MODE"] for p in study_mod.queue(planned)][-2:] == ["independent", "independent"]
+    taken, lock = [], threading.Lock()
+
+    def fake_run(study, params, threads=1):
+        with lock:
+            taken.append((threading.current_thread().name, params["MODE"], params["SEED"]))
+        time.sleep(0.05 if params["MODE"] != "offline" else 0.3)  # one long run: the other worker goes on
+        return {"spec_hash": study_mod.spec_from_parameters(study.task, params).hash, "ensemble/auroc": 0.5,
+                "train_time_s": 0.0}, pd.DataFrame({"unit": [0]})
+
+    monkeypatch.setattr(study_mod, "run_one", fake_run)
+    workers = [threading.Thread(target=study_mod.run_study, args=(study, tmp_path, True, k, 2), name=f"w{k}")
+               for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted((m, s) for _, m, s in taken) == sorted((p["MODE"], p["SEED"]) for p in planned)  # each once
+    assert {name for name, *_ in taken} == {"w0", "w1"}
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == len(planned)
+    assert not study_mod.claim(tmp_path, study_mod.spec_from_parameters(study.task, planned[0]).hash)  # taken

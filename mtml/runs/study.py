@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -247,15 +248,36 @@ def adopt(study: Study, out: Path) -> int:
     return taken
 
 
+# heaviest first, so that no worker is left with the long runs at the end (measured per run on
+# 2 CPU cores, detection: independent and ml about 140 s, kd and kd_ml about 300 s; offline
+# pre-trains its teacher first)
+HEAVIEST_FIRST = ("offline", "kd_ml_styles", "kd_ml", "kd", "ml", "independent")
+
+
+def queue(runs: list[dict]) -> list[dict]:
+    """The planned runs in the order workers take them: heaviest mode first, then by seed."""
+    rank = {mode: i for i, mode in enumerate(HEAVIEST_FIRST)}
+    return sorted(runs, key=lambda p: (rank.get(p["MODE"], -1), p["SEED"]))  # unknown modes: first
+
+
+def claim(out: Path, spec_hash: str) -> bool:
+    """True for the one worker that takes this run (an atomic create in `out/.claims`)."""
+    (out / ".claims").mkdir(exist_ok=True)
+    try:
+        os.close(os.open(out / ".claims" / spec_hash, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1) -> int:
-    """Runs this worker's share of the missing runs; returns how many failed."""
-    runs = study.planned(smoke)
+    """Takes missing runs from the shared queue until none is left; returns how many failed.
+    Workers of one invocation share `out/.claims` (cleared by `main` before they start)."""
+    runs = queue(study.planned(smoke))
     failed = 0
     for i, params in enumerate(runs):
-        if i % workers != worker:
-            continue
         spec_hash = spec_from_parameters(study.task, params).hash
-        if spec_hash in done_hashes(out):
+        if spec_hash in done_hashes(out) or not claim(out, spec_hash):
             continue
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}"
         try:
@@ -572,6 +594,7 @@ def main(argv=None) -> int:
     if not args.report and not args.smoke and study.reuse:
         print(f"taken from {', '.join(study.reuse)}: {adopt(study, out)} finished run(s) of this plan")
     if not args.report:
+        shutil.rmtree(out / ".claims", ignore_errors=True)  # claims of an earlier, stopped invocation
         if args.workers > 1:
             cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(args.workers)]
             procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []))

@@ -239,20 +239,17 @@ def read_teachers(runs: pd.DataFrame, metric: str) -> str:
 
 def describe_detections(preds: dict, targets: list, thresholds: dict, frames) -> str:
     """What a detection figure shows, in words: per network, the boxes it keeps at its threshold
-    on `frames` and the ground-truth polyps they find (IoU >= 0.5)."""
-    from torchvision.ops import box_iou
+    on `frames` and the ground-truth polyps they find (IoU >= 0.5, one box per polyp, matched as
+    the recall of the operating-point table is)."""
+    from ..tasks.detection_eval import match_counts
 
     frames = list(frames)
     polyps = sum(len(targets[i]["boxes"]) for i in frames)
     parts = []
-    for name, per_frame in preds.items():
-        kept = found = 0
-        for i in frames:
-            keep = per_frame[i]["scores"] >= thresholds[name]  # a NaN threshold (no validation detection) keeps none
-            boxes, truth = per_frame[i]["boxes"][keep], targets[i]["boxes"]
-            kept += len(boxes)
-            if len(boxes) and len(truth):
-                found += int((box_iou(truth, boxes) >= 0.5).any(1).sum())
+    for name, per_frame in preds.items():  # a NaN threshold (no validation detection) keeps no box
+        counts = [match_counts(per_frame[i], targets[i], thresholds[name]) for i in frames]
+        found, kept = sum(c[0] for c in counts), sum(c[1] for c in counts)
         parts.append(f"{name} keeps {kept} box{'' if kept == 1 else 'es'} and finds {found}")
-    return (f"On these {len(frames)} frames ({polyps} polyp{'' if polyps == 1 else 's'}): "
+    where = "this frame" if len(frames) == 1 else f"these {len(frames)} frames"
+    return (f"On {where} ({polyps} polyp{'' if polyps == 1 else 's'}): "
             + "; ".join(parts) + ".")
