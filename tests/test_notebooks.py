@@ -61,7 +61,7 @@ def test_notebook_teaches(path):
     if path.stem in BUILT_BY_HAND:  # the method as code, checked against the package
         assert "by_hand(" in text and "torch.testing.assert_close(" in text
     if path.stem in ("03_kd_plus_ml", "07_detection_kd_plus_ml"):
-        assert "## What the kit found" in text and "verdicts.csv" in text
+        assert "## What the kit found" in text and "committed(study)" in text
     if path.stem in SINGLE_RUNS:
         assert "knowledge_flows(highlight=MODE" in text and "independent_baseline(" in text
         assert "## Reading the results" in text and "mtml.reading.read_run(" in text
