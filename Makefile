@@ -32,9 +32,9 @@ demo: $(STAMP)
 # temporary folder, so its runs land there: nothing is reloaded from an earlier `make test`.
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
-	tmp=$$(mktemp -d) && cp -r notebooks "$$tmp/" && \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && trap 'exit 130' INT TERM && cp -r notebooks "$$tmp/" && \
 	  MTML_SMOKE=1 $(PY) -m pytest -q -ra -p no:cacheprovider -c pyproject.toml --rootdir "$$tmp" --nbval-lax \
-	    --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} "$$tmp/notebooks"; status=$$?; rm -rf "$$tmp"; exit $$status
+	    --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} "$$tmp/notebooks"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

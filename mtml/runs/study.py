@@ -260,24 +260,28 @@ def queue(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda p: (rank.get(p["MODE"], -1), p["SEED"]))  # unknown modes: first
 
 
-def claim(out: Path, spec_hash: str) -> bool:
-    """True for the one worker that takes this run (an atomic create in `out/.claims`)."""
-    (out / ".claims").mkdir(exist_ok=True)
+def claim(claims: Path | None, spec_hash: str) -> bool:
+    """True for the one worker that takes this run: an atomic create in `claims`, the folder one
+    invocation's workers share (None: a single worker, which takes every run)."""
+    if claims is None:
+        return True
+    claims.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(out / ".claims" / spec_hash, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(claims / spec_hash, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
 
 
-def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1) -> int:
-    """Takes missing runs from the shared queue until none is left; returns how many failed.
-    Workers of one invocation share `out/.claims` (cleared by `main` before they start)."""
+def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1,
+              claims: Path | None = None) -> int:
+    """Takes missing runs from the queue until none is left; returns how many failed. The workers
+    of one invocation share `claims` (`main` gives each invocation its own folder)."""
     runs = queue(study.planned(smoke))
     failed = 0
     for i, params in enumerate(runs):
         spec_hash = spec_from_parameters(study.task, params).hash
-        if spec_hash in done_hashes(out) or not claim(out, spec_hash):
+        if spec_hash in done_hashes(out) or not claim(claims, spec_hash):
             continue
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}"
         try:
@@ -581,6 +585,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="2 seeds at the notebooks' smoke caps (CI)")
     p.add_argument("--out", help="results folder (default docs/results/<name>; --smoke needs one)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--claims", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     study = Study.load(args.study)  # a bad study file: one line, exit 2 (mtml.cli)
     if args.smoke and not args.out:
@@ -588,18 +593,21 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / study.name
     out.mkdir(parents=True, exist_ok=True)
     if args.worker is not None:
-        return 1 if run_study(study, out, args.smoke, args.worker, args.workers) else 0
+        claims = Path(args.claims) if args.claims else None
+        return 1 if run_study(study, out, args.smoke, args.worker, args.workers, claims) else 0
     failed = 0
     start = time.perf_counter()
     if not args.report and not args.smoke and study.reuse:
         print(f"taken from {', '.join(study.reuse)}: {adopt(study, out)} finished run(s) of this plan")
     if not args.report:
-        shutil.rmtree(out / ".claims", ignore_errors=True)  # claims of an earlier, stopped invocation
-        if args.workers > 1:
-            cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(args.workers)]
+        if args.workers > 1:  # this invocation's own claims: a stopped or concurrent one never blocks a run
+            claims = out / ".claims" / f"{os.getpid()}-{time.time_ns()}"
+            cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(args.workers),
+                   "--claims", str(claims)]
             procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []))
                      for k in range(args.workers)]
             failed = sum(proc.wait() != 0 for proc in procs)
+            shutil.rmtree(claims, ignore_errors=True)
         else:
             failed = run_study(study, out, args.smoke)
     costs = measure_costs(study, out, args.smoke)
