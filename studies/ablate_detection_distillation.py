@@ -7,7 +7,7 @@ studies split by near-duplicate groups, and 6 of their 99 test frames are valida
     python studies/ablate_detection_distillation.py [--workers 2] [--seeds 0 1 2]   # run (resumable)
     python studies/ablate_detection_distillation.py --report                        # tables only
 
-Budget of the notebooks' default run (tiny detectors, 400 training frames, 8 epochs, 160 px,
+Budget of the notebooks' default run until 2026-12-04 (tiny detectors, 400 training frames, 8 epochs, 160 px,
 batch 8, lr 0.01); metric: mAP@0.5 of the student ensemble on the 100 validation frames. One factor
 at a time around a base (foreground weighting, no warm-up, tau = 4, every term on), for kd, ml and
 kd_ml, paired by seed, plus the independent baseline. Every finished run is appended to

@@ -170,7 +170,7 @@ def test_the_notebooks_defaults_are_the_tasks(task, notebooks):
 
 def test_detection_defaults_differ_from_classification_where_they_should():
     det, cls = CohortConfig.for_task(DetectionTask()), CohortConfig.for_task(ClassificationTask())
-    assert (det.batch_size, det.lr, det.epochs) == (8, 0.01, 8) and (cls.batch_size, cls.lr, cls.epochs) == (64, 0.05, 5)
+    assert (det.batch_size, det.lr, det.epochs) == (8, 0.01, 6) and (cls.batch_size, cls.lr, cls.epochs) == (64, 0.05, 5)
     assert CohortConfig.for_task(DetectionTask(), epochs=2).epochs == 2
 
 
