@@ -30,11 +30,19 @@ def test_nothing_held_out_gives_the_committed_verdicts_and_a_held_out_frame_chan
 
 
 def test_the_ablation_frames_are_its_own_split(checks, shared_data, monkeypatch):
+    """The frames check_results attributes to the ablation are those its runs load: the training
+    and the validation frames, from the ablation's own settings (read from its script)."""
     monkeypatch.setenv("MTML_SHARED_DATA", str(shared_data))
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "studies" / "ablate_detection_distillation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    base = ablation.BASE
     frames = checks.ablation_frames()
-    assert len(frames["val"]) == 100 and len(frames["train"]) == 400 and not frames["val"] & frames["train"]
+    assert len(frames["train"]) == base["TRAIN_FRAMES"] and len(frames["val"]) == base["EVAL_FRAMES"]
+    assert not frames["val"] & frames["train"]
     from mtml.tasks.polyp import load_polyp_dataset
 
-    # what the ablation's own loader gives (here, without a prepared manifest, the same split)
-    val = load_polyp_dataset(shared_data / "kvasir-seg", "val", 64, limit=100, seed=0, split_by="frame")
-    assert frames["val"] == set(val.frames)
+    for split, limit in (("train", base["TRAIN_FRAMES"]), ("val", base["EVAL_FRAMES"])):  # what the runs load
+        loaded = load_polyp_dataset(shared_data / "kvasir-seg", split, 64, limit=limit, seed=base["SPLIT_SEED"],
+                                    split_by=base["SPLIT_BY"])
+        assert frames[split] == set(loaded.frames), split
