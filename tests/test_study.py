@@ -234,6 +234,7 @@ def test_workers_share_one_queue_heaviest_first(tmp_path, monkeypatch):
     for w in workers:
         w.join()
     assert sorted((m, s) for _, m, s in taken) == sorted((p["MODE"], p["SEED"]) for p in planned)  # each once
+    assert [m for _, m, _ in taken[:2]] == ["offline", "offline"]  # the heaviest runs are taken first
     slow = next(name for name, m, s in taken if (m, s) == ("offline", 0))
     assert sum(name != slow for name, *_ in taken) >= len(planned) - 2  # the other worker went on
     assert len(pd.read_csv(out / "runs.csv")) == len(planned)
