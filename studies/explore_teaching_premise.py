@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["independent", "kd"])
     ap.add_argument("--lymph-amp", type=float, default=1.0,
                     help="scales the lymphocyte-like nuclei's darkness: below 1 they look more like tumour nuclei")
+    ap.add_argument("--label-noise", type=float, default=0.0,
+                    help="fraction of TRAINING tiles whose label is flipped (one fixed draw for every run)")
+    ap.add_argument("--train-patients", type=float, default=1.0,
+                    help="fraction of the training patients kept (one fixed draw); validation is untouched")
     args = ap.parse_args()
     if args.report or not args.name:
         print(report())
@@ -61,6 +65,7 @@ def main() -> None:
               "TILE_SIZE": 64, "STAIN_JITTER": 0.3, "LR": 0.05, "TEMPERATURE": 4.0, "W_CE": 1.0, "W_KD": 1.0,
               "W_ML": 1.0, "DISTILL_WARMUP_EPOCHS": 0.0, "CLIP_GRAD_NORM": 5.0, **json.loads(args.params)}
     train, val = (TileDataset(manifest, s, size=params["TILE_SIZE"], cache=True) for s in ("train", "val"))
+    fewer_and_noisier(train, args.train_patients, args.label_noise)
     for seed in args.seeds:
         for mode in args.modes:
             run_params = {**params, "MODE": mode, "SEED": seed}
@@ -72,6 +77,7 @@ def main() -> None:
             last = result.history.iloc[-1]
             row = {"name": args.name, "gen": json.loads(args.gen), "widths": models.TINY_WIDTHS["tiny_student"],
                    "params": json.loads(args.params), "lymph_amp": args.lymph_amp, "mode": mode, "seed": seed,
+                   "label_noise": args.label_noise, "train_patients": args.train_patients,
                    "train_tiles": len(train),
                    "val_tiles": len(val), "val_auroc": {n: round(float(last[f"val/{n}/auroc"]), 4)
                                                         for n in [*result.cohort.networks, "ensemble"]},
@@ -79,6 +85,24 @@ def main() -> None:
             with OUT.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+
+
+def fewer_and_noisier(train, keep: float, noise: float) -> None:
+    """In place: keep a fraction of `train`'s patients, then flip a fraction of its labels. Both
+    draws use one fixed generator, so every seed and mode sees the same tiles and labels."""
+    import torch
+
+    rng = np.random.default_rng(1234)
+    if keep < 1.0:
+        patients = sorted(set(train.patients))
+        kept = set(rng.choice(patients, size=max(2, round(keep * len(patients))), replace=False))
+        idx = [i for i, p in enumerate(train.patients) if p in kept]
+        train.rows, train.labels = train.rows[idx], train.labels[idx]
+        train.patients = [train.patients[i] for i in idx]
+        train.tile_ids = [train.tile_ids[i] for i in idx]
+    if noise > 0:
+        flip = torch.as_tensor(rng.random(len(train.labels)) < noise)
+        train.labels = torch.where(flip, 1 - train.labels, train.labels)
 
 
 def report() -> Path:
@@ -95,10 +119,13 @@ def report() -> Path:
              "never read); students = mean of the two students; differences paired by seed, mean ± 95% "
              "t-interval. Target (the issue): teacher - independent students >= 0.03, and kd students - "
              "independent students >= 0.02 with an interval above 0, over 5 seeds.", "",
-             "| variant | generator | student widths | lymphocyte darkness | seeds | teacher | independent | kd | "
-             "teacher - independent | kd - independent |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | generator | student widths | lymphocyte darkness | training patients | label noise | other knobs | "
+             "seeds | teacher | independent | kd | teacher - independent | kd - independent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table = pd.DataFrame([{"name": r["name"], "mode": r["mode"], "seed": r["seed"], "gen": json.dumps(r["gen"]),
                            "widths": "-".join(map(str, r["widths"])), "amp": r.get("lymph_amp", 1.0),
+                           "keep": r.get("train_patients", 1.0), "noise": r.get("label_noise", 0.0),
+                           "knobs": json.dumps(r["params"]) if r["params"] else "",
                            "students": (r["val_auroc"]["student_1"] + r["val_auroc"]["student_2"]) / 2,
                            "teacher": r["val_auroc"].get("teacher")} for r in rows])
     for name, runs in table.groupby("name", sort=False):
@@ -109,7 +136,8 @@ def report() -> Path:
         paired = students.dropna()
         lead, gain = (mean_ci((x - paired["independent"]).dropna()) for x in (teacher, paired["kd"]))
         first = runs.iloc[0]
-        lines.append(f"| {name} | {first['gen']} | {first['widths']} | {first['amp']} | {len(paired)} | "
+        lines.append(f"| {name} | {first['gen']} | {first['widths']} | {first['amp']} | {first['keep']} | "
+                     f"{first['noise']} | {first['knobs']} | {len(paired)} | "
                      f"{teacher.mean():.3f} | {paired['independent'].mean():.3f} | {paired['kd'].mean():.3f} | "
                      f"{lead[0]:+.3f} ± {lead[1]:.3f} | {gain[0]:+.3f} ± {gain[1]:.3f} |")
     out = OUT.parent / "EXPLORATION.md"
