@@ -65,11 +65,13 @@ def widget_notebooks() -> list[str]:
 
 
 def accepted(notebook: str, parameters: dict) -> dict:
-    """The `parameters` that the notebook's parameters cell defines (00 takes no training ones)."""
+    """The `parameters` that the notebook's knob cells define (00 takes no training ones)."""
     import nbformat
 
+    from mtml.runs.parameters import parameter_cells
+
     nb = nbformat.read(execution.NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
-    cell = next((c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), "")
+    cell = "\n".join(c.source for c in parameter_cells(nb))
     return {k: v for k, v in parameters.items() if re.search(rf"^{k}\s*=", cell, re.M)}
 
 

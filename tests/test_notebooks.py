@@ -1,5 +1,6 @@
 """The notebook contract, and the reproduction runner on a small grid (notebooks themselves run
 under nbval: `MTML_SMOKE=1 pytest --nbval-lax notebooks/`, part of `make test`)."""
+import re
 from pathlib import Path
 
 import nbformat
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 
 from mtml import reproduce
+from mtml.runs.parameters import notebook_defaults, parameter_cells
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -29,12 +31,18 @@ def test_notebook_contract(path):
         f"{path.name} has stored outputs: strip them before committing"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     assert "Runtime" in nb.cells[0].source
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1 and tagged[0] == 1, "the second cell is the one `parameters` cell"
-    params = nb.cells[1].source
-    assert 'SMOKE = os.environ.get("MTML_SMOKE") == "1"' in params
-    assert "OUT_DIR" in params
-    assert "if SMOKE" in nb.cells[2].source, "the third cell shrinks the run when SMOKE"
+    knobs = re.compile(r"^([A-Z_][A-Z0-9_]*)\s*=", re.M)
+    advanced, core = parameter_cells(nb)  # ValueError unless one `parameters` cell and one advanced cell
+    a, p = nb.cells.index(advanced), nb.cells.index(core)
+    assert a == p - 1 and advanced.metadata["jupyter"]["source_hidden"], \
+        "the folded advanced knobs come right before the `parameters` cell (papermill injects after it)"
+    assert 2 <= a <= 4 and not any(knobs.search(c.source) for c in nb.cells[1:a] if c.cell_type == "code"), \
+        "the idea (two or three short cells) comes before any knob"
+    core_lines = [line for line in core.source.splitlines() if knobs.match(line)]
+    assert 1 <= len(core_lines) <= 8 and all("#" in line for line in core_lines), "at most 8 core knobs, each with a comment"
+    assert 'SMOKE = os.environ.get("MTML_SMOKE") == "1"' in advanced.source
+    assert "OUT_DIR" in advanced.source
+    assert "if SMOKE" in nb.cells[p + 1].source, "the cell after the knobs shrinks the run when SMOKE"
     assert "metrics.json" in code[-1].source, "the last cell writes OUT_DIR/metrics.json"
     for c in code:
         assert "\ndef cohort_step" not in c.source and "class Cohort" not in c.source
@@ -63,9 +71,11 @@ def test_notebook_teaches(path):
     if path.stem in ("03_kd_plus_ml", "07_detection_kd_plus_ml"):
         assert "## What the kit found" in text and "committed(study)" in text
     if path.stem in SINGLE_RUNS:
-        assert "knowledge_flows(highlight=MODE" in text and "independent_baseline(" in text
+        mode = notebook_defaults(path)["MODE"]  # the idea's picture shows this notebook's mode
+        assert f'knowledge_flows(highlight="{mode}")' in text and "independent_baseline(" in text
+        assert text.count("train_run(") == 1, "one short call trains the run"
         assert "## Reading the results" in text and "mtml.reading.read_run(" in text
-        assert "BASELINE = True" in nb.cells[1].source
+        assert "BASELINE = True" in parameter_cells(nb)[0].source
     if "comparison" in path.stem:
         assert "read_verdicts(verdict_table" in text and "## What the paper claims vs what we see" in text
         assert "**Budget.**" in nb.cells[0].source
@@ -124,11 +134,9 @@ def test_reproduce_rejects_bad_grid(tmp_path):
 def test_papermill_reads_every_parameter(path):
     """papermill infers the parameters cell's names line by line; a line it cannot parse (an '='
     in a comment, say) makes it warn "Passed unknown parameter" for a perfectly good parameter."""
-    import re
-
     from papermill.translators import papermill_translators
 
-    cell = nbformat.read(path, as_version=4).cells[1]
+    cell = parameter_cells(nbformat.read(path, as_version=4))[-1]
     inferred = {p.name for p in papermill_translators.find_translator("python", "python").inspect(cell)}
     written = set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", cell.source, re.M)) - {"SMOKE"}  # SMOKE reads the env
     assert written - inferred == set()

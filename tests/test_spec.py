@@ -14,7 +14,7 @@ import torch
 from mtml import ClassificationTask, Cohort, CohortConfig, fit, reproduce
 from mtml.tasks.data import make_separable
 from mtml.tasks import task_class
-from mtml.runs.parameters import notebook_defaults, smoke_parameters, spec_from_parameters
+from mtml.runs.parameters import notebook_defaults, parameter_cells, smoke_parameters, spec_from_parameters
 from mtml.runs.report import check_one_run_per_cell, paired_differences
 from mtml.runs.spec import spec_of
 from mtml.runs.checkpoint import Checkpoint
@@ -102,6 +102,11 @@ def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, m
         reproduce.plan("classification", ["kd"], ["tiny"], [0], {"EPOCH": 20})
 
 
+def smoke_cell(nb):
+    """The cell right after a notebook's `parameters` cell: it shrinks the run when SMOKE."""
+    return nb.cells[nb.cells.index(parameter_cells(nb)[-1]) + 1]
+
+
 def test_every_runner_notebook_shrinks_as_the_runner_expects():
     """The runner hashes the task's `smoke_caps`; each runner notebook's `if SMOKE:` cell
     must shrink to exactly those values, or the runner would never find its runs."""
@@ -109,13 +114,13 @@ def test_every_runner_notebook_shrinks_as_the_runner_expects():
         for name in set(runners.values()):
             nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
             namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True)
-            exec(nb.cells[2].source, namespace)  # the notebook's own smoke cell
+            exec(smoke_cell(nb).source, namespace)  # the notebook's own smoke cell
             expected = smoke_parameters(task, notebook_defaults(NOTEBOOKS / f"{name}.ipynb"))
             caps = task_class(task).smoke_caps
             assert {k: namespace[k] for k in caps} == {k: expected[k] for k in caps}, name
             small = {k: 1 for k in caps if k not in ("FRAME_SIZE", "TILE_SIZE")}  # explicit small values stay
             namespace = dict(notebook_defaults(NOTEBOOKS / f"{name}.ipynb"), SMOKE=True, **small)
-            exec(nb.cells[2].source, namespace)
+            exec(smoke_cell(nb).source, namespace)
             assert {k: namespace[k] for k in small} == small, name
 
 

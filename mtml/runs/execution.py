@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -120,12 +122,20 @@ def _mark_failed(executed: Path, index: int, ename: str, evalue: str) -> None:
     nbformat.write(nb, executed)
 
 
+def advanced_knobs(source: Path) -> set:
+    """The knobs of a notebook's folded `advanced-parameters` cell."""
+    from .parameters import ADVANCED
+
+    cells = [c for c in nbformat.read(source, as_version=4).cells if ADVANCED in c.metadata.get("tags", [])]
+    return {m for c in cells for m in re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", c.source, re.M)}
+
+
 def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, resume_hint: str = "") -> Path:
     """Executes `notebook` (a name under notebooks/ or a path to an .ipynb) into
     `out_dir/<name>.ipynb` with `parameters` (plus OUT_DIR) and MTML_SMOKE set for its kernel.
     Returns the executed copy; raises NotebookRunError when a cell fails, runs past its limit,
-    or the kernel dies (cells numbered from 1 as in the executed copy, whose second cell is the
-    parameters papermill injected)."""
+    or the kernel dies (cells numbered from 1 as in the executed copy, in which papermill's cell of
+    injected parameters follows the `parameters` cell)."""
     import papermill
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -150,6 +160,11 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
 
     # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+    # papermill reads knob names from the `parameters` cell only, so it calls an advanced knob
+    # (folded cell above it) "unknown"; the injected value is used all the same
+    advanced = [k for k in parameters if k in advanced_knobs(source)]
+    if advanced:
+        warnings.filterwarnings("ignore", message=f"Passed unknown parameter: ({'|'.join(advanced)})$")
     previous = os.environ.get("MTML_SMOKE")
     os.environ["MTML_SMOKE"] = "1" if smoke else "0"  # the kernel inherits it
     try:

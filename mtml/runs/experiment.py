@@ -112,19 +112,36 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", 
     return result
 
 
-def independent_baseline(knobs: dict, task_name: str, task, train, val, test=None, *, out_dir,
-                         device="cpu", augment=None, resume: bool = True) -> RunResult:
-    """The baseline of a notebook's run: the same students, seed, data and settings in mode
-    `independent` (no teacher, no peers), kept in the run store beside `out_dir`
-    (`checkpoint_folder`), so the notebooks sharing it train it once and load it after that
-    (`resume=False` trains it again, as the notebook's RESUME does for its own run)."""
-    from .parameters import config_from_parameters, spec_from_parameters
+def train_run(knobs: dict, task_name: str, train, val, test=None, *, out_dir, callback=None,
+              progress: bool = True) -> RunResult:
+    """A notebook's run in one call, from its UPPER_CASE knobs (`knobs`): the config, the task
+    and the run's identity are built from them; checkpoints go to the run store beside `out_dir`,
+    so a finished run is reloaded (RESUME = False trains it again); an online teacher is recorded
+    there or replayed (`mtml.teacher_tape`); the EXTERNAL_DATA_DIRS sets are evaluated too."""
+    import torch
 
-    base = {**knobs, "MODE": "independent"}
+    from .external import load_sets
+    from .parameters import config_from_parameters, spec_from_parameters, task_from_parameters
+
+    task, spec = task_from_parameters(task_name, knobs), spec_from_parameters(task_name, knobs)
+    external = load_sets(task, knobs.get("EXTERNAL_DATA_DIRS"), knobs.get("TILE_SIZE", 224))
+    device = knobs.get("DEVICE", "auto")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    result = run_cohort(config_from_parameters(knobs, task_name), task, train, val, test, device=device,
+                        augment=task.augment, checkpoint_dir=checkpoint_folder(out_dir, spec.hash), spec=spec,
+                        resume=knobs.get("RESUME", True), progress=progress, callback=callback, external=external)
+    if progress and result.teacher_replayed:
+        print("The teacher was replayed from the run store, not trained again: a run with the same teacher "
+              "recorded it there (mtml.teacher_tape); the results are those of training it.")
+    return result
+
+
+def independent_baseline(knobs: dict, task_name: str, train, val, test=None, *, out_dir) -> RunResult:
+    """The baseline of a notebook's run: the same students, seed, data and settings in mode
+    `independent` (no teacher, no peers), kept in the run store beside `out_dir`, so the
+    notebooks sharing it train it once and load it after that (RESUME = False trains it again)."""
+    base = {**knobs, "MODE": "independent", "EXTERNAL_DATA_DIRS": []}
     for key in ("TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE"):  # independent students have neither
         if key in base:
             base[key] = "auto"
-    spec = spec_from_parameters(task_name, base)
-    return run_cohort(config_from_parameters(base, task_name), task, train, val, test, device=device,
-                      augment=augment, checkpoint_dir=checkpoint_folder(out_dir, spec.hash), resume=resume,
-                      progress=False, spec=spec)
+    return train_run(base, task_name, train, val, test, out_dir=out_dir, progress=False)

@@ -103,19 +103,31 @@ def smoke_parameters(task: str, params: dict) -> dict:
     return out
 
 
+ADVANCED = "advanced-parameters"  # the tag of a notebook's folded cell of advanced knobs
+
+
+def parameter_cells(nb) -> list:
+    """A notebook's knob cells, in order: the folded `advanced-parameters` cell (if any), then the
+    one `parameters` cell. The advanced cell comes first, so the values papermill injects after
+    the `parameters` cell override both."""
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    advanced = [c for c in nb.cells if ADVANCED in c.metadata.get("tags", [])]
+    if len(tagged) != 1 or len(advanced) > 1:
+        raise ValueError(f"a notebook needs exactly one cell tagged 'parameters' and at most one tagged "
+                         f"{ADVANCED!r}, found {len(tagged)} and {len(advanced)}")
+    return [*advanced, *tagged]
+
+
 def notebook_defaults(path) -> dict:
-    """The literal defaults of a notebook's `parameters` cell (expressions such as SMOKE skipped)."""
+    """The literal defaults of a notebook's knob cells (expressions such as SMOKE skipped)."""
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(cells) != 1:
-        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
     out = {}
-    for node in ast.parse(cells[0].source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
+    for cell in parameter_cells(nbformat.read(path, as_version=4)):
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
     return out

@@ -173,6 +173,12 @@ class DetectionTask:
         return {"image": torch.stack(images), "targets": targets,
                 "index": torch.tensor([int(item.get("index", i)) for i, item in enumerate(items)])}
 
+    def augment(self, batch, generator=None):
+        """The training augmentation: random horizontal flips of frames and boxes."""
+        from .polyp import flip_augment
+
+        return flip_augment(batch, generator=generator)
+
     def to_device(self, batch, device):
         return {"image": batch["image"].to(device, non_blocking=True), "index": batch["index"],
                 "targets": [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]}
