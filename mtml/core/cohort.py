@@ -16,7 +16,7 @@ import math
 import numbers
 import random
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -31,39 +31,49 @@ USES_ML = ("ml", "kd_ml", "kd_ml_styles")
 AUTO = "auto"  # knowledge fields: what the mode says (see CohortConfig.knowledge)
 
 
+def knob(default, notebook: str | None = None, *, teacher: bool = True, results: bool = True):
+    """A CohortConfig field and everything the kit needs to know about it, declared once:
+    `notebook`, its UPPER_CASE name in the notebooks (mtml.runs.parameters maps one to the other);
+    `teacher=False` when only the students read it (runs differing in it share one online teacher,
+    mtml.runs.teacher_tape); `results=False` when it changes speed only (not in the run identity)."""
+    return field(default=default, metadata={"notebook": notebook, "teacher": teacher, "results": results})
+
+
 @dataclass
 class CohortConfig:
     """Every knob of a cohort run. Defaults are our choices, not the paper's (it does not give them)."""
 
-    mode: str = "kd_ml"
-    version: str = "tiny"
-    n_students: int = 2
-    num_classes: int = 2
-    temperature: float = 4.0   # one temperature for the KD and the ML terms
-    w_ce: float = 1.0          # student cross-entropy
-    w_kd: float = 1.0          # teacher -> student
-    w_ml: float = 1.0          # student <-> student, averaged over peers
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.05           # SGD, Nesterov momentum, cosine schedule over all steps
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    pretrained: bool = False   # ImageNet weights for torchvision networks
-    num_workers: int = 0
-    clip_grad_norm: float = 5.0  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
-    distill_warmup_epochs: float = 0.0  # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
+    mode: str = knob("kd_ml", "MODE", teacher=False)
+    version: str = knob("tiny", "VERSION")
+    n_students: int = knob(2, "N_STUDENTS", teacher=False)
+    num_classes: int = knob(2)
+    temperature: float = knob(4.0, "TEMPERATURE", teacher=False)  # one temperature for the KD and the ML terms
+    w_ce: float = knob(1.0, "W_CE", teacher=False)  # student cross-entropy
+    w_kd: float = knob(1.0, "W_KD", teacher=False)  # teacher -> student
+    w_ml: float = knob(1.0, "W_ML", teacher=False)  # student <-> student, averaged over peers
+    epochs: int = knob(5, "EPOCHS")
+    batch_size: int = knob(64, "BATCH_SIZE")
+    lr: float = knob(0.05, "LR")  # SGD, Nesterov momentum, cosine schedule over all steps
+    momentum: float = knob(0.9)
+    weight_decay: float = knob(5e-4)
+    seed: int = knob(0, "SEED")
+    pretrained: bool = knob(False, "PRETRAINED")  # ImageNet weights for torchvision networks
+    num_workers: int = knob(0, results=False)
+    clip_grad_norm: float = knob(5.0, "CLIP_GRAD_NORM")  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
+    # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
+    distill_warmup_epochs: float = knob(0.0, "DISTILL_WARMUP_EPOCHS", teacher=False)
     # what each student takes from the teacher and from its peers: predictions | features | both,
     # or one per student joined by '|' ("predictions|features"); auto: the mode's (see knowledge())
-    teacher_knowledge: str = AUTO
-    peer_knowledge: str = AUTO
-    w_feat: float = 1.0        # weight of a feature term relative to a prediction term (OURS)
-    feature_levels: int = 1    # maps matched: the last stages (classification) / first FPN levels
+    teacher_knowledge: str = knob(AUTO, "TEACHER_KNOWLEDGE", teacher=False)
+    peer_knowledge: str = knob(AUTO, "PEER_KNOWLEDGE", teacher=False)
+    w_feat: float = knob(1.0, "W_FEAT", teacher=False)  # weight of a feature term relative to a prediction term (OURS)
+    # maps matched: the last stages (classification) / first FPN levels
+    feature_levels: int = knob(1, "FEATURE_LEVELS", teacher=False)
     # speed options (OURS); the results do not depend on them beyond float rounding
-    channels_last: bool = False  # NHWC networks; pair with ClassificationTask(channels_last=True)
-    amp: bool = False          # bf16 autocast of the forwards, float32 losses (CPU and GPU)
-    compile: bool = False      # torch.compile each network on CUDA; ignored (with a warning) on CPU
-    stack_students: bool = False  # tiny classification students in one grouped network (mtml.stacking)
+    channels_last: bool = knob(False)  # NHWC networks; pair with ClassificationTask(channels_last=True)
+    amp: bool = knob(False)            # bf16 autocast of the forwards, float32 losses (CPU and GPU)
+    compile: bool = knob(False)        # torch.compile each network on CUDA; ignored (with a warning) on CPU
+    stack_students: bool = knob(False, teacher=False)  # tiny classification students in one grouped network (mtml.stacking)
 
     def validate(self) -> "CohortConfig":
         if self.mode not in MODES:

@@ -4,7 +4,8 @@ Notation: z are logits, tau > 0 a temperature, p^tau = softmax(z / tau).
 
 * Knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
   Network", arXiv 1503.02531):  L_kd = tau^2 * KL(p_T^tau || p_S^tau).
-  The tau^2 factor keeps the gradient scale independent of tau (Hinton et al., section 2).
+  The tau^2 factor keeps the gradient roughly the same size as tau changes (exactly so only for
+  large tau; Hinton et al., section 2).
 * Deep mutual learning (Zhang, Xiang, Hospedales & Lu 2018, CVPR, arXiv 1706.00384): each student
   minimises KL(p_j || p_i) towards every peer j, the peer's distribution held fixed.
   Averaging over the N-1 peers and applying tau and tau^2 to the peer term are **our** choices

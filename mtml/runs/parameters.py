@@ -6,42 +6,42 @@ before it starts: the runner skips a finished run without executing anything.
 from __future__ import annotations
 
 import ast
+from dataclasses import fields
 from pathlib import Path
 
 from ..core.cohort import CohortConfig
-from ..tasks import task_class
+from ..tasks import task_class, task_names
 from .spec import RunSpec, spec_of
 
-# notebook parameter -> CohortConfig field
-CONFIG_PARAMETERS = {"MODE": "mode", "VERSION": "version", "N_STUDENTS": "n_students",
-                     "TEMPERATURE": "temperature", "W_CE": "w_ce", "W_KD": "w_kd", "W_ML": "w_ml",
-                     "EPOCHS": "epochs", "BATCH_SIZE": "batch_size", "LR": "lr", "SEED": "seed",
-                     "PRETRAINED": "pretrained", "CLIP_GRAD_NORM": "clip_grad_norm",
-                     "DISTILL_WARMUP_EPOCHS": "distill_warmup_epochs", "TEACHER_KNOWLEDGE": "teacher_knowledge",
-                     "PEER_KNOWLEDGE": "peer_knowledge", "W_FEAT": "w_feat", "FEATURE_LEVELS": "feature_levels"}
-
-
-FLOAT_PARAMETERS = ("STAIN_JITTER", "TEMPERATURE", "W_CE", "W_KD", "W_ML", "W_FEAT", "LR", "CLIP_GRAD_NORM", "DISTILL_WARMUP_EPOCHS",
-                    "SCORE_THRESHOLD", "W_DISTILL_CLS", "W_DISTILL_BOX", "W_DISTILL_CTR")
-INT_PARAMETERS = ("EPOCHS", "BATCH_SIZE", "N_STUDENTS", "SEED", "SPLIT_SEED", "TILE_SIZE", "FRAME_SIZE",
-                  "TRAIN_FRAMES", "EVAL_FRAMES", "FEATURE_LEVELS")
+# notebook parameter -> CohortConfig field, as the fields declare it (mtml.core.cohort.knob)
+CONFIG_PARAMETERS = {f.metadata["notebook"]: f.name for f in fields(CohortConfig) if f.metadata.get("notebook")}
 # knobs that never change what a run computes (tests/test_spec.py checks every other knob is mapped)
 NOT_IDENTITY = ("SMOKE", "OUT_DIR", "DEVICE", "RESUME", "SEEDS", "MODES", "METRIC", "BASELINE",
                 "EXTERNAL_DATA_DIRS")  # extra test sets: evaluated after training (mtml.external)
+
+
+def knob_types() -> dict:
+    """{PARAMETER: float or int}: the config's numeric knobs (from the field types) and those of
+    every registered task (its `knob_types`), so a value typed as 4 or 4.0 reads the same."""
+    types = {name: {"float": float, "int": int}[f.type] for name, f in
+             ((f.metadata.get("notebook"), f) for f in fields(CohortConfig)) if name and f.type in ("float", "int")}
+    for task in task_names():
+        types.update(getattr(task_class(task), "knob_types", {}))  # optional for a task
+    return types
 
 
 def typed(params: dict) -> dict:
     """Notebook parameters with equal values written one way (4 and 4.0, '1e-2' and 0.01, 1 and
     True): a spec hash must not depend on how a value was typed. Impossible values are kept, so
     validation names them."""
-    out = dict(params)
+    out, types = dict(params), knob_types()
     for key, value in params.items():
         if value is None or isinstance(value, bool) and key != "PRETRAINED":
             continue
         try:
-            if key in FLOAT_PARAMETERS:
+            if types.get(key) is float:
                 out[key] = float(value)
-            elif key in INT_PARAMETERS and float(value) == int(float(value)):
+            elif types.get(key) is int and float(value) == int(float(value)):
                 out[key] = int(float(value))
             elif key == "PRETRAINED" and str(value).lower() in ("0", "1", "true", "false"):
                 out[key] = str(value).lower() in ("1", "true")

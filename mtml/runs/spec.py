@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 
 SPEC_FORMAT = 1            # bump when the meaning of a field changes
-SPEED_ONLY = ("num_workers",)  # CohortConfig fields that change speed, never results
 
 
 def _canonical(obj) -> dict:
@@ -63,7 +62,8 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     this module below mtml.core) on `task` with data described by `data`. The knowledge fields
     (added with feature distillation) enter it resolved, and only when some student learns
     features: a predictions-only run keeps the identity it had before they existed."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY and k not in KNOWLEDGE_FIELDS}
+    speed_only = {f.name for f in fields(cfg) if not f.metadata.get("results", True)}  # e.g. num_workers
+    config = {k: v for k, v in asdict(cfg).items() if k not in speed_only and k not in KNOWLEDGE_FIELDS}
     if not config.get("stack_students"):  # added later: runs without it keep their identity
         config.pop("stack_students", None)
     revision = getattr(task, "network_revision", lambda version: None)(cfg.version)

@@ -19,10 +19,12 @@ import hashlib
 import platform
 import uuid
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from ..core.cohort import CohortConfig
 from ..core.features import uses
 from ..core.loop import Callback
 from ..io import load_checkpoint, map_tensors, save_checkpoint
@@ -31,9 +33,9 @@ from .spec import RunSpec, spec_of
 TAPE_FORMAT = 1
 TAPE_NAME = "teacher_tape.pt"
 MAX_TAPE_BYTES = 1024**3  # recorded outputs held in memory at most; a larger run trains its teacher
-# spec fields that change the students only: runs differing in them share the teacher
-STUDENT_ONLY = ("mode", "n_students", "temperature", "w_ce", "w_kd", "w_ml", "distill_warmup_epochs",
-                "teacher_knowledge", "peer_knowledge", "w_feat", "feature_levels", "stack_students")
+# spec fields that change the students only (declared with the field, mtml.core.cohort.knob):
+# runs differing in them share the teacher
+STUDENT_ONLY = tuple(f.name for f in fields(CohortConfig) if not f.metadata.get("teacher", True))
 
 
 def tape_key(spec: RunSpec, task=None) -> str:

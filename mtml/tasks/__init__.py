@@ -7,6 +7,7 @@ task class carries, besides the interface of `mtml.tasks.task.Task`:
     smoke_caps       what a notebook's `if SMOKE:` cell caps, {PARAMETER: cap}
     from_parameters  classmethod: the task from a notebook's (typed) parameters
     data_fingerprint staticmethod: what data the run sees, from the parameters (the run spec's `data`)
+    knob_types       optional: {PARAMETER: float or int} of its own numeric notebook knobs
 """
 from __future__ import annotations
 

@@ -39,6 +39,8 @@ class DetectionTask:
     metric = "map50"
     history_metrics = ("map50",)
     smoke_caps = {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}
+    knob_types = {"SCORE_THRESHOLD": float, "W_DISTILL_CLS": float, "W_DISTILL_BOX": float, "W_DISTILL_CTR": float,
+                  "SPLIT_SEED": int, "FRAME_SIZE": int, "TRAIN_FRAMES": int, "EVAL_FRAMES": int}
     PARAMETERS = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
                   "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
                   "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}

@@ -54,6 +54,7 @@ class ClassificationTask:
     history_metrics = ("accuracy", "auroc")
     config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see the README
     smoke_caps = {"EPOCHS": 2, "TILE_SIZE": 32}
+    knob_types = {"STAIN_JITTER": float, "TILE_SIZE": int}  # its own numeric notebook knobs
 
     @classmethod
     def from_parameters(cls, params: dict) -> "ClassificationTask":
