@@ -10,7 +10,7 @@ Rows (each: training images/s of the whole cohort step, peak GPU memory):
   * the cohort step against the sum of its networks trained alone (efficiency = sum / cohort);
   * DDP over the GPUs present (NCCL; one rank is a valid run), through `mtml.distributed`;
   * projections: one epoch over the real CRC_DX training tiles (93,408) at the best classification
-    rate, and the README's full grid (3 versions x 4 modes x 3 seeds x 30 epochs, v1's rate for all).
+    rate, and the full grid of docs/runs.md (3 versions x 4 modes x 3 seeds x 30 epochs, v1's rate for all).
 Writes bench/results/gpu_check.md.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: 
 from mtml.tasks.detection import DetectionTask  # noqa: E402
 
 CRC_DX_TRAIN_TILES = 93_408
-GRID_RUNS, GRID_EPOCHS = 3 * 4 * 3, 30  # the README's full classification grid
+GRID_RUNS, GRID_EPOCHS = 3 * 4 * 3, 30  # the full classification grid of docs/runs.md
 
 
 def _sync(device):
@@ -170,7 +170,7 @@ def main(argv=None) -> str:
         epoch_min = CRC_DX_TRAIN_TILES / top / 60
         rows.append((f"projected: one epoch over the {CRC_DX_TRAIN_TILES:,} CRC_DX training tiles (best rate)",
                      f"{epoch_min:.1f} min", ""))
-        rows.append((f"projected: the README's grid ({GRID_RUNS} runs x {GRID_EPOCHS} epochs, v1's rate for all)",
+        rows.append((f"projected: the docs/runs.md grid ({GRID_RUNS} runs x {GRID_EPOCHS} epochs, v1's rate for all)",
                      f"{GRID_RUNS * GRID_EPOCHS * epoch_min / 60:.0f} GPU-hours", ""))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [f"GPU check on {name}, torch {torch.__version__} ({'small: code path only' if args.small else 'full'})",

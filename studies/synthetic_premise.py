@@ -8,7 +8,7 @@ MODE and SEED changed; the metric is each network's tile AUROC on the validation
 last epoch (the test split is never read). A run is appended to
 `docs/results/synthetic_premise/runs.csv` with its spec hash, which is the resume state; RESULTS.md
 is generated from it. `exploration.jsonl` beside it holds the variants measured on the way to the
-defaults (README, "Synthetic default"). Runs on the CPU, one run after another.
+defaults (docs/choices.md, "Synthetic default"). Runs on the CPU, one run after another.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Every relative link and image in the README, the docs and the notebooks resolves (a moved file
-or a renamed heading breaks a reader's path through the kit)."""
+or a renamed heading breaks a reader's path through the kit), and every page can be reached from the
+README."""
 from __future__ import annotations
 
 import re
@@ -50,6 +51,35 @@ def test_every_relative_link_in_the_notebooks_resolves(path):
     nb = nbformat.read(path, as_version=4)
     text = "\n\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert broken_links(text, path.parent) == []
+
+
+def linked_pages(markdown: str, folder: Path) -> set[Path]:
+    """The Markdown files a page links to (existing ones; `broken_links` reports the others)."""
+    found = set()
+    for match in LINK.finditer(FENCE.sub("", markdown)):
+        target = (match.group(1) or match.group(2)).partition("#")[0]
+        if target.endswith(".md") and not re.match(r"[a-z]+:", target) and (folder / target).exists():
+            found.add((folder / target).resolve())
+    return found
+
+
+def test_the_pages_cover_the_front_door_and_every_docs_page():
+    names = {str(p.relative_to(ROOT)) for p in PAGES}
+    assert {"README.md", "notebooks/README.md", "docs/teaching.md", "docs/results.md", "docs/choices.md",
+            "docs/data.md", "docs/runs.md", "docs/performance.md", "docs/citing.md",
+            "docs/contributing.md"} <= names
+    assert names >= {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
+
+
+def test_every_page_is_reachable_from_the_readme():
+    seen, todo = set(), [(ROOT / "README.md").resolve()]
+    while todo:
+        page = todo.pop()
+        if page in seen:
+            continue
+        seen.add(page)
+        todo.extend(linked_pages(page.read_text(), page.parent) - seen)
+    assert [str(p.relative_to(ROOT)) for p in PAGES if p.resolve() not in seen] == []
 
 
 def test_the_checker_finds_a_missing_file_and_a_missing_heading(tmp_path):

@@ -8,8 +8,9 @@ Notation: z are logits, tau > 0 a temperature, p^tau = softmax(z / tau).
   large tau; Hinton et al., section 2).
 * Deep mutual learning (Zhang, Xiang, Hospedales & Lu 2018, CVPR, arXiv 1706.00384): each student
   minimises KL(p_j || p_i) towards every peer j, the peer's distribution held fixed.
-  Averaging over the N-1 peers and applying tau and tau^2 to the peer term are **our** choices
-  (the DML paper uses tau = 1 and sums over peers).
+  Averaging over the N-1 peers is DML's own (its K-network loss has the factor 1/(K-1)); applying
+  tau and tau^2 to the peer term is **our** choice (DML uses tau = 1), and so is updating every
+  student at once (DML's Algorithm 1 updates the networks in turn).
 * The combined student objective is **ours** (Niyaz & Bathula 2022 do not publish theirs):
       L_i = w_ce * CE(y, z_i) + w_kd * L_kd(z_T, z_i) + w_ml * mean_{j != i} L_kd(z_j, z_i)
 
@@ -73,7 +74,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def mutual_loss(student_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor],
                 temperature: float = 1.0) -> torch.Tensor:
-    """Deep mutual learning (Zhang et al. 2018), averaged over peers (our choice):
+    """Deep mutual learning (Zhang et al. 2018), averaged over peers as DML does (tau is ours):
     (1 / (N - 1)) * sum_j tau^2 * KL(p_j^tau || p_i^tau), each peer detached."""
     if len(peer_logits) == 0:
         raise ValueError("mutual_loss needs at least one peer")

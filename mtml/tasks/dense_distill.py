@@ -12,7 +12,7 @@ the confidence at a location, and tau the temperature, three terms are distilled
 
 Two weightings of the locations (each term a weighted mean sum(w * l) / sum(w)):
 
-* `foreground` (default; set before the validation ablation in the README, which could not tell
+* `foreground` (default; set before the validation ablation in docs/choices.md, which could not tell
   it apart from `confidence`, so it stayed): class maps over the polyp
   channel only (torchvision's background slot 0 is never a positive class, so it carries no
   knowledge), with w = max(c_t, c_s), normalised per image then averaged over images; boxes and

@@ -24,7 +24,7 @@ VERSIONS = {
     "v3": ("wide_resnet50_2", "shufflenet_v2_x1_0"),
 }
 # students 6-12-24 (8-16-32 until 2026-11-28): narrow enough that the teacher beats them on the
-# synthetic default's validation tiles (README, "Synthetic default"); the widths are in the run spec
+# synthetic default's validation tiles (docs/choices.md, "Synthetic default"); the widths are in the run spec
 TINY_WIDTHS = {"tiny_teacher": (32, 64, 128), "tiny_student": (6, 12, 24)}
 
 

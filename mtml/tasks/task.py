@@ -52,7 +52,7 @@ class ClassificationTask:
     name = "classification"
     metric = "auroc"
     history_metrics = ("accuracy", "auroc")
-    config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see the README
+    config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see docs/choices.md
     smoke_caps = {"EPOCHS": 2, "TILE_SIZE": 32}
     knob_types = {"STAIN_JITTER": float, "TILE_SIZE": int}  # its own numeric notebook knobs
 
