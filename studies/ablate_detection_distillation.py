@@ -73,7 +73,7 @@ def append(row: dict) -> None:
 def run_one(variant: str, params: dict) -> dict:
     import torch
 
-    from mtml.runs.experiment import run_cohort
+    from mtml.runs.experiment import RunOptions, run_cohort
     from mtml.runs.parameters import config_from_parameters, spec_from_parameters, task_from_parameters
     from mtml.tasks.polyp import default_polyp_root, flip_augment, load_polyp_dataset
     from mtml.runs.study import current_commit, machine_label
@@ -89,8 +89,8 @@ def run_one(variant: str, params: dict) -> dict:
     spec = spec_from_parameters("detection", params)
     start = time.perf_counter()
     result = run_cohort(config_from_parameters(params, "detection"), task_from_parameters("detection", params), train, val,
-                        None, augment=flip_augment,
-                        progress=False, spec=spec)  # test=None: evaluated on the validation frames
+                        None, spec=spec,  # test=None: evaluated on the validation frames
+                        options=RunOptions(augment=flip_augment, progress=False))
     record = result.record(variant=variant, data=label, split_evaluated="val",
                            train_time_s=round(time.perf_counter() - start, 1), commit=current_commit(),
                            machine=machine_label(1))

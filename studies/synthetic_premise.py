@@ -44,7 +44,7 @@ def run(params: dict) -> dict:
     spec = spec_from_parameters("classification", params)
     mtml.seed_everything(params["SEED"])
     result = mtml.experiment.run_cohort(config_from_parameters(params, "classification"), task, train, val,
-                                        augment=task.augment, progress=False, spec=spec)
+                                        spec=spec, options=mtml.experiment.RunOptions(augment=task.augment, progress=False))
     last = result.history.iloc[-1]
     row = {"spec_hash": spec.hash, "mode": params["MODE"], "seed": params["SEED"], "data": kind,
            "epochs": params["EPOCHS"], "commit": current_commit(), "machine": machine_label(torch.get_num_threads())}

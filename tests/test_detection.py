@@ -293,9 +293,9 @@ def _check_map_floor(shared_data):
     train = load_polyp_dataset(root, "train", size=128, limit=48, split_by="frame")
     val = load_polyp_dataset(root, "val", size=128, limit=16, split_by="frame")
     task = DetectionTask(size=128)
-    cfg = CohortConfig(mode="kd_ml", version="tiny", n_students=2, batch_size=4, epochs=3, lr=0.03)
+    cfg = CohortConfig(mode="kd_ml", version="tiny", n_students=2, batch_size=4, epochs=3, lr=0.03, eval_batch_size=16)
     c = Cohort.build(cfg, networks=lambda *a, **k: build_detection_networks(*a, size=128, **k))
-    history = fit(c, task, train, val, augment=flip_augment, progress=False, eval_batch_size=16)
+    history = fit(c, task, train, val, augment=flip_augment, progress=False)
     loss = history["train/teacher/sup"]
     assert loss.iloc[-1] < 0.8 * loss.iloc[0]
     frame, preds, targets = task.evaluate(c.networks, val, batch_size=16, return_predictions=True)

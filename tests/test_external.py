@@ -11,7 +11,8 @@ import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.tasks.detection import DetectionTask
-from mtml.runs.experiment import checkpoint_folder, run_cohort
+from mtml.io import checkpoint_folder
+from mtml.runs.experiment import RunOptions, RunStore, run_cohort
 from mtml.runs.external import evaluate_run, external_table, load_sets
 from mtml.tasks.models import build_cohort_networks
 from mtml.runs.parameters import config_from_parameters, notebook_defaults
@@ -48,8 +49,8 @@ def test_a_detection_run_is_tested_on_an_external_set_and_again_from_its_checkpo
     cfg = CohortConfig.for_task(task, mode="kd_ml", epochs=1)
     train, val = make_synthetic_polyps(16, SIZE), make_synthetic_polyps(8, SIZE, split=1)
     spec = spec_of(cfg, task, {"train_items": len(train)})
-    result = run_cohort(cfg, task, train, val, device="cpu", progress=False, external=sets,
-                        checkpoint_dir=checkpoint_folder(tmp_path / "run", spec.hash), spec=spec)
+    result = run_cohort(cfg, task, train, val, spec=spec, store=RunStore.beside(tmp_path / "run"),
+                        options=RunOptions(progress=False, external=sets))
     record = result.save(tmp_path / "run")
     assert sets_in(record) == ["cvc-like"]
     for net in ("teacher", "student_1", "student_2", "students_mean", "ensemble"):
@@ -88,7 +89,7 @@ def test_classification_takes_a_second_manifest(tmp_path, one_torch_thread):
     assert sets[name][1]["items"] == len(pd.read_csv(other))  # every tile of the second manifest
     train, val = (TileDataset(home, s, size=32, cache=True) for s in ("train", "val"))
     cfg = CohortConfig.for_task(task, mode="kd", epochs=1, batch_size=8)
-    result = run_cohort(cfg, task, train, val, progress=False, external=sets)
+    result = run_cohort(cfg, task, train, val, options=RunOptions(progress=False, external=sets))
     direct = task.evaluate(result.cohort.networks, sets[name][0])  # the same networks on the second manifest
     for net in ("teacher", "student_1", "student_2", "ensemble"):
         assert result.record()[f"{name}:{net}/auroc"] == pytest.approx(direct.loc[net, "auroc"])

@@ -43,8 +43,8 @@ def test_reading_when_the_premise_holds_and_the_ensemble_helps():
 def test_reading_compares_with_the_baseline_against_the_spread():
     m = table(student_1=0.75, student_2=0.80, ensemble=0.79)
     base = table(student_1=0.7, student_2=0.74, ensemble=0.75)
-    noisy = reading(m, "auroc", "ml", baseline=base, spread={"sd": 0.03, "mean": 0.01, "seeds": 5},
-                    spread_source="study x")
+    noisy = reading(m, "auroc", "ml", baseline=base,
+                    spread={"sd": 0.03, "mean": 0.01, "seeds": 5, "source": "study x"})
     assert "No teacher" in noisy and "0.040 higher" in noisy
     assert "5 seeds" in noisy and "study x" in noisy and "within two standard deviations" in noisy
     clear = reading(m, "auroc", "ml", baseline=base, spread={"sd": 0.01, "mean": 0.04, "seeds": 5})
@@ -134,7 +134,7 @@ def test_reading_says_when_a_value_is_missing():
 def test_reading_gives_no_verdict_from_another_budget():
     m = table(student_1=0.75, student_2=0.80, ensemble=0.79)
     spread = {"sd": 0.001, "mean": 0.0, "seeds": 5, "budget": {"TRAIN_FRAMES": None}}
-    text = reading(m, "auroc", "ml", baseline=table(ensemble=0.70), spread=spread, spread_source="s")
+    text = reading(m, "auroc", "ml", baseline=table(ensemble=0.70), spread={**spread, "source": "s"})
     assert "Not measured at this run's budget" in text and "TRAIN_FRAMES=all" in text
     assert "beyond two standard deviations" not in text and "within two" not in text
 

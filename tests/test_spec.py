@@ -139,16 +139,17 @@ def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
 def test_a_run_one_notebook_finished_is_reloaded_by_another_beside_it(tmp_path):
     """The run store: 04 writing beside 01 reloads 01's finished run of the same identity (its
     stored history, to the second, and its weights) instead of training it again."""
-    from mtml.runs.experiment import checkpoint_folder, run_cohort
+    from mtml.runs.experiment import RunOptions, RunStore, run_cohort
 
     data, val = make_separable(64, 16, seed=0), make_separable(32, 16, seed=1)
     cfg, task = CohortConfig(mode="kd", epochs=1, batch_size=32), ClassificationTask()
     spec = spec_of(cfg, task, {"train_items": len(data)})
-    first = run_cohort(cfg, task, data, val, progress=False, spec=spec,
-                       checkpoint_dir=checkpoint_folder(tmp_path / "01_kd_only", spec.hash))
-    again = run_cohort(cfg, task, data, val, progress=False, spec=spec, resume=True,
-                       checkpoint_dir=checkpoint_folder(tmp_path / "04_classification_comparison", spec.hash))
-    assert checkpoint_folder(tmp_path / "01_kd_only", spec.hash) == tmp_path / "store" / spec.hash
+    quiet = RunOptions(progress=False)
+    first = run_cohort(cfg, task, data, val, spec=spec, store=RunStore.beside(tmp_path / "01_kd_only"), options=quiet)
+    again = run_cohort(cfg, task, data, val, spec=spec, store=RunStore.beside(tmp_path / "04_classification_comparison"),
+                       options=quiet)
+    assert RunStore.beside(tmp_path / "01_kd_only").checkpoints(spec) == tmp_path / "store" / spec.hash
+    assert (tmp_path / "store" / spec.hash / "checkpoint.pt").is_file()
     pd.testing.assert_frame_equal(first.history, again.history)  # time_s too: nothing trained again
     for name, net in first.cohort.networks.items():
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),

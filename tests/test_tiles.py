@@ -246,7 +246,7 @@ def test_stain_jitter_scales_each_tiles_optical_density_and_is_drawn_last():
 
 
 def test_the_task_owns_its_stain_jitter_and_refuses_another_augmentation():
-    from mtml.runs.experiment import run_cohort
+    from mtml.runs.experiment import RunOptions, run_cohort
     from mtml.tasks.task import ClassificationTask
 
     for bad in (None, 1.0, -0.1, True, "0.3"):
@@ -259,7 +259,7 @@ def test_the_task_owns_its_stain_jitter_and_refuses_another_augmentation():
     data = make_separable(32, 8, seed=0)
     cfg = CohortConfig(mode="independent", epochs=1, batch_size=16)
     with pytest.raises(ValueError, match="pass augment=task.augment"):
-        run_cohort(cfg, task, data, data, augment=augment_tiles, progress=False)
+        run_cohort(cfg, task, data, data, options=RunOptions(augment=augment_tiles, progress=False))
 
 
 # -- synthetic default + fit smoke ---------------------------------------------------------------

@@ -149,8 +149,7 @@ def test_offline_never_changes_the_teacher():
     before, student_before = state_copy(cohort.teacher), state_copy(cohort.students[0])
     batch = make_batch()
     cohort_step(cohort, batch, TASK)  # straight after build, before fit sets any mode
-    fit(cohort, TASK, make_separable(64, 16), make_separable(32, 16, split=1), progress=False,
-        eval_batch_size=16)
+    fit(cohort, TASK, make_separable(64, 16), make_separable(32, 16, split=1), progress=False)
     after = cohort.teacher.state_dict()
     assert before.keys() == after.keys()
     for k in before:  # weights and BatchNorm buffers (running stats, batch counter)

@@ -59,6 +59,7 @@ class CohortConfig:
     seed: int = knob(0, "SEED")
     pretrained: bool = knob(False, "PRETRAINED")  # ImageNet weights for torchvision networks
     num_workers: int = knob(0, results=False)
+    eval_batch_size: int = knob(128, results=False)  # validation after each epoch
     clip_grad_norm: float = knob(5.0, "CLIP_GRAD_NORM")  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
     # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
     distill_warmup_epochs: float = knob(0.0, "DISTILL_WARMUP_EPOCHS", teacher=False)

@@ -69,7 +69,7 @@ class Callback:
 
 
 def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callbacks=(), progress: bool = True,
-        eval_batch_size: int = 128, shard: tuple[int, int] | None = None) -> pd.DataFrame:
+        shard: tuple[int, int] | None = None) -> pd.DataFrame:
     """Trains the cohort for `cfg.epochs` epochs; returns the per-epoch history (mean training loss
     terms, validation metrics of every network and the ensemble, seconds). `callbacks`: see
     `Callback`. `augment(batch, generator=g)` must draw only from `g`. `shard=(rank, world)`: this
@@ -82,7 +82,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
     if cohort.scheduler is None:
         cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             cohort.optimizer, T_max=cfg.epochs * state.steps_per_epoch)
-    run = FitRun(task, len(train_data), len(val_data) if val_data is not None else 0, eval_batch_size, shard)
+    run = FitRun(task, len(train_data), len(val_data) if val_data is not None else 0, cfg.eval_batch_size, shard)
     for cb in callbacks:
         cb.on_fit_start(cohort, state, run)
     teacher_step = _teacher_step(callbacks, state, cfg)
@@ -103,7 +103,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
             state.step_in_epoch += 1
             for cb in callbacks:
                 cb.on_step_end(cohort, state)
-        row = _epoch_row(cohort, task, state, val_data, eval_batch_size)
+        row = _epoch_row(cohort, task, state, val_data, cfg.eval_batch_size)
         for cb in callbacks:
             row = cb.on_validation_end(cohort, state, row)
         row["time_s"] = time.perf_counter() - start

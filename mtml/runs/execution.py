@@ -163,26 +163,20 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
     # papermill reads knob names from the `parameters` cell only, so it calls an advanced knob
     # (folded cell above it) "unknown"; the injected value is used all the same
     advanced = [k for k in parameters if k in advanced_knobs(source)]
-    if advanced:
-        warnings.filterwarnings("ignore", message=f"Passed unknown parameter: ({'|'.join(advanced)})$")
     previous = os.environ.get("MTML_SMOKE")
     os.environ["MTML_SMOKE"] = "1" if smoke else "0"  # the kernel inherits it
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters={**parameters, "OUT_DIR": str(out_dir)},
-                                   cwd=str(source.parent), progress_bar=False, kernel_name="python3",
-                                   engine_name=_engine(), execution_timeout=limit, start_timeout=120,
-                                   iopub_timeout=30, on_cell_start=cell_started,
-                                   on_cell_executed=cell_finished)
+        with warnings.catch_warnings():
+            if advanced:
+                warnings.filterwarnings("ignore", message=f"Passed unknown parameter: ({'|'.join(advanced)})$")
+            papermill.execute_notebook(str(source), str(executed), parameters={**parameters, "OUT_DIR": str(out_dir)},
+                                       cwd=str(source.parent), progress_bar=False, kernel_name="python3",
+                                       engine_name=_engine(), execution_timeout=limit, start_timeout=120,
+                                       iopub_timeout=30, on_cell_start=cell_started, on_cell_executed=cell_finished)
     except (CellTimeoutError, DeadKernelError, PapermillExecutionError, RuntimeError) as err:
         if isinstance(err, PapermillExecutionError):
             current.update(index=err.cell_index, source=err.source)
-            what, ename = f"raised {err.ename}: {str(err.evalue).splitlines()[0] if err.evalue else ''}", err.ename
-        elif isinstance(err, CellTimeoutError) and "IOPub" not in str(err):
-            what, ename = f"did not finish within {limit} s (the per-cell limit; {TIMEOUT_ENV}=seconds overrides it)", "CellTimeout"
-        elif isinstance(err, DeadKernelError):
-            what, ename = "stopped: the kernel died while it ran", "DeadKernel"
-        else:
-            what, ename = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", type(err).__name__
+        what, ename = _what_failed(err, limit)
         if "index" in current:
             where = f"cell {current['index'] + 1} (`{_first_line(current['source'])}`)"
             _mark_failed(executed, current["index"], ename, what)
@@ -198,6 +192,20 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
         else:
             os.environ["MTML_SMOKE"] = previous
     return executed
+
+
+def _what_failed(err: Exception, limit: float) -> tuple[str, str]:
+    """(what happened, in words; a short error name) for a failed execution."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        return f"raised {err.ename}: {str(err.evalue).splitlines()[0] if err.evalue else ''}", err.ename
+    if isinstance(err, CellTimeoutError) and "IOPub" not in str(err):
+        return f"did not finish within {limit} s (the per-cell limit; {TIMEOUT_ENV}=seconds overrides it)", "CellTimeout"
+    if isinstance(err, DeadKernelError):
+        return "stopped: the kernel died while it ran", "DeadKernel"
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", type(err).__name__
 
 
 def ran_clean(executed: Path) -> bool:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from .report import run_record
-from ..io import STORE, checkpoint_folder
+from ..io import STORE
 from ..tasks.models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from ..core.cohort import Cohort, CohortConfig
@@ -56,60 +57,89 @@ class EachEpoch(Callback):
         self.function(pd.DataFrame(state.history))
 
 
-def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, device="cpu", augment=None,
-               checkpoint_dir=None, resume: bool = False, progress: bool = True, callback=None,
-               networks=None, spec: RunSpec | None = None, external: dict | None = None) -> RunResult:
+@dataclass(frozen=True)
+class RunStore:
+    """Where runs keep their checkpoints, one folder per run identity (`<folder>/<spec hash>`), and
+    where online teachers are taped (`mtml.runs.teacher_tape`). Notebooks writing beside each other
+    share one (`RunStore.beside(out_dir)`), so a run one of them finished is reloaded by the next.
+    `resume=False` trains again over what is there."""
+    folder: Path
+    resume: bool = True
+
+    @classmethod
+    def beside(cls, out_dir, resume: bool = True) -> "RunStore":
+        return cls(Path(out_dir).parent / STORE, resume)
+
+    def checkpoints(self, spec: RunSpec) -> Path:
+        return Path(self.folder) / spec.hash
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out, never what it computes."""
+    device: str = "cpu"
+    augment: Callable | None = None  # the training augmentation, e.g. `task.augment`; None: none
+    progress: bool = True
+    callback: Callback | Callable | None = None  # a fit Callback, or a function of the history after each epoch
+    external: dict | None = None  # sets of `mtml.external.load_sets`, evaluated too (never trained on)
+
+
+def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec | None = None,
+               store: RunStore | None = None, options: RunOptions | None = None) -> RunResult:
     """Trains a cohort in `cfg.mode` (pre-training the teacher first for `offline`), then
     evaluates every network and the student ensemble on `test` (or `val`). `spec` is the run's
-    identity (default: the config, the task's settings and the training set's size); pass
-    `checkpoint_dir=<folder>/<spec.hash>` so that a folder holds one run only. `networks`
-    defaults to the task's own builder (`task.networks`). `external`: sets of
-    `mtml.external.load_sets`, evaluated too (they never change the training). With a
-    `checkpoint_dir` in the run store (`checkpoint_folder`), an online teacher is recorded there,
-    or replayed when a run with the same teacher recorded it (`mtml.teacher_tape`: trained once
-    per seed, same results; the record's `teacher_replayed` says which, since it shortens train_time_s).
-    `callback`: a fit `Callback` (e.g. `mtml.plots.LiveCurves`) or a function called with the history
-    after each epoch."""
+    identity (default: the config, the task's settings and the training set's size). With a
+    `store`, the run is checkpointed there under its spec hash (and resumed or reloaded), and an
+    online teacher is recorded there, or replayed when a run with the same teacher recorded it
+    (trained once per seed, same results; the record's `teacher_replayed` says which, since it
+    shortens train_time_s)."""
+    options = options or RunOptions()
     cfg.validate()
-    networks = networks or getattr(task, "networks", None) or build_cohort_networks
+    networks = getattr(task, "networks", None) or build_cohort_networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
+    _check_run(cfg, task, spec, options)
+    checkpoint_dir = store.checkpoints(spec) if store is not None else None
+    teacher = None
+    if cfg.mode == "offline":
+        solo = [Checkpoint(checkpoint_dir / "teacher", spec_of(solo_config(cfg), task, {**spec.data, "role": "offline teacher"}),
+                           store.resume)] if store is not None else []
+        teacher = pretrain_teacher(task, train, cfg, options.device, networks=networks, augment=options.augment,
+                                   progress=options.progress, callbacks=solo)
+    cohort = Cohort.build(cfg, options.device, teacher=teacher, networks=networks, task=task)
+    tape = TeacherTape(store.folder, spec, store.resume) if store is not None else None
+    callback = options.callback
+    if callback is not None and not isinstance(callback, Callback):  # a function of the history so far
+        callback = EachEpoch(callback)
+    callbacks = [cb for cb in (Checkpoint(checkpoint_dir, spec, store.resume) if store is not None else None,
+                               tape, callback) if cb is not None]
+    history = fit(cohort, task, train, val, augment=options.augment, progress=options.progress, callbacks=callbacks)
+    eval_data = test if test is not None else val
+    metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
+    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
+                       teacher_replayed=tape is not None and tape.replayed,
+                       scalars=tuple(dict.fromkeys((*task.history_metrics, getattr(task, "metric", task.history_metrics[0])))))
+    if options.external:
+        from .external import external_record
+
+        result.external = external_record(task, cohort.networks, options.external)
+    return result
+
+
+def _check_run(cfg: CohortConfig, task, spec: RunSpec, options: RunOptions) -> None:
+    """ValueError before training when the spec is not this run's, the augmentation is not the
+    one the task's identity promises, or an external set is the run's own data."""
     actual = spec_of(cfg, task)
     if spec.task != task.name or (spec.config, spec.task_settings) != (actual.config, actual.task_settings):
         diff = differences({"config": spec.config, "task": spec.task_settings},
                            {"config": actual.config, "task": actual.task_settings})
         raise ValueError(f"the spec ({spec.task}) is not this run's ({task.name}; spec vs run: {diff or 'task'}); "
                          "build both from the same parameters")
-    if getattr(task, "stain_jitter", 0) and augment != task.augment:
+    if getattr(task, "stain_jitter", 0) and options.augment != task.augment:
         raise ValueError(f"the task's stain_jitter {task.stain_jitter} is part of this run's identity, but another "
                          "augmentation was passed: pass augment=task.augment")
-    for name, (_, info) in (external or {}).items():
+    for name, (_, info) in (options.external or {}).items():
         if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
             raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")
-    teacher = None
-    if cfg.mode == "offline":
-        solo = [Checkpoint(Path(checkpoint_dir) / "teacher", spec_of(solo_config(cfg), task, {**spec.data, "role": "offline teacher"}),
-                           resume)] if checkpoint_dir else []
-        teacher = pretrain_teacher(task, train, cfg, device, networks=networks, augment=augment, progress=progress,
-                                   callbacks=solo)
-    cohort = Cohort.build(cfg, device, teacher=teacher, networks=networks, task=task)
-    callbacks = [Checkpoint(checkpoint_dir, spec, resume)] if checkpoint_dir else []
-    store = Path(checkpoint_dir).parent if checkpoint_dir else None
-    tape = TeacherTape(store, spec, resume) if store is not None and store.name == STORE else None
-    if callback is not None and not isinstance(callback, Callback):  # a function of the history so far
-        callback = EachEpoch(callback)
-    callbacks += [cb for cb in (tape, callback) if cb is not None]
-    history = fit(cohort, task, train, val, augment=augment, progress=progress, callbacks=callbacks)
-    eval_data = test if test is not None else val
-    metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
-    result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
-                       teacher_replayed=tape is not None and tape.replayed,
-                       scalars=tuple(dict.fromkeys((*task.history_metrics, getattr(task, "metric", task.history_metrics[0])))))
-    if external:
-        from .external import external_record
-
-
-        result.external = external_record(task, cohort.networks, external)
-    return result
 
 
 def train_run(knobs: dict, task_name: str, train, val, test=None, *, out_dir, callback=None,
@@ -127,9 +157,9 @@ def train_run(knobs: dict, task_name: str, train, val, test=None, *, out_dir, ca
     external = load_sets(task, knobs.get("EXTERNAL_DATA_DIRS"), knobs.get("TILE_SIZE", 224))
     device = knobs.get("DEVICE", "auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    result = run_cohort(config_from_parameters(knobs, task_name), task, train, val, test, device=device,
-                        augment=task.augment, checkpoint_dir=checkpoint_folder(out_dir, spec.hash), spec=spec,
-                        resume=knobs.get("RESUME", True), progress=progress, callback=callback, external=external)
+    result = run_cohort(config_from_parameters(knobs, task_name), task, train, val, test, spec=spec,
+                        store=RunStore.beside(out_dir, resume=knobs.get("RESUME", True)),
+                        options=RunOptions(device, task.augment, progress, callback, external))
     if progress and result.teacher_replayed:
         print("The teacher was replayed from the run store, not trained again: a run with the same teacher "
               "recorded it there (mtml.teacher_tape); the results are those of training it.")

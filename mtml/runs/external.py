@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..cli import Parser
 from ..names import student_name
+from ..tasks import task_class, task_names
 from .report import SEPARATOR, run_record, sets_in
 
 
@@ -57,13 +58,7 @@ def set_fingerprint(task_name: str, folder, size: int = 160) -> str:
     """The content hash a set is stored with (`<set>:manifest_sha256`), without decoding images."""
     folder = Path(folder).expanduser()
     _check_kind(task_name, folder)
-    if task_name == "detection":
-        from ..tasks.polyp import polyp_fingerprint
-
-        return polyp_fingerprint(folder, size)["manifest_sha256"]
-    from ..tasks.download import file_fingerprint
-
-    return file_fingerprint(_manifest(folder))
+    return task_class(task_name).folder_fingerprint(folder, size)
 
 
 def _manifest(folder: Path) -> Path:
@@ -72,29 +67,23 @@ def _manifest(folder: Path) -> Path:
 
 
 def _check_kind(task_name: str, folder: Path) -> None:
-    """ValueError when a prepared folder is of the other task's kind (frames vs tiles)."""
+    """ValueError when a prepared folder holds another task's data (frames vs tiles), naming both."""
     manifest = _manifest(folder)
     if not manifest.is_file():
         return  # an unprepared Kvasir-SEG folder (detection) or a missing one: the loader says which
     columns = set(pd.read_csv(manifest, nrows=0).columns)
-    kind = "detection" if "boxes" in columns else "classification" if {"path", "label"} <= columns else None
-    if kind != task_name:
-        what = {"detection": "polyp frames (data_scripts/polyp.py)",
-                "classification": "MSI/MSS tiles (data_scripts/msi_mss.py)"}
-        raise ValueError(f"{folder} holds {what.get(kind, 'an unknown manifest')}, a {task_name} run needs "
-                         f"{what[task_name]}")
+    wanted = task_class(task_name)
+    if not wanted.reads_manifest(columns):
+        held = [task_class(t).data_kind for t in task_names()
+                if hasattr(task_class(t), "reads_manifest") and task_class(t).reads_manifest(columns)]
+        raise ValueError(f"{folder} holds {held[0] if held else 'an unknown manifest'}, a {task_name} run needs "
+                         f"{wanted.data_kind}")
 
 
 def _load_one(task, folder: Path, tile_size: int):
+    size = getattr(task, "size", tile_size)  # detection: the task's frame size; classification: tile_size
     digest = set_fingerprint(task.name, folder, getattr(task, "size", 160))
-    if task.name == "detection":
-        from ..tasks.polyp import load_polyp_dataset
-
-        data = load_polyp_dataset(folder, split=None, size=task.size)
-    else:
-        from ..tasks.tiles import TileDataset
-
-        data = TileDataset(_manifest(folder), None, size=tile_size, cache=True)
+    data = task_class(task.name).load_folder(folder, size)
     if len(data) == 0:
         raise ValueError(f"external set {folder} holds no frames or tiles: check the folder")
     return data, {"items": len(data), "source": str(folder.resolve()), "manifest_sha256": digest}

@@ -48,22 +48,15 @@ import pandas as pd
 
 from ..cli import Parser
 from ..io import save_figure, write_csv
-from ..tasks import task_class
+from ..tasks import task_class, task_names
 from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
 from .spec import RunSpec
 from ..core.cohort import USES_TEACHER
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
-# Which notebook trains which mode; modes without their own notebook reuse the KD+ML one,
-# whose MODE parameter switches the loss terms.
-RUNNERS = {
-    "classification": {"kd": "01_kd_only", "ml": "02_ml_only", "kd_ml": "03_kd_plus_ml",
-                       "independent": "03_kd_plus_ml", "offline": "01_kd_only", "kd_ml_styles": "03_kd_plus_ml"},
-    "detection": {"kd": "05_detection_kd_only", "ml": "06_detection_ml_only",
-                  "kd_ml": "07_detection_kd_plus_ml", "independent": "07_detection_kd_plus_ml",
-                  "offline": "05_detection_kd_only", "kd_ml_styles": "07_detection_kd_plus_ml"},
-}
+# which notebook trains which mode, per task (each task class's `notebooks`)
+RUNNERS = {name: task_class(name).notebooks for name in task_names() if hasattr(task_class(name), "notebooks")}
 ONLINE_TEACHER = tuple(m for m in USES_TEACHER if m != "offline")  # the modes that record or replay a tape
 
 
@@ -378,7 +371,7 @@ def _load_grid(path) -> dict:
     return {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
 
 
-def main(argv=None) -> int:
+def _parser() -> Parser:
     p = Parser(prog="python -m mtml.runs.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="YAML file with keys task, modes, versions, seeds, params")
@@ -397,7 +390,11 @@ def main(argv=None) -> int:
     p.add_argument("--collect-from", nargs="+", default=[], metavar="DIR",
                    help="other runs folders (e.g. the shards') whose finished runs join the report")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     runs_dir = Path(args.runs_dir)
     smoke = args.smoke or os.environ.get("MTML_SMOKE") == "1"
     if args.demo:
@@ -435,8 +432,13 @@ def main(argv=None) -> int:
             continue
         csv, figure = report(runs, runs_dir, task, [Path(d) for d in args.collect_from])
         print(f"results: {csv}\nfigure: {figure}")
+    return _exit_status(failed, workers_failed, args.jobs, runs_dir)
+
+
+def _exit_status(failed: list, workers_failed: int, jobs: int, runs_dir: Path) -> int:
+    """0, or 1 after listing what failed and how to retry it."""
     if workers_failed:
-        print(f"\n{workers_failed} of {args.jobs} job(s) had failed runs (listed above); run the same command "
+        print(f"\n{workers_failed} of {jobs} job(s) had failed runs (listed above); run the same command "
               "again to retry them", file=sys.stderr)
         return 1
     if failed:

@@ -8,6 +8,7 @@ task class carries, besides the interface of `mtml.tasks.task.Task`:
     from_parameters  classmethod: the task from a notebook's (typed) parameters
     data_fingerprint staticmethod: what data the run sees, from the parameters (the run spec's `data`)
     knob_types       optional: {PARAMETER: float or int} of its own numeric notebook knobs
+    item, bootstrap_unit  optional words for reports: one test input ("tile"), what a bootstrap resamples ("patients")
 """
 from __future__ import annotations
 

@@ -41,6 +41,35 @@ class DetectionTask:
     smoke_caps = {"EPOCHS": 1, "FRAME_SIZE": 96, "TRAIN_FRAMES": 24, "EVAL_FRAMES": 16}
     knob_types = {"SCORE_THRESHOLD": float, "W_DISTILL_CLS": float, "W_DISTILL_BOX": float, "W_DISTILL_CTR": float,
                   "SPLIT_SEED": int, "FRAME_SIZE": int, "TRAIN_FRAMES": int, "EVAL_FRAMES": int}
+    item, bootstrap_unit = "frame", "frames"  # one test input; what a study's bootstrap resamples
+    data_kind = "polyp frames (data_scripts/polyp.py)"
+    notebooks = {"kd": "05_detection_kd_only", "ml": "06_detection_ml_only", "kd_ml": "07_detection_kd_plus_ml",
+                 "independent": "07_detection_kd_plus_ml", "offline": "05_detection_kd_only",
+                 "kd_ml_styles": "07_detection_kd_plus_ml"}
+
+    @staticmethod
+    def versions() -> tuple:
+        from .detectors import VERSIONS
+
+        return tuple(VERSIONS)
+
+    @staticmethod
+    def reads_manifest(columns: set) -> bool:
+        return "boxes" in columns
+
+    @staticmethod
+    def folder_fingerprint(folder: Path, size: int) -> str:
+        """The content hash of a prepared (or unprepared Kvasir-SEG) folder, without decoding images."""
+        from .polyp import polyp_fingerprint
+
+        return polyp_fingerprint(folder, size)["manifest_sha256"]
+
+    @staticmethod
+    def load_folder(folder: Path, size: int):
+        """Every frame of a prepared (or unprepared Kvasir-SEG) folder, at `size` pixels: an external test set."""
+        from .polyp import load_polyp_dataset
+
+        return load_polyp_dataset(folder, split=None, size=size)
     PARAMETERS = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
                   "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
                   "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}

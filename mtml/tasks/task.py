@@ -7,6 +7,7 @@ and how to evaluate networks and their ensemble. Classification lives here; dete
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +56,36 @@ class ClassificationTask:
     config_defaults = {"epochs": 5, "batch_size": 64, "lr": 0.05}  # ours, see docs/choices.md
     smoke_caps = {"EPOCHS": 2, "TILE_SIZE": 32}
     knob_types = {"STAIN_JITTER": float, "TILE_SIZE": int}  # its own numeric notebook knobs
+    item, bootstrap_unit = "tile", "patients"  # one test input; what a study's bootstrap resamples
+    data_kind = "MSI/MSS tiles (data_scripts/msi_mss.py)"
+    # the notebook that trains each mode (mtml.runs.reproduce); 03's MODE switches the loss terms
+    notebooks = {"kd": "01_kd_only", "ml": "02_ml_only", "kd_ml": "03_kd_plus_ml", "independent": "03_kd_plus_ml",
+                 "offline": "01_kd_only", "kd_ml_styles": "03_kd_plus_ml"}
+
+    @staticmethod
+    def versions() -> tuple:
+        from .models import VERSIONS
+
+        return tuple(VERSIONS)
+
+    @staticmethod
+    def reads_manifest(columns: set) -> bool:
+        """Whether a prepared folder's manifest (its column names) holds this task's data."""
+        return {"path", "label"} <= columns and "boxes" not in columns
+
+    @staticmethod
+    def folder_fingerprint(folder: Path, size: int) -> str:
+        """The content hash of a prepared folder (or a manifest file), without decoding images."""
+        from .download import file_fingerprint
+
+        return file_fingerprint(folder if folder.is_file() else folder / "manifest.csv")
+
+    @staticmethod
+    def load_folder(folder: Path, size: int):
+        """Every tile of a prepared folder (or a manifest file), at `size` pixels: an external test set."""
+        from .tiles import TileDataset
+
+        return TileDataset(folder if folder.is_file() else folder / "manifest.csv", None, size=size, cache=True)
 
     @classmethod
     def from_parameters(cls, params: dict) -> "ClassificationTask":

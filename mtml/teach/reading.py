@@ -69,32 +69,16 @@ def _budget(budget: dict) -> str:
 
 
 def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFrame | None = None,
-            baseline: pd.DataFrame | None = None, spread: dict | None = None, spread_source: str = "",
+            baseline: pd.DataFrame | None = None, spread: dict | None = None,
             patients: int | None = None, unit: str = "tiles") -> str:
     """The "Reading the results" Markdown of one run: teacher vs students (validation and test),
     ensemble vs best student, the run vs its independent `baseline` (metrics of the same seed),
-    that difference against the seed-to-seed `spread` (`paired_spread`, from `spread_source`),
-    and a warning when `patients` (test patients) are too few to separate networks. Values are
-    compared as printed (3 decimals); a missing value (NaN) is said to be missing."""
+    that difference against the seed-to-seed `spread` (`paired_spread`, plus its `source`), and a
+    warning when `patients` (test patients) are too few to separate networks. Values are compared
+    as printed (3 decimals); a missing value (NaN) is said to be missing."""
     m = metrics[metric].map(_r)
     students = students_in(m.index)
-    lines = []
-    fact = premise(history, metric) if history is not None and "teacher" in m.index else None
-    if "teacher" in m.index:
-        if fact is not None:
-            losers = [n for n, v in fact["students"].items() if v >= fact["teacher"]]
-            verdict = ("a value is missing (NaN), so the premise cannot be checked" if fact["holds"] is None else
-                       "the teacher is the stronger network, as distillation assumes" if fact["holds"] else
-                       f"the teacher does not beat {', '.join(losers)}: distillation's premise, a stronger "
-                       "teacher, does not hold in this run")
-            lines.append(f"**Teacher vs students.** Validation {metric} at the last epoch: teacher "
-                         f"{fact['teacher']:.3f}, students {_both(fact['students'].values())}; {verdict}.")
-        better = [n for n in students if m[n] >= m["teacher"]]
-        verb = "matches or beats" if len(better) == 1 else "match or beat"
-        lines.append(f"On the test {unit} the teacher scores {m['teacher']:.3f} and the students "
-                     f"{_both(m[students])}" + (f"; {', '.join(better)} {verb} it." if better else "."))
-    else:
-        lines.append(f"**No teacher.** Mode `{mode}` trains the students without a teacher.")
+    lines = _teacher_lines(m, students, history, metric, mode, unit)
     if "ensemble" in m.index and len(students) > 1 and _ok(m["ensemble"], *m[students]):
         best = max(students, key=lambda n: m[n])
         gain = _r(m["ensemble"] - m[best])
@@ -103,33 +87,59 @@ def reading(metrics: pd.DataFrame, metric: str, mode: str, *, history: pd.DataFr
                         if gain > 0 else f"not above its best student ({best}, {m[best]:.3f}): "
                         "averaging these students did not help here."))
     if baseline is not None and mode != "independent":
-        base = _r(baseline.loc["ensemble", metric])
-        diff = _r(m["ensemble"] - base)
-        if not _ok(diff):
-            lines.append(f"**Against the baseline.** Not available: an ensemble {metric} is missing (NaN).")
-            return "\n\n".join(lines + _small_test_set(metrics, patients))
-        lines.append(f"**Against the baseline.** Independent students of the same seed (no KD, no ML) "
-                     f"reach an ensemble {metric} of {base:.3f}; this run's ensemble is "
-                     + (f"{abs(diff):.3f} {'higher' if diff > 0 else 'lower'}." if diff else "the same to three decimals."))
-        if spread is not None and spread.get("budget"):  # another budget: context, no verdict
-            lines.append(f"**Is it more than seed noise?** Not measured at this run's budget. For scale: at "
-                         f"{_budget(spread['budget'])} ({spread_source}) the difference {mode} - independent "
-                         f"varied over {spread['seeds']} seeds with a standard deviation of {spread['sd']:.3f} "
-                         f"(mean {spread['mean']:+.3f}); a run with less data can vary more. One seed cannot "
-                         "separate a real difference from seed noise: notebooks 04 and 08 compare over seeds.")
-        elif spread is not None:
-            within = abs(diff) <= 2 * spread["sd"]
-            lines.append(f"**Is it more than seed noise?** Over {spread['seeds']} seeds with exactly these "
-                         f"settings ({spread_source}) the difference {mode} - independent varied with a "
-                         f"standard deviation of {spread['sd']:.3f} (mean {spread['mean']:+.3f}). This run's "
-                         f"{diff:+.3f} is " + ("within two standard deviations of zero: one seed cannot tell "
-                         "it from noise." if within else "beyond two standard deviations, but it is still "
-                         "one seed.") + " Compare modes over seeds (notebooks 04 and 08).")
-        else:
-            lines.append("**Is it more than seed noise?** Not measured for these settings: no runs over "
-                         "several seeds share them. One seed cannot separate a real difference from seed "
-                         "noise; notebooks 04 and 08 compare modes over seeds with intervals.")
+        lines += _baseline_lines(m, _r(baseline.loc["ensemble", metric]), spread, metric, mode)
     return "\n\n".join(lines + _small_test_set(metrics, patients))
+
+
+def _teacher_lines(m: pd.Series, students: list, history, metric: str, mode: str, unit: str) -> list[str]:
+    """Teacher against students: on validation at the last epoch (distillation's premise) and on test."""
+    if "teacher" not in m.index:
+        return [f"**No teacher.** Mode `{mode}` trains the students without a teacher."]
+    lines = []
+    fact = premise(history, metric) if history is not None else None
+    if fact is not None:
+        losers = [n for n, v in fact["students"].items() if v >= fact["teacher"]]
+        verdict = ("a value is missing (NaN), so the premise cannot be checked" if fact["holds"] is None else
+                   "the teacher is the stronger network, as distillation assumes" if fact["holds"] else
+                   f"the teacher does not beat {', '.join(losers)}: distillation's premise, a stronger "
+                   "teacher, does not hold in this run")
+        lines.append(f"**Teacher vs students.** Validation {metric} at the last epoch: teacher "
+                     f"{fact['teacher']:.3f}, students {_both(fact['students'].values())}; {verdict}.")
+    better = [n for n in students if m[n] >= m["teacher"]]
+    verb = "matches or beats" if len(better) == 1 else "match or beat"
+    lines.append(f"On the test {unit} the teacher scores {m['teacher']:.3f} and the students "
+                 f"{_both(m[students])}" + (f"; {', '.join(better)} {verb} it." if better else "."))
+    return lines
+
+
+def _baseline_lines(m: pd.Series, base: float, spread: dict | None, metric: str, mode: str) -> list[str]:
+    """The run's ensemble against the independent baseline's, and that difference against seed noise."""
+    diff = _r(m["ensemble"] - base)
+    if not _ok(diff):
+        return [f"**Against the baseline.** Not available: an ensemble {metric} is missing (NaN)."]
+    lines = [f"**Against the baseline.** Independent students of the same seed (no KD, no ML) "
+             f"reach an ensemble {metric} of {base:.3f}; this run's ensemble is "
+             + (f"{abs(diff):.3f} {'higher' if diff > 0 else 'lower'}." if diff else "the same to three decimals.")]
+    source = (spread or {}).get("source", "")
+    if spread is not None and spread.get("budget"):  # another budget: context, no verdict
+        lines.append(f"**Is it more than seed noise?** Not measured at this run's budget. For scale: at "
+                     f"{_budget(spread['budget'])} ({source}) the difference {mode} - independent "
+                     f"varied over {spread['seeds']} seeds with a standard deviation of {spread['sd']:.3f} "
+                     f"(mean {spread['mean']:+.3f}); a run with less data can vary more. One seed cannot "
+                     "separate a real difference from seed noise: notebooks 04 and 08 compare over seeds.")
+    elif spread is not None:
+        within = abs(diff) <= 2 * spread["sd"]
+        lines.append(f"**Is it more than seed noise?** Over {spread['seeds']} seeds with exactly these "
+                     f"settings ({source}) the difference {mode} - independent varied with a "
+                     f"standard deviation of {spread['sd']:.3f} (mean {spread['mean']:+.3f}). This run's "
+                     f"{diff:+.3f} is " + ("within two standard deviations of zero: one seed cannot tell "
+                     "it from noise." if within else "beyond two standard deviations, but it is still "
+                     "one seed.") + " Compare modes over seeds (notebooks 04 and 08).")
+    else:
+        lines.append("**Is it more than seed noise?** Not measured for these settings: no runs over "
+                     "several seeds share them. One seed cannot separate a real difference from seed "
+                     "noise; notebooks 04 and 08 compare modes over seeds with intervals.")
+    return lines
 
 
 def _small_test_set(metrics: pd.DataFrame, patients: int | None) -> list[str]:
@@ -175,14 +185,19 @@ def committed_spread(study: str, knobs: dict, task_name: str, mode: str, metric:
     return None
 
 
-def read_run(result, metric: str, mode: str, knobs: dict, task_name: str, *, baseline=None,
-             study: str | None = None, patients: int | None = None, unit: str = "tiles") -> str:
-    """`reading` of a notebook's `RunResult` (and its independent `baseline` RunResult), with the
-    seed spread taken from the committed `study` when it holds runs of exactly these settings."""
+def read_run(result, knobs: dict, task_name: str, *, baseline=None, study: str | None = None,
+             patients: int | None = None, unit: str = "tiles") -> str:
+    """`reading` of a notebook's `RunResult` in its task's main metric (and its independent
+    `baseline` RunResult), with the seed spread taken from the committed `study` when it holds runs
+    of exactly these settings."""
+    from ..tasks import task_class
+
+    metric, mode = task_class(task_name).metric, knobs["MODE"]
     spread = committed_spread(study, knobs, task_name, mode, metric) if study else None
+    if spread is not None:
+        spread["source"] = f"the kit's committed study docs/results/{study}"
     return reading(result.metrics, metric, mode, history=result.history,
-                   baseline=None if baseline is None else baseline.metrics, spread=spread,
-                   spread_source=f"the kit's committed study docs/results/{study}", patients=patients, unit=unit)
+                   baseline=None if baseline is None else baseline.metrics, spread=spread, patients=patients, unit=unit)
 
 
 def read_verdicts(verdicts: pd.DataFrame, metric: str) -> str:
