@@ -11,14 +11,14 @@ The folders show the design:
     teach/  the teaching surface: widgets, plots, generated readings, the offline handout
 `mtml.plots`, `mtml.experiment` and the other modules are also reachable by their short names.
 """
-from .core.losses import kd_loss, mutual_loss, soft_kl, student_objective
+from .core.losses import kd_loss, mutual_loss, soft_kl
 from .core.cohort import MODES, Cohort, CohortConfig, seed_everything
 from .core.loop import fit, pretrain_teacher
 from .core.step import NonFiniteLossError, cohort_step
 from .tasks.task import ClassificationTask
 
 _FOLDERS = {
-    "core": ("losses", "cohort", "step", "loop", "sampling", "stacking", "features"),
+    "core": ("losses", "terms", "cohort", "step", "loop", "sampling", "stacking", "features"),
     "tasks": ("task", "models", "detectors", "detection", "detection_eval", "dense_distill", "evaluate", "tiles",
               "synthetic", "polyp", "near_duplicates", "data", "download", "diversity"),
     "runs": ("spec", "checkpoint", "teacher_tape", "experiment", "parameters", "study", "reproduce", "execution", "external",
@@ -36,6 +36,6 @@ def __getattr__(name):  # `mtml.plots` etc. import on first use, keeping `import
     raise AttributeError(f"module 'mtml' has no attribute {name!r}")
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "mutual_loss", "soft_kl", "student_objective", "MODES", "Cohort",
+__all__ = ["kd_loss", "mutual_loss", "soft_kl", "MODES", "Cohort",
            "CohortConfig", "NonFiniteLossError", "cohort_step", "fit", "pretrain_teacher",
            "seed_everything", "ClassificationTask"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtml.core.losses import kd_loss, mutual_loss, soft_kl, student_objective
+from mtml.core.losses import kd_loss, mutual_loss, soft_kl
 
 STUDENT = np.array([[1.0, -0.5, 2.0], [0.3, 0.0, -1.2]])
 TEACHER = np.array([[0.5, 0.5, 3.0], [-1.0, 2.0, 0.0]])
@@ -86,13 +86,45 @@ def test_mutual_loss_golden_is_mean_over_peers():
     assert float(one) == pytest.approx(ref_softmax_kl(STUDENT, PEERS[0], tau), rel=1e-10)
 
 
-def test_student_objective_golden_and_terms_off():
-    ce, kd, ml = torch.tensor(0.7), torch.tensor(2.0), torch.tensor(0.3)
-    assert float(student_objective(ce, kd, ml, 0.5, 2.0, 3.0)) == pytest.approx(0.5 * 0.7 + 2 * 2.0 + 3 * 0.3)
-    # a term that is None is off, whatever its weight
-    assert float(student_objective(ce, None, None, 0.5, 100.0, 100.0)) == pytest.approx(0.35)
-    assert float(student_objective(ce, kd, None, 1.0, 2.0, 100.0)) == pytest.approx(0.7 + 4.0)
-    assert float(student_objective(ce, None, ml, 1.0, 100.0, 3.0)) == pytest.approx(0.7 + 0.9)
+def test_student_loss_weights_each_term_and_skips_terms_that_are_off(monkeypatch):
+    from mtml.core import terms
+
+    fixed = lambda value: (lambda view: None if value is None else torch.tensor(value))  # noqa: E731
+    monkeypatch.setattr(terms, "STUDENT_TERMS", [
+        terms.Term("sup", lambda cfg, ramp: cfg.w_ce, fixed(0.7)),
+        terms.Term("kd", lambda cfg, ramp: ramp * cfg.w_kd, fixed(2.0)),
+        terms.Term("ml", lambda cfg, ramp: ramp * cfg.w_ml, fixed(None))])  # off, whatever its weight
+    view = terms.StudentView(0, None, None, None, [], config_only(w_ce=0.5, w_kd=2.0, w_ml=100.0), None, None, {})
+    assert float(terms.student_loss(view)) == pytest.approx(0.5 * 0.7 + 2.0 * 2.0)
+    assert float(terms.student_loss(view, ramp=0.25)) == pytest.approx(0.5 * 0.7 + 0.25 * 2.0 * 2.0)  # warm-up
+
+
+def config_only(**weights):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cfg=SimpleNamespace(**weights))
+
+
+def test_a_new_loss_term_is_one_function_and_one_registration(monkeypatch):
+    """A toy term (an L2 penalty on the student's logits) added to STUDENT_TERMS alone changes the
+    trained objective by exactly its weight times its value, for every student."""
+    import copy
+
+    from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step
+    from mtml.core import terms
+
+    task, batch = ClassificationTask(2), {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8) % 2}
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", n_students=2, clip_grad_norm=0.0), task=task)
+    probe, plain, extended = (copy.deepcopy(cohort) for _ in range(3))
+    with torch.no_grad():
+        penalty = [task.outputs(s, batch).pow(2).mean() for s in probe.students]  # the same train-mode forward
+    before = cohort_step(plain, batch, task)
+    monkeypatch.setattr(terms, "STUDENT_TERMS",
+                        [*terms.STUDENT_TERMS, terms.Term("l2", lambda cfg, ramp: 0.1, lambda v: v.out.pow(2).mean())])
+    after = cohort_step(extended, batch, task)
+    for i, name in enumerate(("student_1", "student_2")):
+        assert float(after[f"{name}/loss"] - before[f"{name}/loss"]) == pytest.approx(0.1 * float(penalty[i]), rel=1e-5)
+    assert float(after["teacher/sup"]) == pytest.approx(float(before["teacher/sup"]))  # the teacher's loss is its own
 
 
 # ---- properties ----

@@ -13,6 +13,7 @@ Notation: z are logits, tau > 0 a temperature, p^tau = softmax(z / tau).
   student at once (DML's Algorithm 1 updates the networks in turn).
 * The combined student objective is **ours** (Niyaz & Bathula 2022 do not publish theirs):
       L_i = w_ce * CE(y, z_i) + w_kd * L_kd(z_T, z_i) + w_ml * mean_{j != i} L_kd(z_j, z_i)
+  as a list of named, weighted terms in `mtml.core.terms`.
 
 Every target distribution is detached here, so a distillation term never sends gradient into
 the teacher or a peer.
@@ -79,14 +80,3 @@ def mutual_loss(student_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor
     if len(peer_logits) == 0:
         raise ValueError("mutual_loss needs at least one peer")
     return torch.stack([soft_kl(student_logits, p, temperature) for p in peer_logits]).mean()
-
-
-def student_objective(ce: torch.Tensor, kd: torch.Tensor | None, ml: torch.Tensor | None,
-                      w_ce: float = 1.0, w_kd: float = 1.0, w_ml: float = 1.0) -> torch.Tensor:
-    """Our combined objective: w_ce * CE + w_kd * KD + w_ml * ML. A term that is None is off."""
-    total = w_ce * ce
-    if kd is not None:
-        total = total + w_kd * kd
-    if ml is not None:
-        total = total + w_ml * ml
-    return total

@@ -15,9 +15,9 @@ import torch
 
 from ..io import map_tensors
 from ..names import student_name
-from .cohort import USES_ML, Cohort, _check_stackable
+from .cohort import Cohort, _check_stackable
 from .features import uses
-from .losses import student_objective
+from .terms import StudentView, student_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,38 +93,13 @@ def _cohort_losses(cohort: Cohort, batch, task, step: int, ramp: float, teacher_
     peer_maps_needed = uses(peer_k, "features")
     forwards = _student_forwards(cohort, batch, task, lambda i, s: forward(
         s, peer_maps_needed or bool(teacher_k) and uses(teacher_k[i], "features")))
-    student_outs = [out for out, _ in forwards]
+    teacher = (teacher_out, teacher_maps) if teacher_out is not None else None
     for i, (out, maps) in enumerate(forwards):
-        name = student_name(i)
-        peers = [j for j in range(len(forwards)) if j != i]
-        sup = terms[f"{name}/sup"] = task.supervised_loss(out, batch)  # first: a NaN is named by its first term
-        kd = ml = None
-        if teacher_out is not None:
-            kd = _knowledge_terms(terms, f"{name}/kd", teacher_k[i], cfg.w_feat,
-                                  lambda: task.distill_loss(out, teacher_out, cfg.temperature),
-                                  lambda: cohort.adapters[name].loss("teacher", maps, teacher_maps))
-        if cfg.mode in USES_ML:
-            ml = _knowledge_terms(
-                terms, f"{name}/ml", peer_k, cfg.w_feat,
-                lambda: torch.stack([task.distill_loss(out, student_outs[j], cfg.temperature) for j in peers]).mean(),
-                lambda: torch.stack([cohort.adapters[name].loss(student_name(j), maps, forwards[j][1])
-                                     for j in peers]).mean())
-        loss = student_objective(sup, kd, ml, cfg.w_ce, ramp * cfg.w_kd, ramp * cfg.w_ml)
-        terms[f"{name}/loss"] = loss
+        peers = [(j, *forwards[j]) for j in range(len(forwards)) if j != i]
+        view = StudentView(i, out, maps, teacher, peers, cohort, task, batch, terms)
+        loss = terms[f"{student_name(i)}/loss"] = student_loss(view, ramp)  # mtml.core.terms
         total = total + loss
     return total, terms
-
-
-def _knowledge_terms(terms: dict, key: str, knowledge: str, w_feat: float, predictions, features):
-    """One source's distillation term: the prediction term, plus w_feat x the feature term, as the
-    knowledge says; each part is logged (`key`, `key_feat`)."""
-    total = None
-    if uses(knowledge, "predictions"):
-        total = terms[key] = predictions()
-    if uses(knowledge, "features"):
-        terms[f"{key}_feat"] = features()
-        total = w_feat * terms[f"{key}_feat"] + (total if total is not None else 0)
-    return total
 
 
 def _float32(x):

@@ -12,6 +12,7 @@ ipykernel then prints no warning about unencrypted TCP into the progress lines.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -163,10 +164,8 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
     # papermill reads knob names from the `parameters` cell only, so it calls an advanced knob
     # (folded cell above it) "unknown"; the injected value is used all the same
     advanced = [k for k in parameters if k in advanced_knobs(source)]
-    previous = os.environ.get("MTML_SMOKE")
-    os.environ["MTML_SMOKE"] = "1" if smoke else "0"  # the kernel inherits it
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _smoke_env(smoke):
             if advanced:
                 warnings.filterwarnings("ignore", message=f"Passed unknown parameter: ({'|'.join(advanced)})$")
             papermill.execute_notebook(str(source), str(executed), parameters={**parameters, "OUT_DIR": str(out_dir)},
@@ -186,12 +185,21 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
         if resume_hint:
             message += f" Resume with: {resume_hint}"
         raise NotebookRunError(message, name, executed, current.get("index")) from err
+    return executed
+
+
+@contextlib.contextmanager
+def _smoke_env(smoke: bool):
+    """MTML_SMOKE set for the kernel (it inherits the environment), restored afterwards."""
+    previous = os.environ.get("MTML_SMOKE")
+    os.environ["MTML_SMOKE"] = "1" if smoke else "0"
+    try:
+        yield
     finally:
         if previous is None:
             os.environ.pop("MTML_SMOKE", None)
         else:
             os.environ["MTML_SMOKE"] = previous
-    return executed
 
 
 def _what_failed(err: Exception, limit: float) -> tuple[str, str]:
