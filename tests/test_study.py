@@ -26,7 +26,7 @@ def test_study_file_refuses_unknown_keys_and_non_parameters(tmp_path):
         Study.load(path)
 
 
-@pytest.mark.parametrize("name", ["kvasir_tiny_cpu", "synthetic_tiny_cpu", "kvasir_v1_gpu"])
+@pytest.mark.parametrize("name", ["kvasir_tiny_cpu", "kvasir_tiny_cpu_split1", "synthetic_tiny_cpu", "kvasir_v1_gpu"])
 def test_committed_study_files_load_with_every_mode_and_five_seeds(name):
     s = Study.load(study_mod.REPO / "studies" / f"{name}.yaml")
     assert s.name == name and set(s.modes) == {"independent", "kd", "ml", "kd_ml", "offline"}
