@@ -240,3 +240,20 @@ def test_workers_share_one_queue_heaviest_first(tmp_path, monkeypatch):
     assert len(pd.read_csv(out / "runs.csv")) == len(planned)
     assert not study_mod.claim(claims, study_mod.spec_from_parameters(study.task, planned[0]).hash)  # taken
     assert study_mod.claim(None, "any")  # a single worker claims nothing
+
+
+def test_report_regenerates_a_committed_study_byte_identical(tmp_path):
+    """`--report` rewrites RESULTS.md, results.csv and verdicts.csv of a committed study exactly as
+    committed (from its runs.csv and units/): a change to the report code that changes a committed
+    number, a word or a rounding fails here."""
+    import shutil
+
+    committed = study_mod.RESULTS / "synthetic_tiny_cpu"
+    out = tmp_path / "synthetic_tiny_cpu"
+    shutil.copytree(committed, out)
+    written = ("RESULTS.md", "results.csv", "verdicts.csv")
+    for name in written:
+        (out / name).unlink()
+    assert study_mod.main([str(study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--report", "--out", str(out)]) == 0
+    for name in written:
+        assert (out / name).read_bytes() == (committed / name).read_bytes(), f"{name} differs from the committed one"
