@@ -29,11 +29,12 @@ demo: $(STAMP)
 # tests/ includes the short stress check of the widget notebooks (tests/test_execution.py; the long
 # one is bench/stress_notebooks.py). nbval's per-cell limit: 4 x the longest smoke budget in
 # mtml/runs/execution.py, or MTML_CELL_TIMEOUT seconds. nbval runs a copy of notebooks/ in a
-# temporary folder, so its runs land there: nothing is reloaded from an earlier `make test`.
+# temporary folder, so its runs and data land there: nothing is reloaded from an earlier `make test`,
+# and the checkout's data/ and runs/ stay as they were (tests/conftest.py checks it for tests/).
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && trap 'exit 130' INT TERM && cp -r notebooks "$$tmp/" && \
-	  MTML_SMOKE=1 $(PY) -m pytest -q -ra -p no:cacheprovider -c pyproject.toml --rootdir "$$tmp" --nbval-lax \
+	  MTML_SMOKE=1 MTML_DATA_DIR="$$tmp/data" $(PY) -m pytest -q -ra -p no:cacheprovider -c pyproject.toml --rootdir "$$tmp" --nbval-lax \
 	    --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} "$$tmp/notebooks"
 
 bench: $(STAMP)

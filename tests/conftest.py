@@ -8,7 +8,28 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _files_under(*folders: str) -> dict:
+    return {str(p): p.stat().st_mtime_ns for folder in folders for p in (REPO / folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_outside_the_checkout(tmp_path_factory):
+    """Tests write data (the synthetic default, caches, downloads) under a temporary MTML_DATA_DIR,
+    never into the checkout: afterwards its data/ and runs/ must be exactly as before."""
+    before = _files_under("data", "runs")
+    previous = os.environ.get("MTML_DATA_DIR")
+    os.environ["MTML_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    yield
+    if previous is None:
+        os.environ.pop("MTML_DATA_DIR", None)
+    else:
+        os.environ["MTML_DATA_DIR"] = previous
+    changed = sorted(set(_files_under("data", "runs").items()) ^ set(before.items()))
+    assert not changed, f"the tests wrote into the checkout's data/ or runs/: {[path for path, _ in changed][:5]}"
 
 
 @pytest.fixture
