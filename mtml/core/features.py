@@ -53,11 +53,9 @@ def feature_loss(student_map: torch.Tensor, target_map: torch.Tensor) -> torch.T
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:
     """The stages of a classification network, in order; the last one gives the last conv map."""
-    from ..tasks.models import TinyConvNet
-
     model = getattr(model, "module", model)
-    if isinstance(model, TinyConvNet):
-        return [m for m in model.features if isinstance(m, nn.MaxPool2d)]
+    if hasattr(model, "feature_stages"):  # the kit's own networks name their stages (TinyConvNet)
+        return model.feature_stages()
     if hasattr(model, "layer4"):  # ResNet, WideResNet
         return [model.layer1, model.layer2, model.layer3, model.layer4]
     if hasattr(model, "stage4"):  # ShuffleNetV2
@@ -74,14 +72,13 @@ def feature_channels(model: nn.Module, levels: int) -> list[int]:
     """Channels of the maps `outputs_and_features` returns: the FPN width (detection), or those
     of one dry forward of a 64 px image through the stages (eval mode, no gradient, no random
     draw), so concatenating or re-projecting stages are counted as they run."""
-    from ..tasks.detectors import is_detector
-
     model = getattr(model, "module", model)
-    available = len(model.anchor_generator.sizes) if is_detector(model) else len(stage_modules(model))
+    detector = hasattr(model, "anchor_generator")  # torchvision's FCOS: one map per FPN level
+    available = len(model.anchor_generator.sizes) if detector else len(stage_modules(model))
     if levels > available:
         raise ValueError(f"feature_levels={levels}, but {type(model).__name__} has {available} "
-                         f"{'FPN levels' if is_detector(model) else 'stages'}")
-    if is_detector(model):
+                         f"{'FPN levels' if detector else 'stages'}")
+    if detector:
         return [model.backbone.out_channels] * levels
     training = model.training
     model.eval()

@@ -10,16 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tasks.models import TinyConvNet
-
 
 def why_not_stackable(students) -> str | None:
     """None when `students` can run stacked, else the reason (for a one-line error)."""
     if len(students) < 2:
         return "it needs at least 2 students"
-    if not all(type(s) is TinyConvNet for s in students):
+    if not all(type(s) is type(students[0]) and getattr(type(s), "stackable", False) for s in students):
         kinds = sorted({type(s).__name__ for s in students})
-        return f"it needs TinyConvNet students (the tiny version, not wrapped), got {kinds}"
+        return f"it needs TinyConvNet students (the tiny version's stackable networks, not wrapped), got {kinds}"
     shapes = {tuple((k, tuple(v.shape)) for k, v in s.state_dict().items()) for s in students}
     if len(shapes) > 1:
         return "the students differ in architecture"
@@ -61,7 +59,7 @@ def _batch_norm(mods: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def stacked_forward(students: list[TinyConvNet], x: torch.Tensor) -> list[torch.Tensor]:
+def stacked_forward(students: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """Each student's logits for the images `x`, from one grouped network."""
     n, h, grouped = len(students), x, False
     for k, layer in enumerate(students[0].features):

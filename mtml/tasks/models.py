@@ -41,6 +41,10 @@ def check_version(version: str) -> None:
 class TinyConvNet(nn.Module):
     """Three conv-BN-ReLU stages with max-pooling, global average pooling, one linear layer."""
 
+    # its forward is features -> global average pool -> fc, which mtml.core.stacking reproduces
+    # for N students as one grouped network
+    stackable = True
+
     def __init__(self, widths: tuple[int, ...], num_classes: int = 2, in_channels: int = 3):
         super().__init__()
         layers, c = [], in_channels
@@ -55,6 +59,10 @@ class TinyConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+    def feature_stages(self) -> list[nn.Module]:
+        """The modules whose outputs are the stage maps (mtml.core.features): each stage's max-pool."""
+        return [m for m in self.features if isinstance(m, nn.MaxPool2d)]
 
 
 def _replace_last_linear(model: nn.Module, num_classes: int) -> nn.Module:
