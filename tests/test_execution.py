@@ -154,3 +154,22 @@ def test_kit_runner_uses_private_ipc_sockets_and_prints_no_tcp_warning(tmp_path,
     assert printed.strip() == "ipc"
     assert "without encryption" not in capfd.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny_case.ipynb"], "socket files left beside it"
+
+
+def test_papermill_keeps_quiet_about_advanced_knobs_only(caplog, tmp_path):
+    """papermill calls every knob outside the `parameters` cell "unknown"; the kit's runner drops
+    that message for the folded advanced knobs (and OUT_DIR) and keeps it for a real typo."""
+    import logging
+
+    import papermill
+
+    from mtml.runs.execution import NOTEBOOKS, _quiet_about, advanced_knobs
+
+    source = NOTEBOOKS / "01_kd_only.ipynb"
+    assert {"LR", "OUT_DIR", "DATA_DIR"} <= advanced_knobs(source) and "TEMPERATURE" not in advanced_knobs(source)
+    with caplog.at_level(logging.WARNING, logger="papermill"), _quiet_about(advanced_knobs(source)):
+        papermill.execute_notebook(str(source), str(tmp_path / "prepared.ipynb"), prepare_only=True,
+                                   parameters={"LR": 0.1, "OUT_DIR": "x", "TEMPERATURE": 2.0, "TEMPERTURE": 2.0},
+                                   kernel_name="python3", progress_bar=False)
+    unknown = [r.getMessage() for r in caplog.records if "unknown parameter" in r.getMessage()]
+    assert unknown == ["Passed unknown parameter: TEMPERTURE"]

@@ -122,6 +122,11 @@ def test_a_new_loss_term_is_one_function_and_one_registration(monkeypatch):
     monkeypatch.setattr(terms, "STUDENT_TERMS",
                         [*terms.STUDENT_TERMS, terms.Term("l2", lambda cfg, ramp: 0.1, lambda v: v.out.pow(2).mean())])
     after = cohort_step(extended, batch, task)
+    from mtml.runs.spec import spec_of
+
+    with_term = spec_of(cohort.cfg, task).hash
+    monkeypatch.undo()
+    assert with_term != spec_of(cohort.cfg, task).hash, "an added term changes the run's identity"
     for i, name in enumerate(("student_1", "student_2")):
         assert float(after[f"{name}/loss"] - before[f"{name}/loss"]) == pytest.approx(0.1 * float(penalty[i]), rel=1e-5)
     assert float(after["teacher/sup"]) == pytest.approx(float(before["teacher/sup"]))  # the teacher's loss is its own

@@ -32,7 +32,9 @@ def test_notebook_contract(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     assert "Runtime" in nb.cells[0].source
     knobs = re.compile(r"^([A-Z_][A-Z0-9_]*)\s*=", re.M)
-    advanced, core = parameter_cells(nb)  # ValueError unless one `parameters` cell and one advanced cell
+    cells = parameter_cells(nb)  # ValueError unless one `parameters` cell and at most one advanced cell
+    assert len(cells) == 2, "a folded advanced-parameters cell sits before the parameters cell"
+    advanced, core = cells
     a, p = nb.cells.index(advanced), nb.cells.index(core)
     assert a == p - 1 and advanced.metadata["jupyter"]["source_hidden"], \
         "the folded advanced knobs come right before the `parameters` cell (papermill injects after it)"
@@ -131,7 +133,7 @@ def test_reproduce_rejects_bad_grid(tmp_path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_papermill_reads_every_parameter(path):
+def test_papermill_reads_every_core_parameter(path):
     """papermill infers the parameters cell's names line by line; a line it cannot parse (an '='
     in a comment, say) makes it warn "Passed unknown parameter" for a perfectly good parameter."""
     from papermill.translators import papermill_translators

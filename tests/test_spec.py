@@ -36,6 +36,7 @@ def test_spec_hash_is_stable_and_changes_with_every_setting():
                                 {"manifest_sha256": "abc"}).hash
     # speed-only settings never change what a run computes
     assert base.hash == spec_of(CohortConfig(mode="kd", num_workers=2), task, {"manifest_sha256": "abc"}).hash
+    assert base.hash == spec_of(CohortConfig(mode="kd", eval_batch_size=7), task, {"manifest_sha256": "abc"}).hash
 
 
 @pytest.mark.parametrize("change", [{"BOX_LOSS": "l1"}, {"TRAIN_FRAMES": 12}, {"FRAME_SIZE": 64},

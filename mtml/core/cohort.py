@@ -31,12 +31,12 @@ USES_ML = ("ml", "kd_ml", "kd_ml_styles")
 AUTO = "auto"  # knowledge fields: what the mode says (see CohortConfig.knowledge)
 
 
-def knob(default, notebook: str | None = None, *, teacher: bool = True, results: bool = True):
+def knob(default, notebook: str | None = None, *, teacher: bool = True, identity: bool = True):
     """A CohortConfig field and everything the kit needs to know about it, declared once:
     `notebook`, its UPPER_CASE name in the notebooks (mtml.runs.parameters maps one to the other);
     `teacher=False` when only the students read it (runs differing in it share one online teacher,
-    mtml.runs.teacher_tape); `results=False` when it changes speed only (not in the run identity)."""
-    return field(default=default, metadata={"notebook": notebook, "teacher": teacher, "results": results})
+    mtml.runs.teacher_tape); `identity=False` leaves it out of the run identity (it changes speed only)."""
+    return field(default=default, metadata={"notebook": notebook, "teacher": teacher, "identity": identity})
 
 
 @dataclass
@@ -58,8 +58,8 @@ class CohortConfig:
     weight_decay: float = knob(5e-4)
     seed: int = knob(0, "SEED")
     pretrained: bool = knob(False, "PRETRAINED")  # ImageNet weights for torchvision networks
-    num_workers: int = knob(0, results=False)
-    eval_batch_size: int = knob(128, results=False)  # validation after each epoch
+    num_workers: int = knob(0, identity=False)
+    eval_batch_size: int = knob(128, identity=False)  # validation after each epoch
     clip_grad_norm: float = knob(5.0, "CLIP_GRAD_NORM")  # per network, OURS: tames the early tau-scaled KD/ML spikes; 0 = off
     # ramp w_kd and w_ml up over these epochs (see distill_ramp); 0 = off
     distill_warmup_epochs: float = knob(0.0, "DISTILL_WARMUP_EPOCHS", teacher=False)
@@ -70,7 +70,8 @@ class CohortConfig:
     w_feat: float = knob(1.0, "W_FEAT", teacher=False)  # weight of a feature term relative to a prediction term (OURS)
     # maps matched: the last stages (classification) / first FPN levels
     feature_levels: int = knob(1, "FEATURE_LEVELS", teacher=False)
-    # speed options (OURS); the results do not depend on them beyond float rounding
+    # speed options (OURS); the results do not depend on them beyond float rounding, which is why
+    # they stay in the run identity (runs made with them keep theirs)
     channels_last: bool = knob(False)  # NHWC networks; pair with ClassificationTask(channels_last=True)
     amp: bool = knob(False)            # bf16 autocast of the forwards, float32 losses (CPU and GPU)
     compile: bool = knob(False)        # torch.compile each network on CUDA; ignored (with a warning) on CPU
@@ -81,7 +82,7 @@ class CohortConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         check_version(self.version)
         for name, low in (("n_students", 1), ("num_classes", 2), ("epochs", 1), ("batch_size", 1),
-                          ("num_workers", 0), ("feature_levels", 1)):
+                          ("num_workers", 0), ("feature_levels", 1), ("eval_batch_size", 1)):
             value = getattr(self, name)  # NaN, 2.5 or True would pass a plain comparison
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")

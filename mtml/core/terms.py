@@ -44,7 +44,7 @@ class StudentView:
 
 @dataclass(frozen=True)
 class Term:
-    name: str
+    name: str  # unique; the run identity records the names of terms added to the kit's three
     weight: Callable[[Any, float], float]  # (CohortConfig, warm-up factor) -> weight
     loss: Callable[[StudentView], torch.Tensor | None]
 
@@ -91,6 +91,7 @@ def _knowledge(v: StudentView, key: str, knowledge: str, predictions, features) 
     return total
 
 
+KIT_TERMS = ("sup", "kd", "ml")  # a term named otherwise enters the run's identity (mtml.runs.spec)
 STUDENT_TERMS: list[Term] = [
     Term("sup", lambda cfg, ramp: cfg.w_ce, supervised),
     Term("kd", lambda cfg, ramp: ramp * cfg.w_kd, from_teacher),

@@ -19,7 +19,6 @@ import os
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import nbformat
@@ -124,7 +123,7 @@ def _mark_failed(executed: Path, index: int, ename: str, evalue: str) -> None:
 
 
 def advanced_knobs(source: Path) -> set:
-    """The knobs of a notebook's folded `advanced-parameters` cell."""
+    """The knobs of a notebook's folded `advanced-parameters` cell (OUT_DIR among them)."""
     from .parameters import ADVANCED
 
     cells = [c for c in nbformat.read(source, as_version=4).cells if ADVANCED in c.metadata.get("tags", [])]
@@ -161,13 +160,8 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
 
     # papermill cannot infer a type for `SMOKE = ... == "1"`; harmless, so keep it quiet
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)
-    # papermill reads knob names from the `parameters` cell only, so it calls an advanced knob
-    # (folded cell above it) "unknown"; the injected value is used all the same
-    advanced = [k for k in parameters if k in advanced_knobs(source)]
     try:
-        with warnings.catch_warnings(), _smoke_env(smoke):
-            if advanced:
-                warnings.filterwarnings("ignore", message=f"Passed unknown parameter: ({'|'.join(advanced)})$")
+        with _quiet_about(advanced_knobs(source)), _smoke_env(smoke):
             papermill.execute_notebook(str(source), str(executed), parameters={**parameters, "OUT_DIR": str(out_dir)},
                                        cwd=str(source.parent), progress_bar=False, kernel_name="python3",
                                        engine_name=_engine(), execution_timeout=limit, start_timeout=120,
@@ -186,6 +180,32 @@ def run_notebook(notebook: str, out_dir: Path, parameters: dict, smoke: bool, re
             message += f" Resume with: {resume_hint}"
         raise NotebookRunError(message, name, executed, current.get("index")) from err
     return executed
+
+
+class _KnownKnobs(logging.Filter):
+    """Drops papermill's "Passed unknown parameter: X" for the knobs in `known`: papermill reads
+    names from the `parameters` cell only, so it calls an advanced knob (in the folded cell above
+    it) unknown, and uses the injected value all the same."""
+
+    def __init__(self, known: set):
+        super().__init__()
+        self.known = known
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Passed unknown parameter: ")
+                    and message.removeprefix("Passed unknown parameter: ") in self.known)
+
+
+@contextlib.contextmanager
+def _quiet_about(knobs: set):
+    quiet = _KnownKnobs(knobs)
+    logger = logging.getLogger("papermill")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager

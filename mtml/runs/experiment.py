@@ -62,9 +62,11 @@ class RunStore:
     """Where runs keep their checkpoints, one folder per run identity (`<folder>/<spec hash>`), and
     where online teachers are taped (`mtml.runs.teacher_tape`). Notebooks writing beside each other
     share one (`RunStore.beside(out_dir)`), so a run one of them finished is reloaded by the next.
-    `resume=False` trains again over what is there."""
+    `resume=False` trains again over what is there; `tape=False` records no teacher (a tape holds
+    the teacher's outputs for every step, up to `mtml.runs.teacher_tape.MAX_TAPE_BYTES`)."""
     folder: Path
     resume: bool = True
+    tape: bool = True
 
     @classmethod
     def beside(cls, out_dir, resume: bool = True) -> "RunStore":
@@ -76,9 +78,10 @@ class RunStore:
 
 @dataclass
 class RunOptions:
-    """How a run is carried out, never what it computes."""
+    """How a run is carried out. `augment` is part of what it computes: pass the task's own
+    (`task.augment`), which the run identity assumes; None trains without augmentation."""
     device: str = "cpu"
-    augment: Callable | None = None  # the training augmentation, e.g. `task.augment`; None: none
+    augment: Callable | None = None
     progress: bool = True
     callback: Callback | Callable | None = None  # a fit Callback, or a function of the history after each epoch
     external: dict | None = None  # sets of `mtml.external.load_sets`, evaluated too (never trained on)
@@ -106,7 +109,7 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec 
         teacher = pretrain_teacher(task, train, cfg, options.device, networks=networks, augment=options.augment,
                                    progress=options.progress, callbacks=solo)
     cohort = Cohort.build(cfg, options.device, teacher=teacher, networks=networks, task=task)
-    tape = TeacherTape(store.folder, spec, store.resume) if store is not None else None
+    tape = TeacherTape(store.folder, spec, store.resume) if store is not None and store.tape else None
     callback = options.callback
     if callback is not None and not isinstance(callback, Callback):  # a function of the history so far
         callback = EachEpoch(callback)
@@ -136,7 +139,7 @@ def _check_run(cfg: CohortConfig, task, spec: RunSpec, options: RunOptions) -> N
                          "build both from the same parameters")
     if getattr(task, "stain_jitter", 0) and options.augment != task.augment:
         raise ValueError(f"the task's stain_jitter {task.stain_jitter} is part of this run's identity, but another "
-                         "augmentation was passed: pass augment=task.augment")
+                         "augmentation was passed: pass RunOptions(augment=task.augment)")
     for name, (_, info) in (options.external or {}).items():
         if info["manifest_sha256"] == spec.data.get("manifest_sha256"):
             raise ValueError(f"external set {name} holds the run's own data: an external set must be other data")
@@ -159,7 +162,8 @@ def train_run(knobs: dict, task_name: str, train, val, test=None, *, out_dir, ca
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     result = run_cohort(config_from_parameters(knobs, task_name), task, train, val, test, spec=spec,
                         store=RunStore.beside(out_dir, resume=knobs.get("RESUME", True)),
-                        options=RunOptions(device, task.augment, progress, callback, external))
+                        options=RunOptions(device=device, augment=task.augment, progress=progress,
+                                           callback=callback, external=external))
     if progress and result.teacher_replayed:
         print("The teacher was replayed from the run store, not trained again: a run with the same teacher "
               "recorded it there (mtml.teacher_tape); the results are those of training it.")

@@ -73,7 +73,7 @@ def _check_kind(task_name: str, folder: Path) -> None:
         return  # an unprepared Kvasir-SEG folder (detection) or a missing one: the loader says which
     columns = set(pd.read_csv(manifest, nrows=0).columns)
     wanted = task_class(task_name)
-    if not wanted.reads_manifest(columns):
+    if hasattr(wanted, "reads_manifest") and not wanted.reads_manifest(columns):
         held = [task_class(t).data_kind for t in task_names()
                 if hasattr(task_class(t), "reads_manifest") and task_class(t).reads_manifest(columns)]
         raise ValueError(f"{folder} holds {held[0] if held else 'an unknown manifest'}, a {task_name} run needs "

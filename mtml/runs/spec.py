@@ -62,13 +62,18 @@ def spec_of(cfg, task, data: dict | None = None) -> RunSpec:
     this module below mtml.core) on `task` with data described by `data`. The knowledge fields
     (added with feature distillation) enter it resolved, and only when some student learns
     features: a predictions-only run keeps the identity it had before they existed."""
-    speed_only = {f.name for f in fields(cfg) if not f.metadata.get("results", True)}  # e.g. num_workers
+    speed_only = {f.name for f in fields(cfg) if not f.metadata.get("identity", True)}  # e.g. num_workers
     config = {k: v for k, v in asdict(cfg).items() if k not in speed_only and k not in KNOWLEDGE_FIELDS}
     if not config.get("stack_students"):  # added later: runs without it keep their identity
         config.pop("stack_students", None)
     revision = getattr(task, "network_revision", lambda version: None)(cfg.version)
     if revision:  # tiny classifiers' widths changed once under the same name (mtml.models)
         config["tiny_widths"] = revision
+    from ..core.terms import KIT_TERMS, STUDENT_TERMS
+
+    added = [t.name for t in STUDENT_TERMS if t.name not in KIT_TERMS]
+    if added:  # a term added to the student objective changes what the run computes
+        config["student_terms"] = added
     teacher, peer = cfg.knowledge()
     if cfg.uses_features:
         config.update(teacher_knowledge="|".join(teacher), peer_knowledge=peer, w_feat=cfg.w_feat,

@@ -9,6 +9,11 @@ task class carries, besides the interface of `mtml.tasks.task.Task`:
     data_fingerprint staticmethod: what data the run sees, from the parameters (the run spec's `data`)
     knob_types       optional: {PARAMETER: float or int} of its own numeric notebook knobs
     item, bootstrap_unit  optional words for reports: one test input ("tile"), what a bootstrap resamples ("patients")
+    notebooks        optional: {mode: the notebook that trains it} (mtml.runs.reproduce)
+    versions         optional staticmethod: its version names (mtml.runs.costs)
+    reads_manifest, folder_fingerprint, load_folder, data_kind
+                     optional: how a prepared folder of its data is recognised, hashed and loaded
+                     as an external test set (mtml.runs.external)
 """
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ class DetectionTask:
                 "index": torch.tensor([int(item.get("index", i)) for i, item in enumerate(items)])}
 
     def augment(self, batch, generator=None):
-        """The training augmentation: random horizontal flips of frames and boxes."""
+        """The training augmentation: random horizontal and vertical flips of frames and boxes."""
         from .polyp import flip_augment
 
         return flip_augment(batch, generator=generator)
