@@ -235,3 +235,56 @@ def test_bad_arguments_raise():
         soft_kl(t64(STUDENT), t64(TEACHER[:, :2]), 1.0)
     with pytest.raises(ValueError, match="peer"):
         mutual_loss(t64(STUDENT), [], 1.0)
+
+
+# ---- tests added from a mutation run (each kills a mutant that survived the suite) ----
+def test_distill_ramp_golden():
+    from mtml.core.step import distill_ramp
+
+    floor = math.exp(-5.0)
+    assert distill_ramp(0.0, 2.0) == 0.0  # random teacher and peers teach nothing at the first step
+    assert distill_ramp(1.0, 2.0) == pytest.approx((math.exp(-5.0 * 0.25) - floor) / (1.0 - floor), rel=1e-12)
+    assert distill_ramp(2.0, 2.0) == distill_ramp(5.0, 2.0) == distill_ramp(0.3, 0.0) == 1.0
+
+
+def test_the_warm_up_scales_kd_and_ml_but_not_the_label_term():
+    import copy
+
+    from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step
+
+    task, batch = ClassificationTask(2), {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8) % 2}
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", w_ce=0.7, distill_warmup_epochs=2.0), task=task)
+    off = cohort_step(copy.deepcopy(cohort), batch, task, distill_scale=0.0)
+    half = cohort_step(copy.deepcopy(cohort), batch, task, distill_scale=0.5)
+    for s in ("student_1", "student_2"):
+        assert float(off[f"{s}/loss"]) == pytest.approx(0.7 * float(off[f"{s}/sup"]))
+        assert float(half[f"{s}/loss"]) == pytest.approx(
+            0.7 * float(half[f"{s}/sup"]) + 0.5 * (float(half[f"{s}/kd"]) + float(half[f"{s}/ml"])), rel=1e-6)
+
+
+def test_soft_kl_weights_get_no_gradient_and_tiny_weights_are_a_weighted_mean():
+    student, target = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    weight = torch.full((4,), 1e-4, requires_grad=True)
+    loss = soft_kl(student, target, 2.0, weight=weight)
+    loss.backward()
+    assert weight.grad is None  # the weights say where to distil; they are not learned through the loss
+    plain = soft_kl(student.detach(), target, 2.0)  # equal weights: the plain mean, however small they are
+    assert float(loss) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_a_cohort_step_moves_the_learning_rate_schedule():
+    from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step
+
+    task, batch = ClassificationTask(2), {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8) % 2}
+    cohort = Cohort.build(CohortConfig(mode="ml", lr=0.1), task=task)
+    cohort.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(cohort.optimizer, T_max=2)
+    cohort_step(cohort, batch, task)
+    cohort_step(cohort, batch, task)
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in cohort.optimizer.param_groups)
+
+
+def test_both_kinds_of_knowledge_use_feature_maps():
+    from mtml import CohortConfig
+
+    assert CohortConfig(mode="kd_ml_styles", teacher_knowledge="both", peer_knowledge="predictions").uses_features
+    assert not CohortConfig(mode="kd_ml").uses_features
