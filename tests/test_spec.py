@@ -382,3 +382,25 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
     student = [w["student_1"] for w in weights]
     assert any(not torch.equal(student[0][k], student[1][k]) for k in student[0])
     assert np.isfinite(records[1]["ensemble/map50"])
+
+
+# ---- tests added from a mutation run: a change that silently renames every run fails here ----
+def test_one_spec_hash_is_pinned():
+    """Every committed run is found by its hash: the format, the hashing and the rounding of the
+    hash must not drift (a deliberate change bumps SPEC_FORMAT and migrates the committed CSVs)."""
+    spec = spec_of(CohortConfig(mode="kd"), ClassificationTask(), {"manifest_sha256": "abc"})
+    assert spec.hash == PINNED_HASH
+
+
+PINNED_HASH = "5f74e43f6b9a4c9c"  # CohortConfig(mode="kd"), ClassificationTask(), manifest abc
+
+
+def test_stacking_students_is_part_of_the_identity_and_a_spec_round_trips():
+    from mtml.runs.spec import RunSpec
+    from mtml.tasks.detection import DetectionTask
+
+    task = DetectionTask(size=64)
+    plain = spec_of(CohortConfig(mode="kd"), task, {"manifest_sha256": "abc"})
+    assert plain.hash != spec_of(CohortConfig(mode="kd", stack_students=True), task, {"manifest_sha256": "abc"}).hash
+    assert plain.task_settings and RunSpec.from_dict(plain.as_dict()) == plain
+    assert RunSpec.from_dict(plain.as_dict()).hash == plain.hash
