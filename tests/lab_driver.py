@@ -180,9 +180,10 @@ _PAGE_FIELDS = ("prompts", "tracebacks", "live_widgets", "widget_failures", "pla
                 "dialogs")
 # Read the page: prompts of non-empty code cells, stderr tracebacks, widget views, decoded images.
 _READ_PAGE = """() => {
-  const text = el => (el.innerText || el.textContent || '').trim();
+  const text = el => el ? (el.innerText || el.textContent || '').trim() : '';
   const panel = '.jp-NotebookPanel:not(.lm-mod-hidden) ';
   const all = sel => [...document.querySelectorAll(panel + sel)];
+  // code cells showing a non-empty input (a folded input, e.g. the advanced knobs, shows none)
   const code = all('.jp-CodeCell').filter(c => text(c.querySelector('.jp-InputArea-editor')) !== '');
   const outs = sel => all('.jp-OutputArea-output' + sel);
   // A widget output (not nested in a widget) holds a view, or says "Loading/Error displaying widget",

@@ -3,14 +3,15 @@
 Covers 00_setup_and_data_tour, every notebook with widgets, and one detection notebook: Run All Cells
 must finish without an error, widgets must be live views (not their text repr), plots real images.
 The server runs on COPIES of the notebooks in a temporary folder with MTML_SMOKE=1; a screenshot of
-each notebook goes to runs/screenshots/. Without /usr/bin/chromium (Debian's `chromium`) or the
-playwright package the test skips, except in CI (`CI` set), where it fails.
+each notebook goes to a folder outside the checkout (SCREENSHOTS, printed at the end). Without
+/usr/bin/chromium (Debian's `chromium`) or the playwright package the test skips, except in CI (`CI` set), where it fails.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from lab_driver import CHROMIUM, CHROMIUM_ARGS, LabServer, move_first_slider, pr
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-SCREENSHOTS = REPO / "runs" / "screenshots"
+SCREENSHOTS = Path(tempfile.gettempdir()) / "mtml-jupyterlab-screenshots"  # never the checkout's runs/
 SETUP_NOTEBOOK = "00_setup_and_data_tour.ipynb"
 WIDGET_MARKERS = ("ipywidgets", "mtml.widgets", "mtml.teach.widgets", "from mtml.teach import widgets")
 PLOT_MARKERS = ("plt.", "mtml.plots", "matplotlib")

@@ -258,7 +258,7 @@ def test_the_task_owns_its_stain_jitter_and_refuses_another_augmentation():
     assert ClassificationTask.from_settings(task.settings()).stain_jitter == 0.3
     data = make_separable(32, 8, seed=0)
     cfg = CohortConfig(mode="independent", epochs=1, batch_size=16)
-    with pytest.raises(ValueError, match="pass augment=task.augment"):
+    with pytest.raises(ValueError, match=r"augment=task\.augment"):
         run_cohort(cfg, task, data, data, options=RunOptions(augment=augment_tiles, progress=False))
 
 
