@@ -93,10 +93,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 STORE = "store"
 
 
-def checkpoint_folder(out_dir, spec_hash: str) -> Path:
-    """The checkpoint folder of run `spec_hash` for a notebook writing into `out_dir`: the run
-    store beside it, `<out_dir>/../store/<spec hash>`. Notebooks writing beside each other share
-    it, so a run one of them finished is loaded, not trained again, by the next (04 reloads the
-    seed-0 runs of 01-03, 09 the kd_ml runs of 04). `mtml.runs.experiment.RunStore.beside(out_dir)`
-    is the same store as an object."""
-    return Path(out_dir).parent / STORE / spec_hash
+def run_store(out_dir) -> Path:
+    """The run store of a notebook writing into `out_dir`: `<out_dir>/../store`, one folder per
+    run identity inside. Notebooks writing beside each other share it, so a run one of them
+    finished is loaded, not trained again, by the next (04 reloads the seed-0 runs of 01-03).
+    `mtml.runs.experiment.RunStore.beside(out_dir)` is this folder as an object."""
+    return Path(out_dir).parent / STORE

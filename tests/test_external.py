@@ -11,7 +11,7 @@ import torch
 
 from mtml import ClassificationTask, Cohort, CohortConfig, fit
 from mtml.tasks.detection import DetectionTask
-from mtml.io import checkpoint_folder
+from mtml.io import run_store
 from mtml.runs.experiment import RunOptions, RunStore, run_cohort
 from mtml.runs.external import evaluate_run, external_table, load_sets
 from mtml.tasks.models import build_cohort_networks
@@ -70,7 +70,7 @@ def test_a_detection_run_is_tested_on_an_external_set_and_again_from_its_checkpo
     assert sorted(table["network"]) == ["ensemble", "student_1", "student_2", "students_mean", "teacher"]
     # a run made before the run store kept its checkpoint in <run>/checkpoints/<hash>: still found
     (tmp_path / "run" / "checkpoints").mkdir()
-    checkpoint_folder(tmp_path / "run", spec.hash).rename(tmp_path / "run" / "checkpoints" / spec.hash)
+    (run_store(tmp_path / "run") / spec.hash).rename(tmp_path / "run" / "checkpoints" / spec.hash)
     older = evaluate_run(tmp_path / "run", [tmp_path / "cvc-like"])
     assert {k: older[k] for k in before} == pytest.approx(before, abs=1e-6)
 

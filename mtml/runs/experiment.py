@@ -8,7 +8,7 @@ from typing import Callable
 import pandas as pd
 
 from .report import run_record
-from ..io import STORE
+from ..io import run_store
 from ..tasks.models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from ..core.cohort import Cohort, CohortConfig
@@ -70,7 +70,7 @@ class RunStore:
 
     @classmethod
     def beside(cls, out_dir, resume: bool = True) -> "RunStore":
-        return cls(Path(out_dir).parent / STORE, resume)
+        return cls(run_store(out_dir), resume)
 
     def checkpoints(self, spec: RunSpec) -> Path:
         return Path(self.folder) / spec.hash

@@ -119,12 +119,12 @@ def load_run(run_dir, device: str = "cpu"):
         raise FileNotFoundError(f"{run_dir} has no readable metrics.json ({err}): {hint}") from err
     if not isinstance(record, dict) or "spec_hash" not in record:
         raise ValueError(f"{run_dir / 'metrics.json'} is not a single run's record (a comparison?): {hint}")
-    from ..io import checkpoint_folder
+    from ..io import run_store
 
-    found = [c for c in (checkpoint_folder(run_dir, record["spec_hash"]) / "checkpoint.pt",  # the run store
+    found = [c for c in (run_store(run_dir) / record["spec_hash"] / "checkpoint.pt",  # the run store
                          run_dir / "checkpoints" / record["spec_hash"] / "checkpoint.pt")  # runs before it
              if c.is_file()]
-    checkpoint = found[0] if found else checkpoint_folder(run_dir, record["spec_hash"]) / "checkpoint.pt"
+    checkpoint = found[0] if found else run_store(run_dir) / record["spec_hash"] / "checkpoint.pt"
     if not found:
         raise FileNotFoundError(f"{checkpoint} is missing: the run's final checkpoint is needed; run it again "
                                 "(mtml.reproduce or the notebook) to write it")
