@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from mtml import Cohort, CohortConfig, fit
 from mtml.runs.parameters import spec_from_parameters, task_from_parameters
-from mtml.runs.study import Study, run_study, study_runs
+from mtml.runs.study import Study, run_study, study_runs, write_results
 from mtml.tasks import register, task_class, task_names
 
 
@@ -52,10 +52,13 @@ class ToyRegression:
     def data_fingerprint(params):
         return {"kind": "generated points", "points": params.get("POINTS", 96)}
 
-    @staticmethod
-    def load_splits(params, data=None, who="this run"):
+    test_loads = 0  # how often a test split was made (a validation study makes none)
+
+    @classmethod
+    def load_splits(cls, params, data=None, who="this run", with_test=True):
         n = params.get("POINTS", 96)
-        return Points(n, 0), Points(n // 3, 1), Points(n // 3, 2), f"{n} generated points", None
+        cls.test_loads += with_test
+        return Points(n, 0), Points(n // 3, 1), Points(n // 3, 2) if with_test else None, f"{n} generated points", None
 
     def networks(self, version, n_students, num_classes=2, pretrained=False, with_teacher=True):
         def mlp(width):
@@ -145,3 +148,55 @@ def test_the_third_task_runs_a_smoke_study_and_resumes_by_identity(tmp_path):
     before = (out / "runs.csv").read_bytes()
     assert run_study(study, out, smoke=True) == 0
     assert (out / "runs.csv").read_bytes() == before, "finished runs are found by their identity, not run again"
+
+
+def test_a_study_with_variants_on_validation_pairs_each_variant_with_the_base_and_never_loads_test(tmp_path):
+    (tmp_path / "toy_ablation.yaml").write_text(
+        "name: toy_ablation\ntask: toy_regression\ndata: synthetic\nversion: tiny\nmodes: [independent, kd, kd_ml]\n"
+        "seeds: [0, 1, 2]\nevaluate_on: validation\nparams:\n  POINTS: 96\n  WIDTH: 8\n  W_KD: 1.0\n"
+        "variants:\n  weak kd: {W_KD: 0.1}\n  wide: {WIDTH: 16}\n")
+    study = Study.load(tmp_path / "toy_ablation.yaml")
+    planned = study.planned()
+    assert len(planned) == 3 * 3 + 2 * 3 * 2, "base: every mode; each variant: every mode but independent"
+    assert len({spec_from_parameters("toy_regression", p).hash for p in planned}) == len(planned)
+    out, loads = tmp_path / "out", ToyRegression.test_loads
+    assert run_study(study, out) == 0
+    assert ToyRegression.test_loads == loads, "a validation study never makes its test split"
+    runs, _, missing = study_runs(study, out)
+    assert not missing and set(runs["evaluated_on"]) == {"validation"}
+    assert runs.groupby("variant").size().to_dict() == {"base": 9, "weak kd": 6, "wide": 6}
+    write_results(study, out)
+    table = pd.read_csv(out / "variants.csv")
+    row = table[(table["variant"] == "weak kd") & (table["mode"] == "kd")].iloc[0]
+    metric = "ensemble/neg_mse"
+    pick = lambda v, m: runs[(runs["variant"] == v) & (runs["mode"] == m)].set_index("seed")[metric]  # noqa: E731
+    difference = pick("weak kd", "kd") - pick("base", "kd")
+    assert row["pairs"] == 3 and row["minus_base"] == pytest.approx(difference.mean(), abs=1e-6)
+    assert row["minus_base_ci95"] == pytest.approx(4.302653 * difference.std(ddof=1) / 3 ** 0.5, rel=1e-4)
+    text = (out / "RESULTS.md").read_text()
+    assert "on the VALIDATION split" in text and "## Variants" in text and "| wide | WIDTH=16 | kd_ml | 3 |" in text
+    verdicts = pd.read_csv(out / "verdicts.csv")  # the claims are the base runs' only
+    kd = runs[runs["variant"] == "base"].pivot(index="seed", columns="mode", values=metric)
+    assert verdicts.loc[0, "mean"] == pytest.approx((kd["kd_ml"] - kd["kd"]).mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("variants, message", [("{base: {W_KD: 0.5}}", "named 'base'"),
+                                               ("{low: {seed: 1}}", "UPPER_CASE"), ("{low: {}}", "map a name")])
+def test_bad_variants_are_refused_in_one_line(tmp_path, variants, message):
+    (tmp_path / "s.yaml").write_text("name: s\ntask: toy_regression\ndata: synthetic\nversion: tiny\n"
+                                     f"modes: [kd]\nseeds: [0]\nvariants: {variants}\n")
+    with pytest.raises(ValueError, match=message):
+        Study.load(tmp_path / "s.yaml")
+
+
+def test_reuse_takes_runs_tested_on_the_same_split_only(tmp_path, monkeypatch):
+    import mtml.runs.study as study_module
+
+    monkeypatch.setattr(study_module, "RESULTS", tmp_path)
+    head = "task: toy_regression\ndata: synthetic\nversion: tiny\nmodes: [kd]\nseeds: [0, 1]\nparams:\n  POINTS: 48\n"
+    for name, extra in (("on_val", "evaluate_on: validation\n"), ("on_test", "")):
+        (tmp_path / f"{name}.yaml").write_text(f"name: {name}\n{head}{extra}")
+        assert run_study(Study.load(tmp_path / f"{name}.yaml"), tmp_path / name) == 0
+    for source, taken in (("on_val", 0), ("on_test", 2)):
+        (tmp_path / f"from_{source}.yaml").write_text(f"name: from_{source}\n{head}reuse: [{source}]\n")
+        assert study_module.adopt(Study.load(tmp_path / f"from_{source}.yaml"), tmp_path / f"from_{source}") == taken

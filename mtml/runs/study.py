@@ -41,7 +41,8 @@ RESULTS = REPO / "docs" / "results"
 CLAIMS = (("kd_ml", "kd"), ("kd_ml", "ml"), ("kd_ml", "independent"))
 ALPHA, POWER = 0.05, 0.80
 KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
-        "target_difference", "notes", "external", "claims", "reuse"}
+        "target_difference", "notes", "external", "claims", "reuse", "variants", "evaluate_on"}
+BASE = "base"  # the variant of the study's own params
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Study:
     external: tuple = ()          # prepared folders every run is also tested on (mtml.external)
     claims: tuple = CLAIMS        # ((a, b), ...): "a ensemble > b ensemble", Holm over all of them
     reuse: tuple = ()             # other studies whose finished runs of this plan are taken as they are
+    variants: tuple = ()          # ((name, {PARAM: value}), ...): params changed; every mode but independent runs each
+    evaluate_on: str = "test"     # or "validation": the test split is never loaded (a study that chooses settings)
 
     @classmethod
     def load(cls, path) -> "Study":
@@ -95,19 +98,51 @@ class Study:
         reuse = raw.get("reuse") or []
         return cls(**{**raw, "modes": tuple(raw["modes"]), "seeds": tuple(raw["seeds"]),
                       "params": raw.get("params", {}), "external": tuple(external), "claims": claims,
-                      "reuse": tuple([reuse] if isinstance(reuse, str) else reuse)})
+                      "reuse": tuple([reuse] if isinstance(reuse, str) else reuse),
+                      "variants": _variants(path, raw), "evaluate_on": _evaluate_on(path, raw)})
 
     @property
     def metric(self) -> str:
         return task_class(self.task).metric
 
-    def parameters(self, mode: str, seed: int, smoke: bool = False) -> dict:
-        params = {**self.params, "VERSION": self.version, "MODE": mode, "SEED": seed}
+    def parameters(self, mode: str, seed: int, smoke: bool = False, change: dict | None = None) -> dict:
+        params = {**self.params, **(change or {}), "VERSION": self.version, "MODE": mode, "SEED": seed}
         return typed(smoke_parameters(self.task, params) if smoke else params)
 
     def planned(self, smoke: bool = False) -> list[dict]:
+        """Every run's parameters: each mode and seed at the study's params, then (a study with
+        variants) every mode but independent at each variant; a variant's runs carry its name
+        under the lower-case key "variant", which no run identity reads."""
         seeds = self.seeds[:2] if smoke else self.seeds
-        return [self.parameters(mode, seed, smoke) for seed in seeds for mode in self.modes]
+        runs = [self.parameters(mode, seed, smoke) for seed in seeds for mode in self.modes]
+        for name, change in self.variants:
+            runs += [{**self.parameters(mode, seed, smoke, change), "variant": name}
+                     for seed in seeds for mode in self.modes if mode != "independent"]
+        return runs
+
+    @property
+    def split(self) -> str:
+        """The split every run is tested on: "test", or "validation" for a study that chooses settings."""
+        return self.evaluate_on
+
+
+def _variants(path, raw: dict) -> tuple:
+    """The study file's `variants:` ({name: {PARAM: value}}) as ((name, change), ...), checked."""
+    variants = raw.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(c, dict) and c for c in variants.values()):
+        raise ValueError(f"{path}: variants must map a name to the parameters it changes, e.g. {{'tau 2': {{'TEMPERATURE': 2.0}}}}")
+    bad = [k for change in variants.values() for k in change if not k.isupper() or k in ("MODE", "SEED", "VERSION")]
+    if bad or BASE in variants:
+        raise ValueError(f"{path}: variants change notebook parameters (UPPER_CASE, not MODE, SEED or VERSION) and "
+                         f"none is named {BASE!r} (the study's own params): {bad or BASE}")
+    return tuple((str(name), dict(change)) for name, change in variants.items())
+
+
+def _evaluate_on(path, raw: dict) -> str:
+    where = raw.get("evaluate_on", "test")
+    if where not in ("test", "validation"):
+        raise ValueError(f"{path}: evaluate_on must be test or validation, got {where!r}")
+    return where
 
 
 # data ------------------------------------------------------------------------------------------
@@ -118,9 +153,11 @@ def load_data(study: Study, params: dict):
     """(train, val, test, description, augment) for a run's parameters, cached per process (every
     run of a study sees the same data); the networks come from the task."""
     key = (study.task, params.get("DATA_DIR"), params.get("FRAME_SIZE"), params.get("TILE_SIZE"),
-           params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("SPLIT_SEED"), params.get("SPLIT_BY"))
-    if key not in _DATA:
-        _DATA[key] = task_class(study.task).load_splits(params, study.data, f"study {study.name}")
+           params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("SPLIT_SEED"), params.get("SPLIT_BY"),
+           study.split)
+    if key not in _DATA:  # a validation study never loads a test item
+        _DATA[key] = task_class(study.task).load_splits(params, study.data, f"study {study.name}",
+                                                         with_test=study.split == "test")
     return _DATA[key]
 
 
@@ -155,7 +192,11 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     row = result.record(data=label, train_time_s=round(time.perf_counter() - start, 1),
                         commit=current_commit(), machine=machine_label(threads))
     row = {k: v for k, v in row.items() if not k.startswith("task.wbf")}
-    extra, units = task.study_record(result, val, test)
+    if study.variants:
+        row["variant"] = params.get("variant", BASE)
+    if study.split != "test":
+        row["evaluated_on"] = study.split
+    extra, units = task.study_record(result, val, test if test is not None else val)
     row.update(extra)
     row["ensemble_gain"] = row[f"ensemble/{study.metric}"] - row[f"students_mean/{study.metric}"]
     return row, units
@@ -227,7 +268,8 @@ def append(out: Path, row: dict, units: pd.DataFrame) -> None:
 def adopt(study: Study, out: Path) -> int:
     """Takes the finished runs of the studies in `study.reuse` whose spec hash this study plans
     (the same run identity: the same computation) into `out`, with their test units; returns how
-    many were taken. They carry only the sets they were tested on: a study that names `external`
+    many were taken; a run tested on another split (a validation study's) is not taken. They
+    carry only the sets they were tested on: a study that names `external`
     sets trains its runs itself or tests reused ones with `python -m mtml.runs.external`."""
     planned = {spec_from_parameters(study.task, p).hash for p in study.planned()}
     taken = 0
@@ -238,6 +280,9 @@ def adopt(study: Study, out: Path) -> int:
                                     "check the name under reuse:")
         table = read_runs(source)
         for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
+            tested_on = row.get("evaluated_on")
+            if (tested_on if isinstance(tested_on, str) else "test") != study.split:  # same training, another split
+                continue
             units_file = source / "units" / f"{row['spec_hash']}.csv.gz"
             if not units_file.is_file():  # a row without its test units cannot enter the report
                 print(f"not taken from {other}: run {row['spec_hash']} has no {units_file.name}", file=sys.stderr)
@@ -283,7 +328,8 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
         spec_hash = spec_from_parameters(study.task, params).hash
         if spec_hash in done_hashes(out) or not claim(claims, spec_hash):
             continue
-        what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}"
+        what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}" + (
+            f" ({params['variant']})" if "variant" in params else "")
         try:
             row, units = run_one(study, params, threads=1 if workers > 1 else max(1, os.cpu_count() or 1))
         except Exception as err:  # one failed run never stops the study; it is listed and retried
@@ -312,7 +358,7 @@ def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFra
                          "nothing was overwritten: check the data and the study file")
     missing = [p for h, p in planned.items() if h not in set(runs["spec_hash"])]
     units = {(r.version, r.mode, r.seed): pd.read_csv(out / "units" / f"{r.spec_hash}.csv.gz")
-             for r in runs.itertuples()}
+             for r in runs.itertuples() if getattr(r, "variant", BASE) == BASE}  # the verdicts use the base runs
     return runs, units, missing
 
 
@@ -383,10 +429,10 @@ def _holm_phrase(n: int) -> str:
     return f"p of the paired t-test, Holm-adjusted over the {({2: 'two', 3: 'three'}).get(n, str(n))} claims"
 
 
-def _pm(mean, half, digits=3) -> str:
+def _pm(mean, half, digits=3, sign="") -> str:
     if not np.isfinite(mean):
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
+    return f"{mean:{sign}.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
 
 
 def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFrame | None = None,
@@ -395,7 +441,8 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     import matplotlib
 
     matplotlib.use("Agg")
-    runs, units, missing = study_runs(study, out, smoke)
+    everything, units, missing = study_runs(study, out, smoke)
+    runs = everything[everything["variant"] == BASE] if study.variants and len(everything) else everything
     title = study.title or study.name
     head = [f"# {title}" + (" (SYNTHETIC data)" if study.data == "synthetic" and "SYNTHETIC" not in title else ""), "",
             f"Generated by `python -m mtml.runs.study studies/{study.name}.yaml{' --smoke' if smoke else ''}` "
@@ -409,8 +456,10 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     summary.to_csv(out / "results.csv", index=False, float_format="%.6g")
     decided = verdicts(runs, study.metric, units, study.claims)
     decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
-    lines = head + _about(study, runs, missing, smoke) + _verdict_lines(study, decided, len(runs), len(missing))
-    lines += _mode_lines(runs, summary, study.metric)
+    lines = head + _about(study, everything, missing, smoke) + _verdict_lines(study, decided, len(runs), len(missing))
+    lines += _mode_lines(runs, summary, study.metric, study.split)
+    if study.variants:
+        lines += _variant_lines(study, everything, out)
     if costs is not None:
         lines += _cost_lines(costs, getattr(task_class(study.task), "item", "item"))
     if sets_in(runs.columns):
@@ -418,10 +467,11 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     if hygiene:
         lines += ["", "## Split hygiene", ""] + [f"- {k}: {v}" for k, v in hygiene.items()]
     lines += ["", "## Figures", ""]
-    for name, draw in _figures(out, runs, summary, costs, study.metric).items():
+    for name, draw in _figures(out, runs, summary, costs, study.metric, study.split).items():
         lines.append(f"- `{name}`: {draw}")
     if missing:
-        lines += ["", "## Missing runs", "", *[f"- {p['MODE']} seed {p['SEED']}" for p in missing],
+        lines += ["", "## Missing runs", "", *[f"- {p['MODE']} seed {p['SEED']}" + (f" ({p['variant']})" if "variant" in p
+                                                                                  else "") for p in missing],
                   "", "Run the command again to add them; finished runs are never re-run."]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     return out / "RESULTS.md"
@@ -438,7 +488,9 @@ def _about(study: Study, runs: pd.DataFrame, missing: list, smoke: bool) -> list
     machines = "; ".join(sorted(set(runs["machine"].astype(str))))
     lines = [
         f"- data: {data}", f"- task: {study.task}, version {study.version}; metric: {study.metric} of the student "
-        "ensemble on the TEST split, each run tested once; every parameter fixed in the study file beforehand",
+        f"ensemble on the {study.split.upper()} split, each run tested once"
+        + ("" if study.split == "test" else " (the test split is never loaded)")
+        + "; every parameter fixed in the study file beforehand",
         f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))}; runs: {len(runs)} of "
         f"{len(runs) + len(missing)} planned" + (f" (MISSING: {len(missing)})" if missing else ""),
         f"- code: commit(s) {commits}{code_changes(runs['commit'])}; machine: {machines}",
@@ -455,9 +507,9 @@ def _verdict_lines(study: Study, decided: pd.DataFrame, done: int, missing: int)
     lines = ["## Verdicts" + (f" (PROVISIONAL: {done} of {done + missing} runs)" if missing else ""), "",
              f"Paired by seed; mean difference of the ensembles' {study.metric} with its 95% t-interval over seeds; "
              f"{_holm_phrase(len(study.claims))}; the 95% bootstrap "
-             f"interval over test {getattr(task_class(study.task), 'bootstrap_unit', 'units')} (one shared resampling of "
-             "the test set, the networks fixed); detectable: the smallest true difference a paired t-test at alpha "
-             f"0.05 / {len(study.claims)} "
+             f"interval over {study.split} {getattr(task_class(study.task), 'bootstrap_unit', 'units')} (one shared "
+             f"resampling of the {study.split} set, the networks fixed); detectable: the smallest true difference a "
+             f"paired t-test at alpha 0.05 / {len(study.claims)} "
              "finds with power 0.8 given the observed spread and number of seeds. Confirmed: positive, "
              "p_holm < 0.05 and a bootstrap interval above 0; refuted: negative by the same rule; otherwise "
              f"inconclusive. The study aimed to detect {study.target_difference}"
@@ -470,14 +522,14 @@ def _verdict_lines(study: Study, decided: pd.DataFrame, done: int, missing: int)
     return lines
 
 
-def _mode_lines(runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> list[str]:
+def _mode_lines(runs: pd.DataFrame, summary: pd.DataFrame, metric: str, split: str = "test") -> list[str]:
     """One row per mode: teacher, students, ensemble (with its bootstrap), operating point, gain, diversity, time."""
     per_mode = runs.groupby("mode", sort=False)
     extra = {col: {m: mean_ci(g[col]) for m, g in per_mode}
              for col in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall", "diversity/disagreement",
                          "diversity/kl", "ensemble_gain", "train_time_s") if col in runs}
-    lines = ["", "## Every mode", "", f"Test {metric}, mean ± 95% t-interval over seeds; the ensemble's "
-             "bootstrap interval over the test set; ensemble gain = ensemble minus the students' mean; "
+    lines = ["", "## Every mode", "", f"{split.capitalize()} {metric}, mean ± 95% t-interval over seeds; the ensemble's "
+             f"bootstrap interval over the {split} set; ensemble gain = ensemble minus the students' mean; "
              "diversity between the students (see `mtml.diversity`).", ""]
     cols = ["mode", "seeds", "teacher", "students' mean", "ensemble", "ensemble bootstrap"]
     op = "ensemble/op_f1" in extra
@@ -488,12 +540,58 @@ def _mode_lines(runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> list[
         cells = [r.mode, str(r.seeds), _pm(getattr(r, "teacher_mean", math.nan), getattr(r, "teacher_ci95", math.nan)),
                  _pm(r.students_mean_mean, r.students_mean_ci95), _pm(r.ensemble_mean, r.ensemble_ci95),
                  f"[{r.ensemble_boot_lo:.3f}, {r.ensemble_boot_hi:.3f}]"]
+        cell = lambda col, digits=3: _pm(*extra[col][r.mode][:2], digits=digits) if col in extra else "-"  # noqa: E731
         if op:
-            cells += [_pm(*extra[c][r.mode][:2]) for c in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall")]
-        cells += [_pm(*extra["ensemble_gain"][r.mode][:2]), _pm(*extra["diversity/disagreement"][r.mode][:2]),
-                  _pm(*extra["diversity/kl"][r.mode][:2], digits=4),
+            cells += [cell(c) for c in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall")]
+        cells += [cell("ensemble_gain"), cell("diversity/disagreement"), cell("diversity/kl", digits=4),
                   f"{extra['train_time_s'][r.mode][0] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _variant_lines(study: Study, runs: pd.DataFrame, out: Path) -> list[str]:
+    """A study with variants: each variant's ensemble per mode and its difference from the base
+    run of the same mode and seed, then the study's claims within each variant, where a mode the
+    variant leaves as it is (independent; a run whose identity the change does not touch) is the
+    base's run; variants.csv holds the numbers."""
+    metric, rows = f"ensemble/{study.metric}", []
+    base = runs[runs["variant"] == BASE].set_index(["mode", "seed"])[metric]
+    for name, change in [(BASE, {}), *study.variants]:
+        for mode in study.modes:
+            g = runs[(runs["variant"] == name) & (runs["mode"] == mode)]
+            if g.empty:
+                continue
+            m, h, n = mean_ci(g[metric])
+            sm, sh, _ = mean_ci(g[f"students_mean/{study.metric}"])
+            dm, dh, dn = mean_ci((g.set_index(["mode", "seed"])[metric] - base).dropna()) if name != BASE else (math.nan,) * 3
+            rows.append({"variant": name, "change": ", ".join(f"{k}={v}" for k, v in change.items()) or "-",
+                         "mode": mode, "seeds": n, "ensemble": m, "ensemble_ci95": h, "students_mean": sm,
+                         "students_mean_ci95": sh, "minus_base": dm, "minus_base_ci95": dh, "pairs": dn})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "variants.csv", index=False, float_format="%.6g")
+    word = lambda r: ("higher" if r.minus_base - r.minus_base_ci95 > 0 else "lower" if r.minus_base + r.minus_base_ci95 < 0  # noqa: E731
+                      else "not separated") if np.isfinite(r.minus_base_ci95) else "-"
+    lines = ["", "## Variants", "", "Each variant changes the study's params as listed and runs every mode but "
+             "independent (a run the change leaves as it is, same run identity, is the base's run). "
+             f"{study.split.capitalize()} {study.metric} of the student ensemble, mean ± 95% t-interval over "
+             "seeds; variant - base: paired by seed with the base run of the same mode, its 95% t-interval; higher or "
+             "lower when that interval lies above or below 0.", "",
+             "| variant | change | mode | seeds | ensemble | students' mean | variant - base (paired) | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.variant} | {r.change} | {r.mode} | {r.seeds} | {_pm(r.ensemble, r.ensemble_ci95)} | "
+                     f"{_pm(r.students_mean, r.students_mean_ci95)} | {_pm(r.minus_base, r.minus_base_ci95, sign='+')} | {word(r)} |")
+    lines += ["", f"The study's claims within each variant (paired by seed; {study.split} ensemble {study.metric}; "
+              "a mode the variant does not change: the base's runs):", "",
+              "| variant | " + " | ".join(f"{a} - {b}" for a, b in study.claims) + " |",
+              "|---|" + "---|" * len(study.claims)]
+    for name, _ in [(BASE, {}), *study.variants]:
+        own = runs[runs["variant"] == name]
+        kept = runs[(runs["variant"] == BASE) & ~runs["mode"].isin(own["mode"])]
+        wide = pd.concat([own, kept]).pivot(index="seed", columns="mode", values=metric)
+        cells = [_pm(*mean_ci((wide[a] - wide[b]).dropna())[:2], sign="+") if {a, b} <= set(wide) else "-"
+                 for a, b in study.claims]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -521,7 +619,7 @@ def _external_lines(runs: pd.DataFrame, metric: str, out: Path) -> list[str]:
     return lines
 
 
-def _figures(out: Path, runs, summary, costs, metric) -> dict:
+def _figures(out: Path, runs, summary, costs, metric, split: str = "test") -> dict:
     import matplotlib.pyplot as plt
 
     from ..teach.plots import plot_accuracy_vs_cost
@@ -529,22 +627,24 @@ def _figures(out: Path, runs, summary, costs, metric) -> dict:
     from ..io import save_figure
 
     made = {}
+    if "diversity/disagreement" in runs:  # a task's study_record may not measure diversity
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, g in runs.groupby("mode", sort=False):
+            ax.scatter(g["diversity/disagreement"], g["ensemble_gain"], label=mode)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel=f"disagreement between students ({split})", ylabel=f"ensemble gain ({metric})",
+               title="Ensemble gain against the students' diversity (one point per run)")
+        ax.legend()
+        made["gain_vs_diversity.png"] = (fig, "ensemble gain against the students' disagreement, per run")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, g in runs.groupby("mode", sort=False):
-        ax.scatter(g["diversity/disagreement"], g["ensemble_gain"], label=mode)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="disagreement between students (test)", ylabel=f"ensemble gain ({metric})",
-           title="Ensemble gain against the students' diversity (one point per run)")
-    ax.legend()
-    made["gain_vs_diversity.png"] = (fig, "ensemble gain against the students' disagreement, per run")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (mode, g) in enumerate(runs.groupby("mode", sort=False)):
-        ax.scatter(np.full(len(g), i), g[f"ensemble/{metric}"], color=f"C{i}")
-        for seed, v in zip(g["seed"], g[f"ensemble/{metric}"]):
-            ax.annotate(str(seed), (i, v), xytext=(4, 0), textcoords="offset points", fontsize=7)
-    ax.set_xticks(range(runs["mode"].nunique()), list(runs["mode"].unique()))
-    ax.set(ylabel=f"ensemble {metric} (test)", title="Every run (label: seed)")
-    made["ensemble_by_mode.png"] = (fig, f"each run's ensemble {metric} by mode, seeds labelled")
+    modes = list(runs["mode"].unique())
+    wide = runs.pivot(index="seed", columns="mode", values=f"ensemble/{metric}")[modes]
+    for i, (seed, values) in enumerate(wide.iterrows()):  # one line per seed: the pairing the verdicts rest on
+        ax.plot(range(len(modes)), values.to_numpy(), marker="o", color=f"C{i}", lw=1, label=f"seed {seed}")
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set(ylabel=f"ensemble {metric} ({split})", title="Every run, one line per seed")
+    ax.legend(fontsize=7)
+    made["ensemble_by_mode.png"] = (fig, f"each run's ensemble {metric} by mode, one line per seed (the pairing)")
     if costs is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         plot_accuracy_vs_cost(summary, costs, metric, ax=ax)

@@ -82,15 +82,16 @@ class DetectionTask:
     stackable = False
 
     @staticmethod
-    def load_splits(params: dict, data: str | None = None, who: str = "this run"):
+    def load_splits(params: dict, data: str | None = None, who: str = "this run", with_test: bool = True):
         """(train, val, test, description, flip augmentation) of the parameters' frames; with
-        `data="real"`, real Kvasir-SEG frames are required."""
+        `data="real"`, real Kvasir-SEG frames are required; without `with_test`, test is None
+        and no test frame is read."""
         from .polyp import flip_augment, polyp_splits
 
         limits = (params.get("TRAIN_FRAMES"), params.get("EVAL_FRAMES"), params.get("EVAL_FRAMES"))
         extra = {"split_by": params["SPLIT_BY"]} if "SPLIT_BY" in params else {}
         *splits, label = polyp_splits(params.get("DATA_DIR"), params.get("FRAME_SIZE", 160), limits,
-                                      seed=params.get("SPLIT_SEED", 0), **extra)
+                                      seed=params.get("SPLIT_SEED", 0), with_test=with_test, **extra)
         if data == "real" and label.startswith("SYNTHETIC"):
             raise FileNotFoundError(f"{who} needs real Kvasir-SEG frames: python data_scripts/polyp.py kvasir")
         return (*splits, label, flip_augment)

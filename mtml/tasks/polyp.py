@@ -422,18 +422,22 @@ SYNTHETIC_POLYP_VERSION = 1             # bump when make_synthetic_polyps draws 
 
 
 def polyp_splits(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0,
-                 split_by: str = "near_duplicates"):
+                 split_by: str = "near_duplicates", with_test: bool = True):
     """(train, val, test, description) for the notebooks: frames of `data_dir` (a prepared folder)
     if given, else of `default_polyp_root()`, else SYNTHETIC polyps (256/64/64 frames unless
     `limits` says otherwise; the same frames for every seed). `limits` caps each split;
-    `split_by` splits an unprepared Kvasir-SEG folder (see `prepare_kvasir`)."""
+    `split_by` splits an unprepared Kvasir-SEG folder (see `prepare_kvasir`); without
+    `with_test`, test is None and no test frame is read (a study that chooses settings)."""
     _check_split_by(split_by)
     root, label = _polyp_source(data_dir)
+    names = ("train", "val", "test") if with_test else ("train", "val")
     if root is None:
         counts = [lim or default for lim, default in zip(limits, SYNTHETIC_POLYP_COUNTS)]
-        return (*(make_synthetic_polyps(n, size, seed=0, split=i) for i, n in enumerate(counts)), label)
-    return (*(load_polyp_dataset(root, split, size, limit=lim, seed=seed, split_by=split_by)
-              for split, lim in zip(("train", "val", "test"), limits)), label)
+        splits = [make_synthetic_polyps(counts[i], size, seed=0, split=i) for i in range(len(names))]
+    else:
+        splits = [load_polyp_dataset(root, split, size, limit=lim, seed=seed, split_by=split_by)
+                  for split, lim in zip(names, limits)]
+    return (*splits, *[None] * (3 - len(names)), label)
 
 
 def polyp_fingerprint(data_dir=None, size: int = 160, limits=(None, None, None), seed: int = 0,

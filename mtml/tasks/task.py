@@ -95,16 +95,18 @@ class ClassificationTask:
     stackable = True               # students can run as one grouped network (mtml.core.stacking)
 
     @staticmethod
-    def load_splits(params: dict, data: str | None = None, who: str = "this run"):
+    def load_splits(params: dict, data: str | None = None, who: str = "this run", with_test: bool = True):
         """(train, val, test, description, augmentation or None for the task's own) of the
-        parameters' tiles; `data` ("real" or "synthetic"), if given, must be what DATA_DIR holds."""
+        parameters' tiles; `data` ("real" or "synthetic"), if given, must be what DATA_DIR holds;
+        without `with_test`, test is None and no test tile is read."""
         from .synthetic import classification_manifest
         from .tiles import TileDataset
 
         manifest, kind = classification_manifest(params.get("DATA_DIR"))
         if data is not None and (data == "real") != (kind == "real"):
             raise ValueError(f"{who} declares data: {data}, DATA_DIR gives {kind} tiles")
-        splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True) for s in ("train", "val", "test")]
+        splits = [TileDataset(manifest, s, size=params.get("TILE_SIZE", 224), cache=True) if with_test or s != "test"
+                  else None for s in ("train", "val", "test")]
         return (*splits, f"{kind} tiles ({manifest})", None)
 
     def study_record(self, result, val, test) -> tuple:
