@@ -351,7 +351,7 @@ def _run_jobs(argv: list[str], jobs: int, resume: str) -> int:
 
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     gpus = visible or [str(i) for i in range(torch.cuda.device_count())]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)  # the cores this process may use (taskset)
     procs = []
     for j in range(1, jobs + 1):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), RESUME_ENV: resume}

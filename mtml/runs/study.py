@@ -331,7 +331,7 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}" + (
             f" ({params['variant']})" if "variant" in params else "")
         try:
-            row, units = run_one(study, params, threads=1 if workers > 1 else max(1, os.cpu_count() or 1))
+            row, units = run_one(study, params, threads=1 if workers > 1 else len(os.sched_getaffinity(0)))  # taskset-aware
         except Exception as err:  # one failed run never stops the study; it is listed and retried
             failed += 1
             print(f"{what}: FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
