@@ -369,16 +369,7 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
 
     from .tiles import load_image
 
-    _check_split_by(split_by)
-    root = Path(root)
-    if root.is_dir() and not (root / MANIFEST).is_file():
-        frame = _kvasir_rows_in_memory(root, seed, split_by)
-    else:
-        frame = load_manifest(root)
-        root = root if root.is_dir() else root.parent
-    if split is not None:
-        frame = frame[frame["split"] == split]
-    frame = capped_subset(frame, limit, seed)
+    frame, root = split_rows(root, split, limit, seed, split_by)
     missing = [p for p in frame["image"] if not (root / p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(frame)} frames named by the manifest in {root} are "
@@ -393,6 +384,22 @@ def load_polyp_dataset(root, split: str | None = "train", size: int = 160, limit
         b = torch.tensor(json.loads(row.boxes), dtype=torch.float32).reshape(-1, 4)
         boxes.append(b * torch.tensor([size / w, size / h, size / w, size / h]))
     return DetectionDataset(images, boxes, frame["frame"].tolist(), label=str(root))
+
+
+def split_rows(root, split: str | None = "train", limit: int | None = None, seed: int = 0,
+               split_by: str = "near_duplicates") -> tuple[pd.DataFrame, Path]:
+    """(manifest rows, the folder their image paths are relative to) of the frames
+    `load_polyp_dataset` loads with these arguments; no image is read."""
+    _check_split_by(split_by)
+    root = Path(root)
+    if root.is_dir() and not (root / MANIFEST).is_file():
+        frame = _kvasir_rows_in_memory(root, seed, split_by)
+    else:
+        frame = load_manifest(root)
+        root = root if root.is_dir() else root.parent
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    return capped_subset(frame, limit, seed), root
 
 
 def _kvasir_rows_in_memory(root: Path, seed: int, split_by: str = "near_duplicates") -> pd.DataFrame:
