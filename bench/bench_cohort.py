@@ -54,7 +54,7 @@ def isolated_steps(cohort: Cohort, task):
 
 
 def efficiency(version, mode, n, size, batch, device, warmup, repeats) -> dict:
-    cohort = Cohort.build(CohortConfig(mode=mode, version=version, n_students=n, lr=0.01), device)
+    cohort = Cohort.build(CohortConfig(mode=mode, version=version, n_students=n, lr=0.01), device, task=ClassificationTask())
     cohort.train()
     task = ClassificationTask(2)
     data = make_batch(task, size, batch, device)
@@ -87,7 +87,7 @@ def options(version, size, batch, device, warmup, repeats) -> list[dict]:
     variants = {"plain": {}, "channels_last": dict(channels_last=True), "amp_bf16": dict(amp=True)}
     runs = {}
     for name, kw in variants.items():
-        cohort = Cohort.build(CohortConfig(mode="kd_ml", version=version, lr=0.01, **kw), device)
+        cohort = Cohort.build(CohortConfig(mode="kd_ml", version=version, lr=0.01, **kw), device, task=ClassificationTask())
         task = ClassificationTask(2, channels_last=kw.get("channels_last", False))
         runs[name] = (cohort, task, make_batch(task, size, batch, device))
     times = {k: [] for k in variants}

@@ -24,7 +24,7 @@ from mtml.tasks.tiles import TileDataset  # noqa: E402
 
 def consumption(version: str, data, batch: int, device: str, warmup: int, repeats: int) -> float:
     """Images/s of kd_ml cohort steps (2 students) on batches of `data`."""
-    cohort = Cohort.build(CohortConfig(mode="kd_ml", version=version, lr=0.01), device)
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", version=version, lr=0.01), device, task=ClassificationTask())
     task = ClassificationTask(2)
     items = task.to_device(task.collate([data[i % len(data)] for i in range(batch)]), cohort.device)
     times = [timed(lambda: cohort_step(cohort, items, task)) for _ in range(warmup + repeats)]

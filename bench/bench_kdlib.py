@@ -88,7 +88,7 @@ def forward_backward_seconds(cfg, repeats: int = 5) -> tuple[float, float]:
 
 def run_ours(train, val, cfg, steps) -> tuple[float, float]:
     cohort = Cohort.build(CohortConfig(mode="ml", version="v1", n_students=2, epochs=1,
-                                       batch_size=cfg["batch"], lr=cfg["lr"]))
+                                       batch_size=cfg["batch"], lr=cfg["lr"]), task=ClassificationTask())
     calls = count_forwards(cohort.students)
     wall, cpu = timed2(lambda: fit(cohort, ClassificationTask(2), Subset(train, range(steps * cfg["batch"])),
                                    val, progress=False))

@@ -83,7 +83,7 @@ def test_a_tile_broken_after_validation_fails_clearly_in_the_main_process(tile_c
 
 
 def tiny_cohort(num_workers: int = 2) -> Cohort:
-    return Cohort.build(CohortConfig(mode="kd_ml", epochs=1, batch_size=8, num_workers=num_workers))
+    return Cohort.build(CohortConfig(mode="kd_ml", epochs=1, batch_size=8, num_workers=num_workers), task=ClassificationTask())
 
 
 def test_a_manifest_label_outside_the_classes_is_refused_by_the_tile_dataset(tile_corpus):

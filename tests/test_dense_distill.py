@@ -114,7 +114,8 @@ def test_warmup_gives_distillation_no_weight_at_step_0_and_full_weight_after(one
     batch = task.collate([data[i] for i in range(16)])
 
     def student_grads(mode, warmup, step, steps_per_epoch=2):
-        cohort = Cohort.build(CohortConfig(mode=mode, seed=1, distill_warmup_epochs=warmup, clip_grad_norm=0.0))
+        cfg = CohortConfig(mode=mode, seed=1, distill_warmup_epochs=warmup, clip_grad_norm=0.0)
+        cohort = Cohort.build(cfg, task=ClassificationTask())
         params = list(cohort.students[0].parameters())
         before = [p.detach().clone() for p in params]
         terms = cohort_step(cohort, batch, task, step=step, distill_scale=distill_ramp(step / steps_per_epoch, warmup))
@@ -137,6 +138,6 @@ def test_warmup_is_logged_in_the_history(one_torch_thread):
     from mtml import fit
 
     cfg = CohortConfig(mode="kd", epochs=3, batch_size=16, seed=0, distill_warmup_epochs=2.0)
-    history = fit(Cohort.build(cfg), ClassificationTask(), make_separable(32, 8, seed=0), progress=False)
+    history = fit(Cohort.build(cfg, task=ClassificationTask()), ClassificationTask(), make_separable(32, 8, seed=0), progress=False)
     ramp = history["train/cohort/distill_ramp"].tolist()
     assert ramp[0] < ramp[1] < ramp[2] == 1.0

@@ -72,7 +72,7 @@ def test_fit_shard_trains_on_its_slice_and_only_rank_0_writes(tmp_path):
             seen.extend(int(it["index"]) for it in items)
             return super().collate(items)
 
-    history = fit(Cohort.build(cfg), Recording(), data, callbacks=[Checkpoint(tmp_path)], progress=False,
+    history = fit(Cohort.build(cfg, task=ClassificationTask()), Recording(), data, callbacks=[Checkpoint(tmp_path)], progress=False,
                   shard=(1, 2))
     order = epoch_order(32, cfg.seed, 0)
     assert seen == [i for b in range(4) for i in order[8 * b + 4: 8 * b + 8]]
@@ -101,7 +101,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, one_torch_thread, mo
         for key, value in one_state["adapters"].items():
             torch.testing.assert_close(two_state["adapters"][key], value, rtol=1e-4, atol=1e-5, msg=key)
             assert not torch.equal(value, start[key]), key  # the adapters trained
-    start = Cohort.build(CohortConfig(mode="kd_ml", seed=3)).state_dict()["networks"]
+    start = Cohort.build(CohortConfig(mode="kd_ml", seed=3), task=ClassificationTask()).state_dict()["networks"]
     for net in one:
         for key, value in one[net].items():
             torch.testing.assert_close(two[net][key], value, rtol=1e-4, atol=1e-5, msg=f"{net} {key}")
@@ -155,7 +155,7 @@ def batch():
 def _one_step(batch, channels_last=False, **kw):
     """One kd_ml step; also returns the dtype of each network's output during the step."""
     cfg = CohortConfig(mode="kd_ml", n_students=2, seed=5, channels_last=channels_last, **kw)
-    cohort = Cohort.build(cfg)
+    cohort = Cohort.build(cfg, task=ClassificationTask())
     dtypes = {}
     def record(name):
         def hook(module, inputs, out):

@@ -179,7 +179,7 @@ def test_a_cohort_of_the_wrong_networks_is_refused_at_once_naming_both():
     task = DetectionTask(size=SIZE)
     with pytest.raises(ValueError, match="detection task cannot train teacher .*classifier.*task.networks"):
         Cohort.build(CohortConfig(mode="kd"), task=task, networks=build_cohort_networks)
-    cohort = Cohort.build(CohortConfig(mode="kd"))  # no task given: the classification builder
+    cohort = Cohort.build(CohortConfig(mode="kd"), task=ClassificationTask())  # classifiers
     with pytest.raises(ValueError, match="detection task cannot train"):
         fit(cohort, task, make_synthetic_polyps(4, SIZE), progress=False)  # before any step
     with pytest.raises(ValueError, match="classification task cannot train student_1 .*detector"):

@@ -39,7 +39,7 @@ from mtml.runs.checkpoint import Checkpoint
 
 out, ckpt_dir, resume, every = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]) or None
 cfg = CohortConfig(mode="kd_ml", n_students=2, epochs=3, batch_size=16, lr=0.05, seed=3)
-cohort = Cohort.build(cfg)
+cohort = Cohort.build(cfg, task=ClassificationTask())
 
 def augment(batch, generator=None):
     image = batch["image"] + 0.1 * torch.randn(batch["image"].shape, generator=generator)
@@ -142,7 +142,7 @@ class SideEffect:
 
 def tiny_setup(**overrides):
     cfg = CohortConfig(**{**dict(mode="kd_ml", n_students=2, epochs=1, batch_size=16, seed=0), **overrides})
-    return Cohort.build(cfg), ClassificationTask(cfg.num_classes), make_separable(32, 8)
+    return Cohort.build(cfg, task=ClassificationTask()), ClassificationTask(cfg.num_classes), make_separable(32, 8)
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):

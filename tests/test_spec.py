@@ -129,9 +129,10 @@ def test_resume_refuses_another_spec_and_names_the_difference(tmp_path):
     data = make_separable(64, 16, seed=0)
     cfg = CohortConfig(mode="kd", epochs=1, batch_size=32)
     task = ClassificationTask()
-    fit(Cohort.build(cfg), task, data, progress=False, callbacks=[Checkpoint(tmp_path, spec_of(cfg, task, {"box_loss": "giou"}))])
+    fit(Cohort.build(cfg, task=task), task, data, progress=False,
+        callbacks=[Checkpoint(tmp_path, spec_of(cfg, task, {"box_loss": "giou"}))])
     with pytest.raises(ValueError, match=r"another run.*data\.box_loss"):
-        fit(Cohort.build(cfg), task, data, progress=False,
+        fit(Cohort.build(cfg, task=ClassificationTask()), task, data, progress=False,
             callbacks=[Checkpoint(tmp_path, spec_of(cfg, task, {"box_loss": "l1"}), resume=True)])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["spec_hash"] == spec_of(cfg, task, {"box_loss": "giou"}).hash
@@ -233,7 +234,7 @@ def test_every_mode_sees_the_same_data_order_and_augmentation_draws():
             draws.append((batch["index"].tolist(), torch.rand(3, generator=generator).tolist()))
             return batch
 
-        fit(Cohort.build(CohortConfig(mode=mode, epochs=2, batch_size=16, seed=2)), ClassificationTask(),
+        fit(Cohort.build(CohortConfig(mode=mode, epochs=2, batch_size=16, seed=2), task=ClassificationTask()), ClassificationTask(),
             data, augment=augment, progress=False)
         seen[mode] = draws
     assert all(draws == seen["independent"] for draws in seen.values())

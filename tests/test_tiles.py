@@ -288,7 +288,7 @@ def test_fit_smoke_on_synthetic_tiles(tmp_path):
     train = TileDataset(manifest, "train", size=32, cache=True)
     val = TileDataset(manifest, "val", size=32, cache=True)
     cfg = CohortConfig(mode="kd_ml", version="tiny", n_students=2, epochs=1, batch_size=4).validate()
-    cohort = Cohort.build(cfg, "cpu")
+    cohort = Cohort.build(cfg, "cpu", task=ClassificationTask())
     history = fit(cohort, ClassificationTask(), train, val, augment=augment_tiles, progress=False)
     assert len(history) == 1 and np.isfinite(history.filter(like="train/").to_numpy()).all()
     assert "val/ensemble/auroc" in history

@@ -39,7 +39,7 @@ def build(mode: str, **kw) -> Cohort:
     if mode == "offline":
         torch.manual_seed(123)
         teacher = build_network("tiny_teacher", cfg.num_classes)
-    return Cohort.build(cfg, teacher=teacher)
+    return Cohort.build(cfg, teacher=teacher, task=ClassificationTask())
 
 
 def state_copy(module) -> dict:
@@ -215,7 +215,7 @@ def test_tiny_fit_learns_and_the_ensemble_is_the_mean_of_students(mode):
     train, val = make_separable(256, 16, seed=0, split=0), make_separable(128, 16, seed=0, split=1)
     cfg = CohortConfig(mode=mode, epochs=4, batch_size=32, seed=0)
     teacher = pretrain_teacher(TASK, train, cfg, progress=False) if mode == "offline" else None
-    cohort = Cohort.build(cfg, teacher=teacher)
+    cohort = Cohort.build(cfg, teacher=teacher, task=ClassificationTask())
     history = fit(cohort, TASK, train, val, progress=False)
     names = [*cohort.networks, "ensemble"]
     assert len(history) == cfg.epochs
@@ -240,7 +240,7 @@ def test_tiny_fit_learns_and_the_ensemble_is_the_mean_of_students(mode):
 def test_same_seed_same_run_other_seed_differs():
     def run(seed):
         cfg = CohortConfig(mode="kd_ml", epochs=2, batch_size=16, seed=seed)
-        cohort = Cohort.build(cfg)
+        cohort = Cohort.build(cfg, task=ClassificationTask())
         history = fit(cohort, TASK, make_separable(64, 16), make_separable(32, 16, split=1),
                       progress=False)
         return history.drop(columns="time_s"), {k: state_copy(m) for k, m in cohort.networks.items()}
@@ -278,13 +278,17 @@ def test_bad_config_raises_before_any_network_is_built(kw, name):
         return build_cohort_networks(*args, **kwargs)
 
     with pytest.raises(ValueError, match=name):
-        Cohort.build(CohortConfig(**kw), networks=networks)
+        Cohort.build(CohortConfig(**kw), task=ClassificationTask(), networks=networks)
     assert built == []
 
 
 def test_other_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="trained teacher"):
-        Cohort.build(CohortConfig(mode="offline"))
+        Cohort.build(CohortConfig(mode="offline"), task=ClassificationTask())
+    with pytest.raises(ValueError, match=r"needs the task \(task=ClassificationTask\(\)\) or a network builder"):
+        Cohort.build(CohortConfig(mode="kd"))  # the core knows no task's networks
+    with pytest.raises(ValueError, match=r"unknown version 'v9' for the classification task; choose one of \['tiny'"):
+        CohortConfig.for_task(ClassificationTask(), version="v9")
     teacher, students = build_cohort_networks("tiny", 2, with_teacher=True)
     with pytest.raises(ValueError, match="no teacher"):
         Cohort(CohortConfig(mode="ml"), teacher, students)

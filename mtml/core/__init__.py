@@ -1,5 +1,3 @@
 """The method: loss terms, the cohort, its training step and its loop (checkpoints, the teacher
-tape, live curves and DDP hooks come in as callbacks from runs/ and teach/).
-
-Still to untangle (issue 29): the cohort builds its default networks from tasks/models, and
-features/stacking know the kit's network classes (tasks/models, tasks/detectors)."""
+tape, live curves and DDP hooks come in as callbacks from runs/ and teach/). The core imports
+no task, no run bookkeeping and no teaching module: networks and losses come from the task."""

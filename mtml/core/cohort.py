@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..names import student_name, students_in
-from ..tasks.models import build_cohort_networks, check_version
 
 MODES = ("independent", "kd", "ml", "kd_ml", "offline", "kd_ml_styles")
 USES_TEACHER = ("kd", "kd_ml", "offline", "kd_ml_styles")
@@ -80,7 +79,6 @@ class CohortConfig:
     def validate(self) -> "CohortConfig":
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
-        check_version(self.version)
         for name, low in (("n_students", 1), ("num_classes", 2), ("epochs", 1), ("batch_size", 1),
                           ("num_workers", 0), ("feature_levels", 1), ("eval_batch_size", 1)):
             value = getattr(self, name)  # NaN, 2.5 or True would pass a plain comparison
@@ -143,8 +141,16 @@ class CohortConfig:
 
     @classmethod
     def for_task(cls, task, **overrides) -> "CohortConfig":
-        """A validated config with `task`'s defaults (`task.config_defaults`) under `overrides`."""
-        return cls(**{**task.config_defaults, **overrides}).validate()
+        """A validated config with `task`'s defaults (`task.config_defaults`) under `overrides`;
+        the version must be one of the task's (`task.versions()`, when it lists them)."""
+        return cls(**{**task.config_defaults, **overrides}).validate().check_version(task)
+
+    def check_version(self, task) -> "CohortConfig":
+        """ValueError unless the version is one of `task.versions()` (when the task lists them)."""
+        versions = task.versions() if hasattr(task, "versions") else (self.version,)
+        if self.version not in versions:
+            raise ValueError(f"unknown version {self.version!r} for the {task.name} task; choose one of {list(versions)}")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "CohortConfig":
@@ -228,10 +234,14 @@ class Cohort:
         """Builds the version's networks: students from `students_seed(cfg.seed)`, the teacher
         from `teacher_seed(cfg.seed)`, so a seed gives the same students in every mode. In
         `offline` mode pass the trained `teacher` (see `pretrain_teacher`). The networks come
-        from `networks`, else `task.networks`, else the classification builder; with `task`,
-        networks of another task's kind raise at once, naming both."""
+        from `networks`, else `task.networks`; with `task`, networks of another task's kind
+        raise at once, naming both."""
         cfg.validate()
-        networks = networks or getattr(task, "networks", None) or build_cohort_networks
+        if task is not None:
+            cfg.check_version(task)  # before any network is built
+        networks = networks or getattr(task, "networks", None)
+        if networks is None:
+            raise ValueError("Cohort.build needs the task (task=ClassificationTask()) or a network builder (networks=...)")
         if cfg.mode == "offline" and teacher is None:
             raise ValueError("mode 'offline' needs a trained teacher: "
                              "Cohort.build(cfg, teacher=pretrain_teacher(...))")
@@ -313,7 +323,7 @@ def _check_stackable(cfg: CohortConfig, students, task=None) -> None:
         raise ValueError(f"stack_students=True cannot stack these students: {reason}; turn stack_students off")
 
 
-def build_teacher(cfg: CohortConfig, networks=build_cohort_networks) -> nn.Module:
+def build_teacher(cfg: CohortConfig, networks) -> nn.Module:
     """The version's teacher, initialised from `teacher_seed(cfg.seed)` (the same in every mode)."""
     seed_everything(teacher_seed(cfg.seed))
     teacher, _ = networks(cfg.version, 0, cfg.num_classes, pretrained=cfg.pretrained,

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..tasks.models import build_cohort_networks
 from .cohort import AUTO, Cohort, CohortConfig, augmentation_generator, build_teacher, check_networks, seed_everything
 from .sampling import epoch_order, shard_order
 from .step import cohort_step, distill_ramp
@@ -176,11 +175,10 @@ def solo_config(cfg: CohortConfig) -> CohortConfig:
     return replace(cfg, mode="independent", n_students=1, teacher_knowledge=AUTO, peer_knowledge=AUTO)
 
 
-def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu", networks=build_cohort_networks,
-                     **fit_kw) -> nn.Module:
+def pretrain_teacher(task, train_data, cfg: CohortConfig, device="cpu", networks=None, **fit_kw) -> nn.Module:
     """Trains the version's teacher alone on its supervised loss, for the `offline` baseline
     (`solo_config(cfg)`). It starts from the same weights as the online teacher of kd and kd_ml."""
-    teacher = build_teacher(cfg, networks)
+    teacher = build_teacher(cfg, networks or task.networks)
     seed_everything(cfg.seed)
     fit(Cohort(solo_config(cfg), None, [teacher], device), task, train_data, **fit_kw)
     return teacher.eval()

@@ -9,7 +9,6 @@ import pandas as pd
 
 from .report import run_record
 from ..io import run_store
-from ..tasks.models import build_cohort_networks
 from .spec import RunSpec, differences, spec_of
 from ..core.cohort import Cohort, CohortConfig
 from ..core.loop import Callback, fit, pretrain_teacher, solo_config
@@ -98,7 +97,7 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec 
     shortens train_time_s)."""
     options = options or RunOptions()
     cfg.validate()
-    networks = getattr(task, "networks", None) or build_cohort_networks
+    networks = task.networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})
     _check_run(cfg, task, spec, options)
     checkpoint_dir = store.checkpoints(spec) if store is not None else None
