@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mtml.runs.reproduce --demo
+	$(PY) -m mtml.teach.demo
 
 # tests/ includes the short stress check of the widget notebooks (tests/test_execution.py; the long
 # one is bench/stress_notebooks.py). nbval's per-cell limit: 4 x the longest smoke budget in

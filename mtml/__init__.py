@@ -22,8 +22,8 @@ _FOLDERS = {
     "tasks": ("task", "models", "detectors", "detection", "detection_eval", "dense_distill", "evaluate", "tiles",
               "synthetic", "polyp", "near_duplicates", "data", "download", "diversity"),
     "runs": ("spec", "checkpoint", "teacher_tape", "experiment", "parameters", "study", "reproduce", "execution", "external",
-             "stats", "report", "costs", "distributed"),
-    "teach": ("widgets", "plots", "reading", "handout"),
+             "stats", "report", "figures", "costs", "distributed"),
+    "teach": ("widgets", "plots", "reading", "handout", "demo"),
 }
 _SHORT = {name: f"{folder}.{name}" for folder, names in _FOLDERS.items() for name in names}
 

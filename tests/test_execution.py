@@ -93,7 +93,7 @@ def test_cell_limit_follows_the_notebook_budget(monkeypatch):
 def test_demo_resumes_and_stops_at_a_stuck_notebook(tmp_path, monkeypatch, capsys):
     """A second demo skips what the first finished (clean executed copy and metrics.json) and
     stops with exit status 1 at the first notebook that fails, naming it."""
-    from mtml import reproduce
+    from mtml.teach import demo as demo_module
 
     calls = []
 
@@ -107,18 +107,18 @@ def test_demo_resumes_and_stops_at_a_stuck_notebook(tmp_path, monkeypatch, capsy
         nbformat.write(nb, folder / f"{name}.ipynb")
         (folder / "metrics.json").write_text("{}")
 
-    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    monkeypatch.setattr(demo_module, "execute", fake_execute)
     with pytest.raises(SystemExit) as stop:
-        reproduce.demo(tmp_path, smoke=True)
+        demo_module.demo(tmp_path, smoke=True)
     assert stop.value.code == 1
     assert calls == ["00_setup_and_data_tour", "01_kd_only", "02_ml_only", "03_kd_plus_ml"]
     assert "03_kd_plus_ml: cell 9" in capsys.readouterr().err
     (tmp_path / "demo-smoke" / "01_kd_only" / "metrics.json").unlink()  # 01 stopped before its end
     calls.clear()
     with pytest.raises(SystemExit):
-        reproduce.demo(tmp_path, smoke=True)
+        demo_module.demo(tmp_path, smoke=True)
     assert calls == ["01_kd_only", "03_kd_plus_ml"]
-    total = len(reproduce.DEMO_ORDER)
+    total = len(demo_module.DEMO_ORDER)
     assert f"[1/{total}] 00_setup_and_data_tour: finished by an earlier demo, skipped" in capsys.readouterr().out
 
 

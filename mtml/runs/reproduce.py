@@ -2,7 +2,6 @@
 
     python -m mtml.runs.reproduce --task classification --modes kd ml kd_ml --versions tiny --seeds 0 1 2
     python -m mtml.runs.reproduce --grid grid.yaml          # the same keys in YAML (lists or scalars)
-    python -m mtml.runs.reproduce --demo                    # every notebook once, as `make demo` does
 
 Every run of the grid gets its spec (`mtml.spec`: every setting that changes what it computes,
 and a fingerprint of its data) before anything runs; it executes the mode's notebook into
@@ -214,7 +213,7 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[
     import matplotlib.pyplot as plt
 
     from .external import set_name
-    from ..teach.plots import comparison_figure
+    from .figures import comparison_figure
     from .report import paired_differences, paper_table, sets_in, summarise_sets
 
     table, units = collect(runs, runs_dir, also)
@@ -242,59 +241,6 @@ def report(runs: list[PlannedRun], runs_dir: Path, task: str, also=()) -> tuple[
         print(f"\nper evaluation set ({task_class(task).metric}; mean and 95% t-interval over seeds; {external}):")
         print(per_set.round(4).to_string(index=False))
     return csv, figure
-
-
-DEMO_ORDER = ("00_setup_and_data_tour", "01_kd_only", "02_ml_only", "03_kd_plus_ml",
-              "04_classification_comparison", "05_detection_kd_only", "06_detection_ml_only",
-              "07_detection_kd_plus_ml", "08_detection_comparison", "09_learning_styles")
-
-
-def demo(runs_dir: Path, smoke: bool) -> None:
-    """Every notebook once with its defaults, in order, into runs/demo (runs/demo-smoke when smoke).
-    A notebook finished by an earlier demo (its executed copy ran clean and wrote metrics.json)
-    is skipped; an unfinished one runs again and resumes from its checkpoints. A failed or stuck
-    notebook stops the demo with a message naming its cell, and exit status 1."""
-    from .execution import NotebookRunError, cell_limit, ran_clean
-
-    out = runs_dir / ("demo-smoke" if smoke else "demo")
-    names = [name for name in DEMO_ORDER if (NOTEBOOKS / f"{name}.ipynb").exists()]
-    resume = "make demo" if not smoke else "MTML_SMOKE=1 make demo"
-    print(f"demo: {len(names)} notebooks, {'smoke' if smoke else 'default'} runs, into {out}", flush=True)
-    for k, name in enumerate(names, 1):
-        folder, step = out / name, f"[{k}/{len(names)}] {name}"
-        if ran_clean(folder / f"{name}.ipynb") and (folder / "metrics.json").is_file():
-            print(f"{step}: finished by an earlier demo, skipped", flush=True)
-            continue
-        print(f"{step}: started (per-cell limit {cell_limit(name, smoke)} s)", flush=True)
-        start = time.perf_counter()
-        try:
-            execute(name, folder, {}, smoke, resume_hint=resume)
-        except NotebookRunError as err:
-            _handout(out)  # what ran so far, readable offline
-            print(f"{step}: STOPPED after {time.perf_counter() - start:.0f} s\n{err}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
-
-    print(f"\nexecuted notebooks: {out}/<notebook>/<notebook>.ipynb (open them in JupyterLab)")
-    for name, title in (("04_classification_comparison", "classification"), ("08_detection_comparison", "detection")):
-        table = out / name / "paper_table.csv"
-        if table.is_file():
-            print(f"\n{title} comparison ({table}):\n{pd.read_csv(table).to_string(index=False)}")
-    for kind, pattern in (("tables", "*/*.csv"), ("figures", "*/*.png")):
-        paths = sorted(out.glob(pattern))
-        print(f"\n{kind}:" if paths else f"\n{kind}: none written", *paths, sep="\n  ")
-    _handout(out)
-
-
-def _handout(out: Path) -> None:
-    """Writes the demo's offline handout (`mtml.handout`); a failure is reported, never raised."""
-    from ..teach.handout import write_handout
-
-    try:
-        print(f"\nhandout (static HTML copies, open offline): {write_handout(out)}", flush=True)
-    except Exception as err:  # the notebooks ran; only their HTML copies are missing
-        print(f"\nhandout not written ({type(err).__name__}: {err}); retry: python -m mtml.teach.handout {out}",
-              file=sys.stderr, flush=True)
 
 
 def parse_part(text: str, what: str) -> tuple[int, int]:
@@ -383,7 +329,6 @@ def _parser() -> Parser:
                    help="extra notebook parameter (YAML value), e.g. --param EPOCHS=20")
     p.add_argument("--runs-dir", default=str(REPO / "runs"))
     p.add_argument("--smoke", action="store_true", help="MTML_SMOKE=1: tiny, fast runs")
-    p.add_argument("--demo", action="store_true", help="run every notebook once (make demo)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine, one GPU (or CPU share) each")
     p.add_argument("--shard", default=None, metavar="K/M", help="run only the K-th of M disjoint parts of the grid")
     p.add_argument("--report", action="store_true", help="run nothing: collect and report the finished runs")
@@ -397,12 +342,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     runs_dir = Path(args.runs_dir)
     smoke = args.smoke or os.environ.get("MTML_SMOKE") == "1"
-    if args.demo:
-        if args.jobs != 1 or args.shard or args.report or args.collect_from:
-            raise ValueError("--demo runs every notebook once, in order: it takes no --jobs, --shard, --report "
-                             "or --collect-from")
-        demo(runs_dir, smoke)
-        return 0
     extra = parse_parameters(args.param)  # a bad --param: one line, exit 2 (mtml.cli)
     part = parse_part(args.shard, "--shard") if args.shard else (1, 1)
     job = parse_part(args.job, "--job") if args.job else None

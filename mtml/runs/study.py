@@ -622,7 +622,7 @@ def _external_lines(runs: pd.DataFrame, metric: str, out: Path) -> list[str]:
 def _figures(out: Path, runs, summary, costs, metric, split: str = "test") -> dict:
     import matplotlib.pyplot as plt
 
-    from ..teach.plots import plot_accuracy_vs_cost
+    from .figures import plot_accuracy_vs_cost
 
     from ..io import save_figure
 
