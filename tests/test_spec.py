@@ -2,6 +2,8 @@
 paired runs (same students, data order and augmentation in every mode of a seed)."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -26,7 +28,28 @@ DETECTION_NOTEBOOK = NOTEBOOKS / "05_detection_kd_only.ipynb"
 
 # -- the spec ------------------------------------------------------------------------------------
 
-def test_spec_hash_is_stable_and_changes_with_every_setting():
+OTHER_VALUE = {"mode": "kd", "version": "v1", "teacher_knowledge": "features", "peer_knowledge": "features"}
+
+
+def test_spec_hash_changes_with_every_config_field_that_changes_results():
+    """Every CohortConfig field but the speed-only ones enters the identity, each on its own
+    (kd_ml_styles, so that the feature-knowledge fields are part of it)."""
+    task, data = ClassificationTask(), {"manifest_sha256": "abc"}
+    base = CohortConfig(mode="kd_ml_styles")
+    seen = set()
+    for f in dataclasses.fields(CohortConfig):
+        value = getattr(base, f.name)
+        if f.name in OTHER_VALUE:
+            other = OTHER_VALUE[f.name]
+        else:
+            other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else value * 0.5 + 0.25
+        changed = spec_of(dataclasses.replace(base, **{f.name: other}), task, data).hash
+        assert (changed != spec_of(base, task, data).hash) == f.metadata.get("identity", True), f.name
+        seen.add(f.name)
+    assert {"temperature", "w_kd", "w_ml", "stack_students", "w_feat", "amp", "num_workers"} <= seen
+
+
+def test_spec_hash_is_stable_and_changes_with_config_data_and_task():
     task = ClassificationTask()
     base = spec_of(CohortConfig(mode="kd"), task, {"manifest_sha256": "abc"})
     assert base.hash == spec_of(CohortConfig(mode="kd"), ClassificationTask(), {"manifest_sha256": "abc"}).hash

@@ -132,9 +132,10 @@ def test_study_command_smoke_resumes_and_regenerates_identical_tables(tmp_path, 
     """The synthetic study at smoke size: every planned run finishes with its units; a second
     call runs nothing and writes the same tables; a stray row in runs.csv never enters them."""
     path, out = study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml", tmp_path / "out"
-    assert study_mod.main([str(path), "--smoke", "--out", str(out)]) == 0
+    assert study_mod.main([str(path), "--smoke", "--out", str(out), "--workers", "2"]) == 0  # two processes
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 10 and runs["spec_hash"].is_unique
+    assert len(runs) == 10 and runs["spec_hash"].is_unique, "each run once, whichever worker took it"
+    assert not any((out / ".claims").glob("*")), "the invocation's claims are removed"
     assert all((out / "units" / f"{h}.csv.gz").is_file() for h in runs["spec_hash"])
     tables = {name: (out / name).read_bytes() for name in ("results.csv", "verdicts.csv", "RESULTS.md", "costs.csv")}
     stray = runs.iloc[[0]].assign(spec_hash="0123456789abcdef", **{"ensemble/auroc": 0.0})

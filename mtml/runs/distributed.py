@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..cli import Parser
 from ..core.cohort import Cohort, CohortConfig, MODES
 from ..core.loop import Callback, fit
+from ..tasks import task_class, task_names
 from .checkpoint import Checkpoint
 
 
@@ -155,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a cohort (teacher + N students) on K processes with DDP. Without "
                     "torchrun it runs in one process. Rank 0 writes OUT/checkpoint.pt, "
                     "OUT/history.csv and OUT/config.json.")
-    p.add_argument("--task", default="classification", choices=["classification", "detection"],
+    p.add_argument("--task", default="classification", choices=task_names(),
                    help="detection trains FCOS detectors on SYNTHETIC polyps (--image-size: a multiple of 32)")
     p.add_argument("--version", default="tiny", help="tiny, v1, v2 or v3 (default tiny)")
     p.add_argument("--mode", default="kd_ml", choices=[m for m in MODES if m != "offline"],
@@ -179,19 +180,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _datasets(args):
-    if args.task == "detection":
-        from ..tasks.polyp import make_synthetic_polyps
-
-        if args.data != "synthetic":
-            raise ValueError("--task detection takes --data synthetic here; train on real frames with "
-                             "the notebooks or mtml.experiment.run_cohort")
-        return (make_synthetic_polyps(args.n_train, args.image_size, seed=args.seed),
-                make_synthetic_polyps(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
+    """(train, val): the task's generated items, or (classification) the tiles of a manifest."""
     if args.data == "synthetic":
-        from ..tasks.data import make_separable
-
-        return (make_separable(args.n_train, args.image_size, seed=args.seed),
-                make_separable(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
+        generated = task_class(args.task).generated
+        return (generated(args.n_train, args.image_size, seed=args.seed),
+                generated(max(args.n_train // 4, 8), args.image_size, seed=args.seed, split=1))
+    if args.task != "classification":
+        raise ValueError(f"--task {args.task} takes --data synthetic here; train on real data with "
+                         "the notebooks or mtml.experiment.run_cohort")
     from ..tasks.tiles import TileDataset
 
     if not Path(args.data).is_file():
@@ -204,7 +200,6 @@ def _datasets(args):
 def main(argv=None) -> pd.DataFrame:
     args = _parser().parse_args(argv)
     from ..io import write_csv, write_json
-    from ..tasks.task import ClassificationTask
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available()
@@ -219,12 +214,8 @@ def main(argv=None) -> pd.DataFrame:
                        num_workers=args.num_workers, amp=args.amp,
                        channels_last=args.channels_last, compile=args.compile)
     train_data, val_data = _datasets(args)
-    if args.task == "detection":
-        from ..tasks.detection import DetectionTask
-
-        task = DetectionTask(size=args.image_size)
-    else:
-        task = ClassificationTask(cfg.num_classes, channels_last=args.channels_last)
+    task = task_class(args.task).from_parameters({task_class(args.task).size_parameter: args.image_size,
+                                                  "CHANNELS_LAST": args.channels_last})
     cohort = Cohort.build(cfg, device, task=task)
     try:
         history = fit_distributed(cohort, task, train_data, val_data, callbacks=[Checkpoint(args.out)])

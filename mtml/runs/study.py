@@ -178,9 +178,19 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
     on validation for detection, the students' diversity, the ensemble gain) and its test units."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train_and_record(study, params, threads)
+    finally:
+        torch.set_num_threads(before)  # a caller's own setting (a test, a notebook) stays as it was
+
+
+def _train_and_record(study: Study, params: dict, threads: int) -> tuple[dict, pd.DataFrame]:
+    import torch
+
     from .experiment import RunOptions, run_cohort
 
-    torch.set_num_threads(threads)
     train, val, test, label, augment = load_data(study, params)
     task = task_from_parameters(study.task, params)
     spec = spec_from_parameters(study.task, params)

@@ -79,6 +79,13 @@ class DetectionTask:
         return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params})
 
     size_parameter = "FRAME_SIZE"
+
+    @staticmethod
+    def generated(n: int, size: int, seed: int = 0, split: int = 0):
+        """`n` SYNTHETIC polyp frames (`split` 1: validation frames)."""
+        from .polyp import make_synthetic_polyps
+
+        return make_synthetic_polyps(n, size, seed=seed, split=split)
     stackable = False
 
     @staticmethod

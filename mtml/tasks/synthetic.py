@@ -129,16 +129,29 @@ def generate(root, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
 def ensure_synthetic_default(root=None, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
     """Generates the synthetic default once (into `root`, default `data_dir()/synthetic`) and builds
     its manifest; later calls reuse both. Returns the manifest path. Generation happens in a
-    temporary folder renamed into place, so an interrupted run never leaves a half dataset."""
+    temporary folder renamed into place, so an interrupted run never leaves a half dataset; processes
+    that start together generate it once."""
+    import fcntl
+
     from .download import data_dir
-    from .tiles import build_manifest
 
     root = Path(root) if root else data_dir() / "synthetic"
     manifest, stamp = root / FOLDER / "manifest.csv", root / FOLDER / "synthetic.json"
     wanted = {"generator_version": GENERATOR_VERSION, **asdict(cfg)}
-    if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+    ready = lambda: manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted  # noqa: E731
+    if ready():
         return manifest
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:  # one process generates; the others wait, then reuse it
+        fcntl.flock(lock, fcntl.LOCK_EX)     # (a second generation would replace the folder under the first's feet)
+        if not ready():
+            _generate_into(root, cfg, wanted)
+    return manifest
+
+
+def _generate_into(root: Path, cfg: SyntheticConfig, wanted: dict) -> None:
+    from .tiles import build_manifest
+
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root))
     try:
         generate(tmp, cfg)
@@ -151,7 +164,6 @@ def ensure_synthetic_default(root=None, cfg: SyntheticConfig = SyntheticConfig()
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 def classification_manifest(data_dir) -> tuple[Path, str]:

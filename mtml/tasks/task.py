@@ -89,10 +89,18 @@ class ClassificationTask:
 
     @classmethod
     def from_parameters(cls, params: dict) -> "ClassificationTask":
-        return cls(num_classes=2, stain_jitter=params.get("STAIN_JITTER", 0.0))
+        return cls(num_classes=2, stain_jitter=params.get("STAIN_JITTER", 0.0),
+                   channels_last=bool(params.get("CHANNELS_LAST", False)))  # NHWC inputs (a speed option)
 
     size_parameter = "TILE_SIZE"   # the notebooks' image-size knob
     stackable = True               # students can run as one grouped network (mtml.core.stacking)
+
+    @staticmethod
+    def generated(n: int, size: int, seed: int = 0, split: int = 0):
+        """`n` SYNTHETIC items of a seeded separable problem (`split` 1: its validation items)."""
+        from .data import make_separable
+
+        return make_separable(n, size, seed=seed, split=split)
 
     @staticmethod
     def load_splits(params: dict, data: str | None = None, who: str = "this run", with_test: bool = True):
