@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-gpu venv clean-runs
+.PHONY: demo test bench bench-gpu mutation venv clean-runs
 
 venv: $(STAMP)
 
@@ -32,7 +32,7 @@ demo: $(STAMP)
 # temporary folder, so its runs and data land there: nothing is reloaded from an earlier `make test`,
 # and the checkout's data/ and runs/ stay as they were (tests/conftest.py checks it for tests/).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && trap 'exit 130' INT TERM && cp -r notebooks "$$tmp/" && \
 	  MTML_SMOKE=1 MTML_DATA_DIR="$$tmp/data" $(PY) -m pytest -q -ra -p no:cacheprovider -c pyproject.toml --rootdir "$$tmp" --nbval-lax \
 	    --nbval-cell-timeout=$${MTML_CELL_TIMEOUT:-960} "$$tmp/notebooks"
@@ -43,6 +43,12 @@ bench: $(STAMP)
 # one table of GPU figures in about 8 minutes on one H100/H200 (bench/results/gpu_check.md)
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu_check.py
+
+# mutation score of the core modules against their fast tests (bench/mutation.py, in scratch copies under
+# /tmp; bench/results/mutation.md). Needs mutmut, kept out of requirements.txt: the script prints the pip line.
+# MODULES="losses stats" picks a subset; about 4 minutes for losses on one core.
+mutation: $(STAMP)
+	$(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES))
 
 clean-runs:
 	rm -rf runs
