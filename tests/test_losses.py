@@ -288,3 +288,14 @@ def test_both_kinds_of_knowledge_use_feature_maps():
 
     assert CohortConfig(mode="kd_ml_styles", teacher_knowledge="both", peer_knowledge="predictions").uses_features
     assert not CohortConfig(mode="kd_ml").uses_features
+
+
+def test_default_temperatures_and_an_empty_batch():
+    """Gaps a mutation run of mtml/core/losses.py found (bench/mutation.py): the defaults (soft_kl
+    and mutual_loss: tau = 1) and zero rows (a batch without a location to distill: 0, not NaN)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    assert soft_kl(s, t) == soft_kl(s, t, 1.0) != soft_kl(s, t, 2.0)
+    assert mutual_loss(s, [t]) == mutual_loss(s, [t], 1.0) != mutual_loss(s, [t], 2.0)
+    empty = soft_kl(torch.zeros(0, 3), torch.zeros(0, 3), 4.0)
+    assert empty.item() == 0.0

@@ -133,3 +133,51 @@ def test_the_figure_uses_one_value_per_run():
     long = long_metric(runs, "auroc")
     assert long.groupby("who").size().to_dict() == {"ensemble": 3, "students (mean)": 3}
     assert set(long.loc[long["who"] == "students (mean)", "auroc"]) == {0.65}
+
+
+# -- gaps a mutation run of mtml/runs/stats.py found (bench/mutation.py) ---------------------------
+
+def test_holm_caps_every_adjusted_p_at_one():
+    np.testing.assert_allclose(stats.holm([0.6, 0.7]), [1.0, 1.0])  # 2 x 0.6 = 1.2 is capped
+
+
+def test_percentile_interval_is_numpys_and_gives_up_when_over_a_tenth_is_missing():
+    v = np.random.default_rng(0).normal(size=400)
+    assert stats.percentile_interval(v) == pytest.approx(tuple(np.percentile(v, [2.5, 97.5])))
+    assert stats.percentile_interval(v, 0.8) == pytest.approx(tuple(np.percentile(v, [10, 90])))
+    some = v.copy()
+    some[:30] = np.nan  # 7.5% missing: the rest decide
+    assert stats.percentile_interval(some) == pytest.approx(tuple(np.percentile(v[30:], [2.5, 97.5])))
+    many = v.copy()
+    many[:50] = np.nan  # 12.5% missing: no interval
+    assert np.isnan(stats.percentile_interval(many)).all() and np.isnan(stats.percentile_interval(v[:0])).all()
+
+
+def test_bootstrap_counts_are_reproducible_draws_of_every_unit():
+    a, b = stats.bootstrap_counts(30, 50, seed=3), stats.bootstrap_counts(30, 50, seed=3)
+    assert a.shape == (50, 30) and (a == b).all() and (a.sum(1) == 30).all()
+    assert not (a == stats.bootstrap_counts(30, 50, seed=4)).all()
+
+
+def test_unit_metric_in_chunks_equals_one_pass_and_students_mean_is_their_mean():
+    preds, targets = random_detections(0)
+    units = detection_units({"student_1": preds, "student_2": random_detections(1)[0], "ensemble": preds}, targets)
+    ids = stats.unit_ids(units)
+    counts = stats.bootstrap_counts(len(ids), 25, seed=0)
+    for who in ("ensemble", "students_mean"):
+        whole = stats.unit_metric(units, "map50", who, counts, ids)
+        np.testing.assert_allclose(stats.unit_metric(units, "map50", who, counts, ids, chunk=7), whole)
+    mean = (stats.unit_metric(units, "map50", "student_1", counts, ids)
+            + stats.unit_metric(units, "map50", "student_2", counts, ids)) / 2
+    np.testing.assert_allclose(stats.unit_metric(units, "map50", "students_mean", counts, ids), mean)
+    assert np.isnan(stats.unit_metric(units, "map50", "teacher", counts, ids)).all(), "a network not in the units"
+    with pytest.raises(ValueError, match="no bootstrap for metric 'f1'"):
+        stats.unit_metric(units, "f1", "ensemble", counts, ids)
+
+
+def test_average_precision_without_boxes_is_undefined_and_a_weightless_detection_is_absent():
+    assert np.isnan(stats.average_precision([0.9, 0.5], [0, 0], [0, 0])).all()
+    scores, tp, n_gt = [0.95, 0.9, 0.6, 0.3], [0, 1, 1, 0], [1, 1]
+    dropped = stats.average_precision(scores[1:], tp[1:], n_gt)
+    assert stats.average_precision(scores, tp, n_gt)[0] < dropped[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(stats.average_precision(scores, tp, n_gt, weights=[[0, 1, 1, 1]]), dropped)
