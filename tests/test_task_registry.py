@@ -154,17 +154,18 @@ def test_a_study_with_variants_on_validation_pairs_each_variant_with_the_base_an
     (tmp_path / "toy_ablation.yaml").write_text(
         "name: toy_ablation\ntask: toy_regression\ndata: synthetic\nversion: tiny\nmodes: [independent, kd, kd_ml]\n"
         "seeds: [0, 1, 2]\nevaluate_on: validation\nparams:\n  POINTS: 96\n  WIDTH: 8\n  W_KD: 1.0\n"
-        "variants:\n  weak kd: {W_KD: 0.1}\n  wide: {WIDTH: 16}\n")
+        "variants:\n  weak kd: {W_KD: 0.1}\n  wide: {WIDTH: 16}\n  feat: {W_FEAT: 0.5}\n")
     study = Study.load(tmp_path / "toy_ablation.yaml")
     planned = study.planned()
-    assert len(planned) == 3 * 3 + 2 * 3 * 2, "base: every mode; each variant: every mode but independent"
-    assert len({spec_from_parameters("toy_regression", p).hash for p in planned}) == len(planned)
+    assert len(planned) == 3 * 3 + 3 * 2 + 3 * 3 + 3 * 2, "base: every mode; weak kd, feat: all but independent; wide: every mode"
+    plan = study.plan()  # feat changes nothing these modes compute (no feature knowledge): its runs are the base's
+    assert len(plan) == 24 and all(p.get("variant") != "feat" for p in plan.values())
     out, loads = tmp_path / "out", ToyRegression.test_loads
     assert run_study(study, out) == 0
     assert ToyRegression.test_loads == loads, "a validation study never makes its test split"
     runs, _, missing = study_runs(study, out)
     assert not missing and set(runs["evaluated_on"]) == {"validation"}
-    assert runs.groupby("variant").size().to_dict() == {"base": 9, "weak kd": 6, "wide": 6}
+    assert runs.groupby("variant").size().to_dict() == {"base": 9, "weak kd": 6, "wide": 9}
     write_results(study, out)
     table = pd.read_csv(out / "variants.csv")
     row = table[(table["variant"] == "weak kd") & (table["mode"] == "kd")].iloc[0]
@@ -180,8 +181,8 @@ def test_a_study_with_variants_on_validation_pairs_each_variant_with_the_base_an
     assert verdicts.loc[0, "mean"] == pytest.approx((kd["kd_ml"] - kd["kd"]).mean(), abs=1e-6)
 
 
-@pytest.mark.parametrize("variants, message", [("{base: {W_KD: 0.5}}", "named 'base'"),
-                                               ("{low: {seed: 1}}", "UPPER_CASE"), ("{low: {}}", "map a name")])
+@pytest.mark.parametrize("variants, message", [("{base: {W_KD: 0.5}}", "named 'base'"), ("{low: {seed: 1}}", "UPPER_CASE"),
+                                               ("{other: {SPLIT_SEED: 1}}", "the split's"), ("{low: {}}", "map a name")])
 def test_bad_variants_are_refused_in_one_line(tmp_path, variants, message):
     (tmp_path / "s.yaml").write_text("name: s\ntask: toy_regression\ndata: synthetic\nversion: tiny\n"
                                      f"modes: [kd]\nseeds: [0]\nvariants: {variants}\n")

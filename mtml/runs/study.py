@@ -43,6 +43,11 @@ ALPHA, POWER = 0.05, 0.80
 KEYS = {"name", "title", "task", "data", "version", "modes", "seeds", "params", "budget_minutes",
         "target_difference", "notes", "external", "claims", "reuse", "variants", "evaluate_on"}
 BASE = "base"  # the variant of the study's own params
+# knobs only the distillation terms read: a variant changing only these takes independent training
+# from the base (same training, though not the same spec hash); any other change trains it again
+DISTILLATION_KNOBS = {"TEMPERATURE", "W_KD", "W_ML", "DISTILL_WARMUP_EPOCHS", "DISTILL_WEIGHTING", "W_DISTILL_CLS",
+                      "W_DISTILL_BOX", "W_DISTILL_CTR", "W_FEAT", "FEATURE_LEVELS", "TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE"}
+SPLIT_KNOBS = {"DATA_DIR", "SPLIT_SEED", "SPLIT_BY", "TRAIN_FRAMES", "EVAL_FRAMES"}  # never a variant: one split per study
 
 
 @dataclass(frozen=True)
@@ -111,14 +116,23 @@ class Study:
 
     def planned(self, smoke: bool = False) -> list[dict]:
         """Every run's parameters: each mode and seed at the study's params, then (a study with
-        variants) every mode but independent at each variant; a variant's runs carry its name
-        under the lower-case key "variant", which no run identity reads."""
+        variants) each variant's runs: every mode, but independent only when the change is not
+        limited to DISTILLATION_KNOBS. A variant's runs carry its name under the lower-case key
+        "variant", which no run identity reads. See `plan` for one entry per run identity."""
         seeds = self.seeds[:2] if smoke else self.seeds
         runs = [self.parameters(mode, seed, smoke) for seed in seeds for mode in self.modes]
         for name, change in self.variants:
-            runs += [{**self.parameters(mode, seed, smoke, change), "variant": name}
-                     for seed in seeds for mode in self.modes if mode != "independent"]
+            modes = [m for m in self.modes if m != "independent" or not set(change) <= DISTILLATION_KNOBS]
+            runs += [{**self.parameters(mode, seed, smoke, change), "variant": name} for seed in seeds for mode in modes]
         return runs
+
+    def plan(self, smoke: bool = False) -> dict:
+        """{spec hash: parameters}, one entry per run identity: a variant's run that is the same
+        computation as an earlier one (kd_ml when a variant changes only W_FEAT) is that run."""
+        plan: dict = {}
+        for params in self.planned(smoke):
+            plan.setdefault(spec_from_parameters(self.task, params).hash, params)
+        return plan
 
     @property
     def split(self) -> str:
@@ -131,10 +145,11 @@ def _variants(path, raw: dict) -> tuple:
     variants = raw.get("variants") or {}
     if not isinstance(variants, dict) or not all(isinstance(c, dict) and c for c in variants.values()):
         raise ValueError(f"{path}: variants must map a name to the parameters it changes, e.g. {{'tau 2': {{'TEMPERATURE': 2.0}}}}")
-    bad = [k for change in variants.values() for k in change if not k.isupper() or k in ("MODE", "SEED", "VERSION")]
+    bad = [k for change in variants.values() for k in change
+           if not k.isupper() or k in ("MODE", "SEED", "VERSION") or k in SPLIT_KNOBS]
     if bad or BASE in variants:
-        raise ValueError(f"{path}: variants change notebook parameters (UPPER_CASE, not MODE, SEED or VERSION) and "
-                         f"none is named {BASE!r} (the study's own params): {bad or BASE}")
+        raise ValueError(f"{path}: variants change notebook parameters (UPPER_CASE, not MODE, SEED, VERSION or the "
+                         f"split's {sorted(SPLIT_KNOBS)}) and none is named {BASE!r} (the study's own params): {bad or BASE}")
     return tuple((str(name), dict(change)) for name, change in variants.items())
 
 
@@ -281,7 +296,7 @@ def adopt(study: Study, out: Path) -> int:
     many were taken; a run tested on another split (a validation study's) is not taken. They
     carry only the sets they were tested on: a study that names `external`
     sets trains its runs itself or tests reused ones with `python -m mtml.runs.external`."""
-    planned = {spec_from_parameters(study.task, p).hash for p in study.planned()}
+    planned = set(study.plan())
     taken = 0
     for other in study.reuse:
         source = RESULTS / other
@@ -290,8 +305,9 @@ def adopt(study: Study, out: Path) -> int:
                                     "check the name under reuse:")
         table = read_runs(source)
         for row in table[table["spec_hash"].isin(planned - done_hashes(out))].to_dict("records"):
-            tested_on = row.get("evaluated_on")
-            if (tested_on if isinstance(tested_on, str) else "test") != study.split:  # same training, another split
+            tested_on = row.get("evaluated_on", row.get("split_evaluated"))  # the first ablation's column name
+            tested_on = {"val": "validation"}.get(tested_on, tested_on if isinstance(tested_on, str) else "test")
+            if tested_on != study.split:  # same training, tested on another split
                 continue
             units_file = source / "units" / f"{row['spec_hash']}.csv.gz"
             if not units_file.is_file():  # a row without its test units cannot enter the report
@@ -332,10 +348,12 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
               claims: Path | None = None) -> int:
     """Takes missing runs from the queue until none is left; returns how many failed. The workers
     of one invocation share `claims` (`main` gives each invocation its own folder)."""
-    runs = queue(study.planned(smoke))
+    plan = study.plan(smoke)
+    hashes = {id(p): h for h, p in plan.items()}
+    runs = queue(list(plan.values()))
     failed = 0
     for i, params in enumerate(runs):
-        spec_hash = spec_from_parameters(study.task, params).hash
+        spec_hash = hashes[id(params)]
         if spec_hash in done_hashes(out) or not claim(claims, spec_hash):
             continue
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}" + (
@@ -355,10 +373,13 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
 # report ----------------------------------------------------------------------------------------
 def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFrame, dict, list]:
     """Exactly this study's finished runs (rows whose hash a planned run has), their test units
-    keyed (version, mode, seed), and the planned runs still missing."""
-    planned = {spec_from_parameters(study.task, p).hash: p for p in study.planned(smoke)}
+    keyed (version, mode, seed), and the planned runs still missing. A study with variants labels
+    each row with the variant the plan gives its hash (the base, for a run the base shares)."""
+    planned = study.plan(smoke)
     table = read_runs(out)
     runs = table[table["spec_hash"].isin(planned)].reset_index(drop=True)
+    if study.variants:
+        runs["variant"] = [planned[h].get("variant", BASE) for h in runs["spec_hash"]]
     if len(table) and runs.empty:
         first = spec_from_parameters(study.task, next(iter(planned.values())))
         stored = table.iloc[0]
@@ -466,7 +487,8 @@ def write_results(study: Study, out: Path, smoke: bool = False, costs: pd.DataFr
     summary.to_csv(out / "results.csv", index=False, float_format="%.6g")
     decided = verdicts(runs, study.metric, units, study.claims)
     decided.to_csv(out / "verdicts.csv", index=False, float_format="%.6g")
-    lines = head + _about(study, everything, missing, smoke) + _verdict_lines(study, decided, len(runs), len(missing))
+    base_missing = sum(p.get("variant", BASE) == BASE for p in missing)
+    lines = head + _about(study, everything, missing, smoke) + _verdict_lines(study, decided, len(runs), base_missing)
     lines += _mode_lines(runs, summary, study.metric, study.split)
     if study.variants:
         lines += _variant_lines(study, everything, out)
@@ -514,7 +536,8 @@ def _about(study: Study, runs: pd.DataFrame, missing: list, smoke: bool) -> list
 def _verdict_lines(study: Study, decided: pd.DataFrame, done: int, missing: int) -> list[str]:
     """The claims' table, with how it was computed and the verdict rule."""
     too_coarse = decided["detectable"].gt(study.target_difference).any() or decided["detectable"].isna().any()
-    lines = ["## Verdicts" + (f" (PROVISIONAL: {done} of {done + missing} runs)" if missing else ""), "",
+    lines = ["## Verdicts" + (f" (PROVISIONAL: {done} of {done + missing} runs)" if missing else "")
+             + ("" if study.split == "test" else " on validation: for choosing settings, not findings"), "",
              f"Paired by seed; mean difference of the ensembles' {study.metric} with its 95% t-interval over seeds; "
              f"{_holm_phrase(len(study.claims))}; the 95% bootstrap "
              f"interval over {study.split} {getattr(task_class(study.task), 'bootstrap_unit', 'units')} (one shared "
@@ -581,11 +604,14 @@ def _variant_lines(study: Study, runs: pd.DataFrame, out: Path) -> list[str]:
     table.to_csv(out / "variants.csv", index=False, float_format="%.6g")
     word = lambda r: ("higher" if r.minus_base - r.minus_base_ci95 > 0 else "lower" if r.minus_base + r.minus_base_ci95 < 0  # noqa: E731
                       else "not separated") if np.isfinite(r.minus_base_ci95) else "-"
-    lines = ["", "## Variants", "", "Each variant changes the study's params as listed and runs every mode but "
-             "independent (a run the change leaves as it is, same run identity, is the base's run). "
+    lines = ["", "## Variants", "", "Each variant changes the study's params as listed and runs every mode; "
+             "independent only when the change is more than distillation settings (which independent training "
+             "does not read: otherwise the base's independent runs stand in), and a run that is the same "
+             "computation as the base's (same run identity) is the base's run. "
              f"{study.split.capitalize()} {study.metric} of the student ensemble, mean ± 95% t-interval over "
              "seeds; variant - base: paired by seed with the base run of the same mode, its 95% t-interval; higher or "
-             "lower when that interval lies above or below 0.", "",
+             "lower when that interval lies above or below 0 (each interval on its own: with many variants and modes, "
+             "one such interval is expected by chance).", "",
              "| variant | change | mode | seeds | ensemble | students' mean | variant - base (paired) | |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
