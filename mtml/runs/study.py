@@ -348,12 +348,10 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
               claims: Path | None = None) -> int:
     """Takes missing runs from the queue until none is left; returns how many failed. The workers
     of one invocation share `claims` (`main` gives each invocation its own folder)."""
-    plan = study.plan(smoke)
-    hashes = {id(p): h for h, p in plan.items()}
-    runs = queue(list(plan.values()))
+    runs = queue([{**params, "spec_hash": h} for h, params in study.plan(smoke).items()])  # lower case: no knob
     failed = 0
     for i, params in enumerate(runs):
-        spec_hash = hashes[id(params)]
+        spec_hash = params["spec_hash"]
         if spec_hash in done_hashes(out) or not claim(claims, spec_hash):
             continue
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}" + (
