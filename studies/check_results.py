@@ -23,7 +23,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results" / "checks"
 STUDIES = ("kvasir_tiny_cpu", "kvasir_styles_tiny_cpu")
-ABLATION = REPO / "studies" / "ablate_detection_distillation.py"
+ABLATION = "ablation_detection_distillation"  # the first ablation, on the frame-by-frame split
 
 
 def _study(name: str):
@@ -36,15 +36,11 @@ def ablation_frames() -> dict:
     """The ablation's training and validation frames ({"train": set, "val": set}), split from the
     Kvasir-SEG images as its runs split them (its SPLIT_BY and SPLIT_SEED, its frame caps),
     whatever split a prepared manifest.csv beside them holds."""
-    import importlib.util
     import tempfile
 
     from mtml.tasks.polyp import capped_subset, default_polyp_root, kvasir_images, prepare_kvasir
 
-    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    base = ablation.BASE
+    base = _study(ABLATION).params
     root, _ = default_polyp_root()
     images = kvasir_images(root) if root is not None else None
     if images is None:

@@ -31,12 +31,11 @@ def test_nothing_held_out_gives_the_committed_verdicts_and_a_held_out_frame_chan
 
 def test_the_ablation_frames_are_its_own_split(checks, shared_data, monkeypatch):
     """The frames check_results attributes to the ablation are those its runs load: the training
-    and the validation frames, from the ablation's own settings (read from its script)."""
+    and the validation frames, from the ablation's own settings (read from its study file)."""
+    from mtml.runs.study import Study
+
     monkeypatch.setenv("MTML_SHARED_DATA", str(shared_data))
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "studies" / "ablate_detection_distillation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    base = ablation.BASE
+    base = Study.load(REPO / "studies" / "ablation_detection_distillation.yaml").params
     frames = checks.ablation_frames()
     assert len(frames["train"]) == base["TRAIN_FRAMES"] and len(frames["val"]) == base["EVAL_FRAMES"]
     assert not frames["val"] & frames["train"]

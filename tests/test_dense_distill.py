@@ -89,11 +89,13 @@ def test_foreground_weighting_leaves_out_the_background_channel(outputs):
 
 def test_bad_distillation_settings_are_refused():
     with pytest.raises(ValueError, match="weighting"):
-        DetectionTask(distill_weighting="background")
+        DetectionTask(distill=DenseDistillation(weighting="background"))
     with pytest.raises(ValueError, match="w_box"):
-        DetectionTask(w_distill_box=-1.0)
+        DetectionTask(distill=DenseDistillation(w_box=-1.0))
     with pytest.raises(ValueError, match="w_cls"):
-        DetectionTask(w_distill_cls=float("nan"))
+        DetectionTask(distill=DenseDistillation(w_cls=float("nan")))
+    with pytest.raises(ValueError, match="box_loss"):
+        DetectionTask(box_loss="l2")
 
 
 # -- warm-up -------------------------------------------------------------------------------------

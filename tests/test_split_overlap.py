@@ -34,12 +34,16 @@ def same_split(a: Study, b: Study) -> bool:
         all(a.params.get(k) == b.params.get(k) for k in keys)
 
 
+FIRST_ABLATION = "ablation_detection_distillation"  # frame-by-frame split: its overlap is known and reported
+OWN_SPLIT = [s for s in CHOOSERS if s.name != FIRST_ABLATION]
+
+
 def test_the_studies_that_choose_settings_evaluate_on_validation_only():
-    assert {s.name for s in CHOOSERS} >= {"kvasir_distill_ablation", "kvasir_styles_ablation"}
+    assert {s.name for s in CHOOSERS} >= {"kvasir_distill_ablation", "kvasir_styles_ablation", FIRST_ABLATION}
     assert all(not s.external for s in CHOOSERS), "a study that chooses settings tests on nothing else"
 
 
-@pytest.mark.parametrize("chooser", CHOOSERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("chooser", OWN_SPLIT, ids=lambda s: s.name)
 def test_no_frame_that_chose_a_setting_is_a_test_frame(chooser, shared_data):
     kvasir = shared_data / "kvasir-seg"
     chose = frame_hashes(chooser, "val", kvasir)
@@ -53,9 +57,11 @@ def test_no_frame_that_chose_a_setting_is_a_test_frame(chooser, shared_data):
         assert not shared, f"{len(shared)} validation frame(s) of {chooser.name} are test frames of {study.name}"
 
 
-def test_the_check_sees_an_overlap_when_there_is_one(shared_data):
-    """The first ablation split frame by frame: some of its validation frames are the studies' test frames."""
+def test_the_first_ablation_overlaps_the_studies_test_frames_as_reported(shared_data):
+    """The first ablation split frame by frame: 6 of kvasir_tiny_cpu's 99 test frames are its validation
+    frames (the number docs/results/checks/overlap.md and the README give); the check sees them."""
     kvasir = shared_data / "kvasir-seg"
+    first = next(s for s in CHOOSERS if s.name == FIRST_ABLATION)
     study = next(s for s in TESTED if s.name == "kvasir_tiny_cpu")
-    frame_split = Study(**{**study.__dict__, "params": {**study.params, "SPLIT_BY": "frame", "EVAL_FRAMES": 100}})
-    assert frame_hashes(frame_split, "val", kvasir) & frame_hashes(study, "test", kvasir)
+    assert not same_split(first, study)
+    assert len(frame_hashes(first, "val", kvasir) & frame_hashes(study, "test", kvasir)) == 6

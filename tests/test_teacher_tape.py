@@ -80,6 +80,7 @@ def test_replayed_teacher_gives_the_trained_runs_results(tmp_path):
 
 
 def test_detection_teacher_replays_exactly(tmp_path):
+    from mtml.tasks.dense_distill import DenseDistillation
     from mtml.tasks.detection import DetectionTask
     from mtml.tasks.polyp import flip_augment, make_synthetic_polyps
 
@@ -104,8 +105,8 @@ def test_detection_teacher_replays_exactly(tmp_path):
     assert_same_run(trained, replayed)
 
     # other distillation and ensemble settings: the same teacher, so the kd run's tape serves them too
-    task = DetectionTask(size=64, distill_weighting="confidence", box_loss="l1", w_distill_box=0.5,
-                         ensemble="wbf", score_threshold=0.5)
+    task = DetectionTask(size=64, box_loss="l1", ensemble="wbf", score_threshold=0.5,
+                         distill=DenseDistillation("confidence", w_box=0.5))
     trained = detection_run(detection_cohort("kd_ml"), None)
     cohort = detection_cohort("kd_ml")
     calls = count_teacher_forwards(cohort)
@@ -124,14 +125,15 @@ def test_the_students_settings_share_the_teacher_its_own_do_not():
     for own in (dict(lr=0.01), dict(seed=1), dict(epochs=2), dict(batch_size=32), dict(amp=True)):
         assert key(**own) != key(), own
 
+    from mtml.tasks.dense_distill import DenseDistillation
     from mtml.tasks.detection import DetectionTask
 
     def detection_key(**kw):
         task = DetectionTask(**kw)
         return tape_key(spec(CohortConfig.for_task(task, mode="kd"), task), task)
 
-    assert detection_key(distill_weighting="confidence", box_loss="l1", w_distill_cls=0.5, w_distill_box=2.0,
-                         w_distill_ctr=0.0, ensemble="wbf", score_threshold=0.5, wbf_iou=0.7) == detection_key()
+    assert detection_key(box_loss="l1", ensemble="wbf", score_threshold=0.5, wbf_iou=0.7,
+                         distill=DenseDistillation("confidence", w_cls=0.5, w_box=2.0, w_ctr=0.0)) == detection_key()
     assert detection_key(size=96) != detection_key()
 
 

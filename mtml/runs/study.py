@@ -386,8 +386,10 @@ def study_runs(study: Study, out: Path, smoke: bool = False) -> tuple[pd.DataFra
                          f"machine (first differing settings: {differ[:5] or 'the data fingerprint'}); "
                          "nothing was overwritten: check the data and the study file")
     missing = [p for h, p in planned.items() if h not in set(runs["spec_hash"])]
-    units = {(r.version, r.mode, r.seed): pd.read_csv(out / "units" / f"{r.spec_hash}.csv.gz")
+    files = {(r.version, r.mode, r.seed): out / "units" / f"{r.spec_hash}.csv.gz"
              for r in runs.itertuples() if getattr(r, "variant", BASE) == BASE}  # the verdicts use the base runs
+    # runs recorded before units existed have none: no bootstrap for them, so their claims stay inconclusive
+    units = {key: pd.read_csv(f) for key, f in files.items() if f.is_file()}
     return runs, units, missing
 
 
@@ -458,6 +460,10 @@ def _holm_phrase(n: int) -> str:
     return f"p of the paired t-test, Holm-adjusted over the {({2: 'two', 3: 'three'}).get(n, str(n))} claims"
 
 
+def _interval(lo, hi, sign="") -> str:
+    return f"[{lo:{sign}.3f}, {hi:{sign}.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "-"  # no units, no bootstrap
+
+
 def _pm(mean, half, digits=3, sign="") -> str:
     if not np.isfinite(mean):
         return "-"
@@ -514,8 +520,9 @@ def _about(study: Study, runs: pd.DataFrame, missing: list, smoke: bool) -> list
         data += f"; manifest sha256 {runs['data.manifest_sha256'].iloc[0]}"
     used = {k: v for k, v in study.parameters(study.modes[0], study.seeds[0], smoke).items()
             if k not in ("MODE", "SEED", "VERSION")}
-    commits = ", ".join(sorted(set(runs["commit"].astype(str))))
-    machines = "; ".join(sorted(set(runs["machine"].astype(str))))
+    recorded = runs.reindex(columns=["commit", "machine"])  # runs before 2026-11-29 recorded neither
+    commits = ", ".join(sorted(set(recorded["commit"].dropna().astype(str)))) or "not recorded"
+    machines = "; ".join(sorted(set(recorded["machine"].dropna().astype(str)))) or "not recorded"
     lines = [
         f"- data: {data}", f"- task: {study.task}, version {study.version}; metric: {study.metric} of the student "
         f"ensemble on the {study.split.upper()} split, each run tested once"
@@ -523,7 +530,7 @@ def _about(study: Study, runs: pd.DataFrame, missing: list, smoke: bool) -> list
         + "; every parameter fixed in the study file beforehand",
         f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))}; runs: {len(runs)} of "
         f"{len(runs) + len(missing)} planned" + (f" (MISSING: {len(missing)})" if missing else ""),
-        f"- code: commit(s) {commits}{code_changes(runs['commit'])}; machine: {machines}",
+        f"- code: commit(s) {commits}{code_changes(list(recorded['commit']))}; machine: {machines}",
         f"- time: {runs['train_time_s'].sum() / 60:.0f} min of training and testing summed over the runs' own "
         f"clocks (parallel workers overlap, so the wall time is shorter); budget: {study.budget_minutes:.0f} min "
         "of wall time",
@@ -549,7 +556,7 @@ def _verdict_lines(study: Study, decided: pd.DataFrame, done: int, missing: int)
              "|---|---|---|---|---|---|---|"]
     for r in decided.itertuples():
         lines.append(f"| {r.claim} | {r.seeds} | {_pm(r.mean, r.ci95)} | {r.p_holm:.3f} | "
-                     f"[{r.boot_lo:+.3f}, {r.boot_hi:+.3f}] | {r.detectable:.3f} | **{r.verdict}** |")
+                     f"{_interval(r.boot_lo, r.boot_hi, '+')} | {r.detectable:.3f} | **{r.verdict}** |")
     return lines
 
 
@@ -570,7 +577,7 @@ def _mode_lines(runs: pd.DataFrame, summary: pd.DataFrame, metric: str, split: s
     for r in summary.itertuples():
         cells = [r.mode, str(r.seeds), _pm(getattr(r, "teacher_mean", math.nan), getattr(r, "teacher_ci95", math.nan)),
                  _pm(r.students_mean_mean, r.students_mean_ci95), _pm(r.ensemble_mean, r.ensemble_ci95),
-                 f"[{r.ensemble_boot_lo:.3f}, {r.ensemble_boot_hi:.3f}]"]
+                 _interval(r.ensemble_boot_lo, r.ensemble_boot_hi)]
         cell = lambda col, digits=3: _pm(*extra[col][r.mode][:2], digits=digits) if col in extra else "-"  # noqa: E731
         if op:
             cells += [cell(c) for c in ("ensemble/op_f1", "ensemble/op_precision", "ensemble/op_recall")]

@@ -9,6 +9,7 @@ fusion of the students' final boxes is the alternative (`ensemble="wbf"`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -70,13 +71,14 @@ class DetectionTask:
         from .polyp import load_polyp_dataset
 
         return load_polyp_dataset(folder, split=None, size=size)
-    PARAMETERS = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE",
-                  "score_threshold": "SCORE_THRESHOLD", "distill_weighting": "DISTILL_WEIGHTING",
-                  "w_distill_cls": "W_DISTILL_CLS", "w_distill_box": "W_DISTILL_BOX", "w_distill_ctr": "W_DISTILL_CTR"}
+    PARAMETERS = {"size": "FRAME_SIZE", "box_loss": "BOX_LOSS", "ensemble": "ENSEMBLE", "score_threshold": "SCORE_THRESHOLD"}
+    DISTILL_PARAMETERS = {"weighting": "DISTILL_WEIGHTING", "w_cls": "W_DISTILL_CLS", "w_box": "W_DISTILL_BOX",
+                          "w_ctr": "W_DISTILL_CTR"}  # the fields of DenseDistillation
 
     @classmethod
     def from_parameters(cls, params: dict) -> "DetectionTask":
-        return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params})
+        distill = DenseDistillation(**{k: params[p] for k, p in cls.DISTILL_PARAMETERS.items() if p in params})
+        return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params}, distill=distill)
 
     size_parameter = "FRAME_SIZE"
 
@@ -158,14 +160,15 @@ class DetectionTask:
     student_only_settings = ("ensemble", "score_threshold", "wbf_iou", "weighting", "box_loss",
                              "w_cls", "w_box", "w_ctr")
 
-    def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean",
-                 score_threshold: float = 0.3, wbf_iou: float = 0.55, distill_weighting: str = "foreground",
-                 w_distill_cls: float = 1.0, w_distill_box: float = 1.0, w_distill_ctr: float = 1.0):
+    def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean", score_threshold: float = 0.3,
+                 wbf_iou: float = 0.55, distill: DenseDistillation | None = None):
+        """`distill`: how a student learns a teacher's or a peer's dense maps (weighting and each
+        term's weight); its box term uses the task's `box_loss`, the one box loss of the task."""
         if ensemble not in ("mean", "wbf"):
             raise ValueError(f"ensemble must be 'mean' or 'wbf', got {ensemble!r}")
         if size < 32 or size % 32:
             raise ValueError(f"size must be a multiple of 32 (the FPN's coarsest stride), got {size}")
-        self.distill = DenseDistillation(distill_weighting, box_loss, w_distill_cls, w_distill_box, w_distill_ctr)
+        self.distill = replace(distill or DenseDistillation(), box_loss=box_loss)
         self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
@@ -195,9 +198,9 @@ class DetectionTask:
     @classmethod
     def from_settings(cls, s: dict) -> "DetectionTask":
         """The task whose `settings()` are `s` (a run spec's task settings)."""
-        return cls(size=s["size"], ensemble=s["ensemble"], score_threshold=s["score_threshold"],
-                   wbf_iou=s["wbf_iou"], distill_weighting=s["weighting"], box_loss=s["box_loss"],
-                   w_distill_cls=s["w_cls"], w_distill_box=s["w_box"], w_distill_ctr=s["w_ctr"])
+        distill = DenseDistillation(weighting=s["weighting"], w_cls=s["w_cls"], w_box=s["w_box"], w_ctr=s["w_ctr"])
+        return cls(size=s["size"], box_loss=s["box_loss"], ensemble=s["ensemble"], score_threshold=s["score_threshold"],
+                   wbf_iou=s["wbf_iou"], distill=distill)
 
     # batches ------------------------------------------------------------------------------
     def collate(self, items):
