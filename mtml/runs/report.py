@@ -134,8 +134,25 @@ def _resampled(units: dict, keys, metric: str, who: str, n_boot: int) -> np.ndar
             raise ValueError("runs of one comparison were tested on different test units; "
                              "compare runs of one dataset and split")
     counts = stats.bootstrap_counts(len(ids), n_boot)
-    return np.stack([stats.unit_metric(units[k], metric, who, counts, ids)
+    return np.stack([_drawn(units[k], metric, who, counts, ids)
                      if k in units and units[k] is not None else np.full(n_boot, np.nan) for k in keys])
+
+
+_DRAWN: dict = {}
+
+
+def _drawn(units: pd.DataFrame, metric: str, who: str, counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`stats.unit_metric`, remembered by content: a report resamples each run twice (the per-mode
+    table and the paired claims), with the same draws, and a detection run's draws take seconds."""
+    import hashlib
+
+    key = tuple(hashlib.sha256(b).hexdigest() for b in (pd.util.hash_pandas_object(units).to_numpy().tobytes(),
+                                                         counts.tobytes(), ids.tobytes())) + (metric, who)
+    if key not in _DRAWN:
+        if len(_DRAWN) > 256:  # bounded: a long session compares many studies
+            _DRAWN.clear()
+        _DRAWN[key] = stats.unit_metric(units, metric, who, counts, ids)
+    return _DRAWN[key].copy()
 
 
 def paired_differences(runs: pd.DataFrame, metric: str = "auroc", who: str = "ensemble",

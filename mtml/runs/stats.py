@@ -59,6 +59,8 @@ def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.nda
     tp, w = tp[order], w[:, order]
     cum_tp, cum_fp = np.cumsum(w * tp, axis=1), np.cumsum(w * (1 - tp), axis=1)
     total_gt = gw @ n_gt
+    if len(scores) == 0:  # no detection at all: no recall reached
+        return np.where(total_gt > 0, 0.0, np.nan)
     out = np.full(len(w), np.nan)
     for b in range(len(w)):
         if total_gt[b] <= 0:
