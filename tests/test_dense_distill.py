@@ -96,6 +96,16 @@ def test_bad_distillation_settings_are_refused():
         DetectionTask(distill=DenseDistillation(w_cls=float("nan")))
     with pytest.raises(ValueError, match="box_loss"):
         DetectionTask(box_loss="l2")
+    with pytest.raises(ValueError, match="one box"):
+        DetectionTask(box_loss="giou", distill=DenseDistillation(box_loss="l1"))
+    with pytest.raises(TypeError, match="DenseDistillation"):
+        DetectionTask(distill={"weighting": "foreground"})
+    from mtml.runs.parameters import task_from_parameters
+
+    with pytest.raises(ValueError, match="weighting"):  # a notebook's parameters reach the same checks
+        task_from_parameters("detection", {"DISTILL_WEIGHTING": "background"})
+    task = task_from_parameters("detection", {"BOX_LOSS": "l1", "W_DISTILL_BOX": 0.5})
+    assert (task.box_loss, task.distill.box_loss, task.distill.w_box) == ("l1", "l1", 0.5)
 
 
 # -- warm-up -------------------------------------------------------------------------------------

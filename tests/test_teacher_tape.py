@@ -106,7 +106,7 @@ def test_detection_teacher_replays_exactly(tmp_path):
 
     # other distillation and ensemble settings: the same teacher, so the kd run's tape serves them too
     task = DetectionTask(size=64, box_loss="l1", ensemble="wbf", score_threshold=0.5,
-                         distill=DenseDistillation("confidence", w_box=0.5))
+                         distill=DenseDistillation("confidence", box_loss="l1", w_box=0.5))
     trained = detection_run(detection_cohort("kd_ml"), None)
     cohort = detection_cohort("kd_ml")
     calls = count_teacher_forwards(cohort)
@@ -133,7 +133,7 @@ def test_the_students_settings_share_the_teacher_its_own_do_not():
         return tape_key(spec(CohortConfig.for_task(task, mode="kd"), task), task)
 
     assert detection_key(box_loss="l1", ensemble="wbf", score_threshold=0.5, wbf_iou=0.7,
-                         distill=DenseDistillation("confidence", w_cls=0.5, w_box=2.0, w_ctr=0.0)) == detection_key()
+                         distill=DenseDistillation("confidence", "l1", w_cls=0.5, w_box=2.0, w_ctr=0.0)) == detection_key()
     assert detection_key(size=96) != detection_key()
 
 

@@ -9,7 +9,6 @@ fusion of the students' final boxes is the alternative (`ensemble="wbf"`).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -77,8 +76,9 @@ class DetectionTask:
 
     @classmethod
     def from_parameters(cls, params: dict) -> "DetectionTask":
-        distill = DenseDistillation(**{k: params[p] for k, p in cls.DISTILL_PARAMETERS.items() if p in params})
-        return cls(**{k: params[p] for k, p in cls.PARAMETERS.items() if p in params}, distill=distill)
+        own = {k: params[p] for k, p in cls.PARAMETERS.items() if p in params}
+        distill = {k: params[p] for k, p in cls.DISTILL_PARAMETERS.items() if p in params}
+        return cls(**own, distill=DenseDistillation(**distill, box_loss=own.get("box_loss", "giou")))
 
     size_parameter = "FRAME_SIZE"
 
@@ -163,12 +163,17 @@ class DetectionTask:
     def __init__(self, size: int = 160, box_loss: str = "giou", ensemble: str = "mean", score_threshold: float = 0.3,
                  wbf_iou: float = 0.55, distill: DenseDistillation | None = None):
         """`distill`: how a student learns a teacher's or a peer's dense maps (weighting and each
-        term's weight); its box term uses the task's `box_loss`, the one box loss of the task."""
+        term's weight; by default `DenseDistillation(box_loss=box_loss)`); one box loss per task."""
         if ensemble not in ("mean", "wbf"):
             raise ValueError(f"ensemble must be 'mean' or 'wbf', got {ensemble!r}")
         if size < 32 or size % 32:
             raise ValueError(f"size must be a multiple of 32 (the FPN's coarsest stride), got {size}")
-        self.distill = replace(distill or DenseDistillation(), box_loss=box_loss)
+        if distill is not None and not isinstance(distill, DenseDistillation):
+            raise TypeError(f"distill must be a mtml.tasks.dense_distill.DenseDistillation, got {type(distill).__name__}")
+        if distill is not None and distill.box_loss != box_loss:
+            raise ValueError(f"box_loss {box_loss!r} and distill.box_loss {distill.box_loss!r} differ: a task has one box "
+                             "loss; give DenseDistillation the same box_loss")
+        self.distill = distill or DenseDistillation(box_loss=box_loss)
         self.size, self.box_loss, self.ensemble_kind = size, box_loss, ensemble
         self.score_threshold, self.wbf_iou = score_threshold, wbf_iou
 
@@ -198,7 +203,7 @@ class DetectionTask:
     @classmethod
     def from_settings(cls, s: dict) -> "DetectionTask":
         """The task whose `settings()` are `s` (a run spec's task settings)."""
-        distill = DenseDistillation(weighting=s["weighting"], w_cls=s["w_cls"], w_box=s["w_box"], w_ctr=s["w_ctr"])
+        distill = DenseDistillation(s["weighting"], s["box_loss"], s["w_cls"], s["w_box"], s["w_ctr"])
         return cls(size=s["size"], box_loss=s["box_loss"], ensemble=s["ensemble"], score_threshold=s["score_threshold"],
                    wbf_iou=s["wbf_iou"], distill=distill)
 
