@@ -58,25 +58,26 @@ def _records(folder) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["mode", "seed"]).reset_index(drop=True)
 
 
-def test_two_jobs_give_the_records_of_one_and_shards_collect_into_one_report(tmp_path, synthetic_only):
-    assert reproduce.main([*ARGV, "--runs-dir", str(tmp_path / "one")]) == 0
-    assert reproduce.main([*ARGV, "--jobs", "2", "--runs-dir", str(tmp_path / "two")]) == 0
-    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
-    metrics = [c for c in one if "/" in c]
-    assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
-    pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
-    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (also under --jobs 2,
-    # whose split keeps the two runs of one teacher in one job)
-    for records in (one, two):
-        assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
-    assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
-
-    for k in (1, 2):  # two "machines", each with its own folder
+def test_two_jobs_give_the_records_of_two_shards_run_one_after_the_other_and_one_report(tmp_path, synthetic_only):
+    """The grid three ways with the same numbers: `--jobs 2` (two processes at once) and `--shard 1/2`
+    then `--shard 2/2` (each one job, in its own folder, like two machines), collected into one report."""
+    for k in (1, 2):
         assert reproduce.main([*ARGV, "--shard", f"{k}/2", "--runs-dir", str(tmp_path / f"shard{k}")]) == 0
     sizes = [len(_records(tmp_path / f"shard{k}")) for k in (1, 2)]
     assert sizes == [2, 2] and not (tmp_path / "shard1" / "classification_results.csv").exists()
     assert reproduce.main([*ARGV, "--report", "--runs-dir", str(tmp_path / "all"),
                            "--collect-from", str(tmp_path / "shard1"), str(tmp_path / "shard2")]) == 0
+    one = pd.concat([_records(tmp_path / f"shard{k}") for k in (1, 2)]).sort_values(["mode", "seed"]).reset_index(drop=True)
+    assert reproduce.main([*ARGV, "--jobs", "2", "--runs-dir", str(tmp_path / "two")]) == 0
+    two = _records(tmp_path / "two")
+    metrics = [c for c in one if "/" in c]
+    assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
+    pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
+    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (a shard and a job
+    # both keep the two runs of one teacher together)
+    for records in (one, two):
+        assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
+    assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
     table = pd.read_csv(tmp_path / "all" / "classification_results.csv")
     assert sorted(table["spec_hash"]) == sorted(one["spec_hash"])
     pd.testing.assert_frame_equal(table.sort_values(["mode", "seed"]).reset_index(drop=True)[metrics], one[metrics])
