@@ -64,9 +64,11 @@ def run_module(name: str, root: Path, children: int) -> tuple[list, list]:
     print(f"mutating {path} ...", flush=True)
     for part in ("mtml", "tests", "notebooks", "studies"):  # a fresh copy: mutmut skips files it finds already copied
         shutil.copytree(REPO / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))  # tests read notebooks
+    if (REPO.parent / "shared").is_dir():  # the tests run in scratch/mutants: their ../shared is scratch/shared
+        (scratch / "shared").symlink_to(REPO.parent / "shared")
     config = {"source_paths": ["mtml"], "only_mutate": [path], "pytest_add_cli_args_test_selection": tests,
               "process_isolation": "forkserver",  # torch is not fork-safe after pytest has run in the parent
-              "use_git_change_detection": False}
+              "use_git_change_detection": False, "also_copy": ["notebooks", "studies"]}  # into mutants/, where tests run
     with open(scratch / "pyproject.toml", "w") as f:  # the checkout's pytest settings, plus mutmut's
         f.write((REPO / "pyproject.toml").read_text() + "\n[tool.mutmut]\n")
         f.writelines(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
@@ -112,8 +114,6 @@ def main(argv=None) -> None:
     if MUTMUT not in [d.version for d in metadata.distributions(name="mutmut")]:  # only this bench needs mutmut
         sys.exit(f"bench/mutation.py needs mutmut {MUTMUT}: {sys.executable} -m pip install mutmut=={MUTMUT}")
     root = Path(tempfile.mkdtemp(prefix="mtml-mutation-"))
-    if (REPO.parent / "shared").is_dir():  # tests/conftest.py looks for real data at ../shared
-        (root / "shared").symlink_to(REPO.parent / "shared")
     try:
         results = [run_module(name, root, args.children) for name in args.modules]
     finally:
