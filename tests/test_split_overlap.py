@@ -59,7 +59,7 @@ def test_no_frame_that_chose_a_setting_is_a_test_frame(chooser, shared_data):
 
 def test_the_first_ablation_overlaps_the_studies_test_frames_as_reported(shared_data):
     """The first ablation split frame by frame: 6 of kvasir_tiny_cpu's 99 test frames are its validation
-    frames (the number docs/results/checks/overlap.md and the README give); the check sees them."""
+    frames (the number docs/results.md and docs/choices.md give); the check counts them."""
     kvasir = shared_data / "kvasir-seg"
     first = next(s for s in CHOOSERS if s.name == FIRST_ABLATION)
     study = next(s for s in TESTED if s.name == "kvasir_tiny_cpu")
