@@ -428,3 +428,35 @@ def test_stacking_students_is_part_of_the_identity_and_a_spec_round_trips():
     assert plain.hash != spec_of(CohortConfig(mode="kd", stack_students=True), task, {"manifest_sha256": "abc"}).hash
     assert plain.task_settings and RunSpec.from_dict(plain.as_dict()) == plain
     assert RunSpec.from_dict(plain.as_dict()).hash == plain.hash
+
+
+def test_a_spec_is_canonical_and_round_trips_from_a_stored_dict_without_optional_parts():
+    """Whatever order a config was built in, a spec holds it sorted (one column order in every CSV);
+    its flat form names the task `task`; a stored dict without task settings or data reads back as
+    the same spec (same hash)."""
+    from mtml.runs.spec import RunSpec
+
+    spec = RunSpec("classification", {"b": 1, "a": {"y": 2, "x": 1}})
+    assert list(spec.config) == ["a", "b"] and list(spec.config["a"]) == ["x", "y"]
+    assert list(spec.flat()) == ["task", "a", "b"] and spec.flat()["task"] == "classification"
+    stored = RunSpec.from_dict({"task": "classification", "config": {"a": 1}})
+    assert stored == RunSpec("classification", {"a": 1}) and stored.hash == RunSpec("classification", {"a": 1}).hash
+
+
+def test_differences_name_every_leaf_that_differs_on_either_side():
+    from mtml.runs.spec import differences
+
+    stored, wanted = {"a": 1, "n": {"x": 1, "y": 1}}, {"a": 1, "b": 2, "n": {"x": 2, "y": 1}}
+    assert differences(stored, wanted) == {"b": (None, 2), "n.x": (1, 2)}
+    assert differences({"n": {"x": 1}}, {"n": 3}) == {"n": ({"x": 1}, 3)}  # a dict against a value is one leaf
+    assert differences(wanted, wanted) == {}
+
+
+def test_a_registered_student_term_enters_the_spec_by_name(monkeypatch):
+    from mtml.core import terms
+
+    task = ClassificationTask(2)
+    before = spec_of(CohortConfig(mode="kd"), task)
+    monkeypatch.setattr(terms, "STUDENT_TERMS", [*terms.STUDENT_TERMS, terms.Term("l2", lambda cfg, ramp: 0.1, lambda v: 0)])
+    after = spec_of(CohortConfig(mode="kd"), task)
+    assert after.config["student_terms"] == ["l2"] and "student_terms" not in before.config and after.hash != before.hash
