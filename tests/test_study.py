@@ -1,8 +1,8 @@
 """Studies: the study file, verdicts, the detectable difference, the operating point, diversity,
 and the study command end to end (smoke: resumable, re-running nothing, identical tables)."""
 import math
-import re
 import os
+import re
 import subprocess
 
 import numpy as np
