@@ -125,9 +125,9 @@ def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
 
 def test_reproduce_rejects_bad_grid(tmp_path):
     with pytest.raises(ValueError, match="unknown mode"):
-        list(reproduce.grid_runs("classification", ["kdml"], ["tiny"], [0]))
+        reproduce.plan("classification", ["kdml"], ["tiny"], [0])
     with pytest.raises(ValueError, match="unknown task"):
-        list(reproduce.grid_runs("segmentation", ["kd"], ["tiny"], [0]))
+        reproduce.plan("segmentation", ["kd"], ["tiny"], [0])
     with pytest.raises(ValueError):  # the command line shows it in one line (mtml.cli)
         reproduce.main(["--param", "epochs=3", "--runs-dir", str(tmp_path)])
 

@@ -126,6 +126,26 @@ def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, m
         reproduce.plan("classification", ["kd"], ["tiny"], [0], {"EPOCH": 20})
 
 
+@pytest.mark.parametrize("smoke", [False, True])
+def test_a_grid_is_planned_as_a_study_and_each_notebook_gets_its_own_knobs(tmp_path, monkeypatch, smoke):
+    """`mtml.runs.reproduce` plans a grid with the study's planner; each notebook gets only the
+    parameters it declares, and from them computes the run identity the runner planned."""
+    from mtml.runs.study import Study
+
+    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
+    for task, runners in reproduce.RUNNERS.items():
+        runs = reproduce.plan(task, list(runners), ["tiny"], [0, 1], {"W_FEAT": 0.5}, smoke=smoke)
+        study = Study(name="grid", task=task, data="notebook", version="tiny", modes=tuple(runners), seeds=(0, 1),
+                      params={**reproduce.task_defaults(task), "BASELINE": False, "W_FEAT": 0.5, "RESUME": True})
+        assert [r.spec.hash for r in runs] == list(study.plan(smoke)), task
+        for run in runs:
+            own = notebook_defaults(NOTEBOOKS / f"{run.notebook}.ipynb")
+            assert set(run.parameters) <= set(own), (run.notebook, set(run.parameters) - set(own))
+            assert spec_from_parameters(task, run.parameters).hash == run.spec.hash, run.cell
+        styles = [r for r in runs if r.cell[1] == "kd_ml_styles"]
+        assert styles and all(r.spec.config["w_feat"] == 0.5 for r in styles), "the grid's params reach the spec"
+
+
 def smoke_cell(nb):
     """The cell right after a notebook's `parameters` cell: it shrinks the run when SMOKE."""
     return nb.cells[nb.cells.index(parameter_cells(nb)[-1]) + 1]

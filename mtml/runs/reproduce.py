@@ -3,8 +3,9 @@
     python -m mtml.runs.reproduce --task classification --modes kd ml kd_ml --versions tiny --seeds 0 1 2
     python -m mtml.runs.reproduce --grid grid.yaml          # the same keys in YAML (lists or scalars)
 
-Every run of the grid gets its spec (`mtml.spec`: every setting that changes what it computes,
-and a fingerprint of its data) before anything runs; it executes the mode's notebook into
+A grid is planned as a study of each version (`mtml.runs.study.Study.planned`, over the task's
+notebooks' defaults): every run gets its spec (`mtml.spec`: every setting that changes what it
+computes, and a fingerprint of its data) before anything runs; it executes the mode's notebook into
 `runs/<task>/<version>/<mode>-seed<k>-<spec hash>/`. A run whose metrics.json carries that hash
 is skipped; an unfinished one resumes from its checkpoint; a changed parameter is a new run in its
 own folder. The runs of one version share the run store beside them (`runs/<task>/<version>/store/`:
@@ -48,7 +49,7 @@ import pandas as pd
 from ..cli import Parser
 from ..io import save_figure, write_csv
 from ..tasks import task_class, task_names
-from .parameters import notebook_defaults, parse_parameters, smoke_parameters, spec_from_parameters, typed
+from .parameters import notebook_defaults, parse_parameters, spec_from_parameters
 from .spec import RunSpec
 from ..core.cohort import USES_TEACHER
 
@@ -87,40 +88,49 @@ class PlannedRun:
         return None
 
 
-def grid_runs(task: str, modes, versions, seeds):
-    if task not in RUNNERS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(RUNNERS)}")
-    unique = lambda values: list(dict.fromkeys(values))  # noqa: E731  (--seeds 0 1 0 is one grid of 2)
-    for version in unique(versions):
-        for mode in unique(modes):
-            if mode not in RUNNERS[task]:
-                raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(RUNNERS[task])}")
-            for seed in unique(int(s) for s in seeds):
-                yield dict(task=task, mode=mode, version=version, seed=seed)
+def _unique(values) -> list:
+    return list(dict.fromkeys(values))  # --seeds 0 1 0 is one grid of 2
+
+
+def task_defaults(task: str) -> dict:
+    """The parameters of the task's notebooks with their defaults (a mode's notebook ignores the
+    knobs only another declares, e.g. W_FEAT in the kd notebook: no run identity of its reads them)."""
+    defaults: dict = {}
+    for notebook in dict.fromkeys(RUNNERS[task].values()):
+        defaults.update(notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"))
+    for key in ("MODE", "SMOKE", "OUT_DIR"):  # the runner sets the mode and the folder, --smoke the caps
+        defaults.pop(key, None)
+    return defaults
 
 
 def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: bool = False) -> list[PlannedRun]:
-    """The grid's runs with every parameter resolved (the notebook's defaults, then `params`, then
-    mode/version/seed, then the smoke caps) and their specs."""
+    """The grid's runs, planned as the study of each version (`Study.planned`: the notebooks'
+    defaults, then `params`, then mode/version/seed, then the smoke caps), and their specs."""
+    from .study import Study
+
+    if task not in RUNNERS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(RUNNERS)}")
+    unknown_modes = [m for m in modes if m not in RUNNERS[task]]
+    if unknown_modes:
+        raise ValueError(f"unknown mode {unknown_modes[0]!r}; choose one of {sorted(RUNNERS[task])}")
+    defaults, params = task_defaults(task), dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for the {task} notebooks; known: {sorted(defaults)}")
+    if params.get("BASELINE") not in (None, False):
+        raise ValueError("BASELINE: a grid has its own independent runs (add the mode 'independent'); "
+                         "leave BASELINE out of the grid's parameters")
+    grid_only = {"BASELINE": False} if "BASELINE" in defaults else {}  # the grid has its own independent runs
+    base = {**defaults, **grid_only, **params, "RESUME": True}
     runs = []
-    for run in grid_runs(task, modes, versions, seeds):
-        notebook = RUNNERS[task][run["mode"]]
-        defaults = notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")
-        unknown = sorted(set(params or {}) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(defaults)}")
-        if (params or {}).get("BASELINE") not in (None, False):
-            raise ValueError("BASELINE: a grid has its own independent runs (add the mode 'independent'); "
-                             "leave BASELINE out of the grid's parameters")
-        grid_only = {"BASELINE": False} if "BASELINE" in defaults else {}  # the grid has its own independent runs
-        resolved = {**defaults, **grid_only, **(params or {}),
-                    "MODE": run["mode"], "VERSION": run["version"], "SEED": run["seed"], "RESUME": True}
-        for key in ("SMOKE", "OUT_DIR"):
-            resolved.pop(key, None)
-        if smoke:
-            resolved = smoke_parameters(task, resolved)
-        resolved = typed(resolved)
-        runs.append(PlannedRun(notebook, resolved, spec_from_parameters(task, resolved)))
+    for version in _unique(versions):
+        study = Study(name=f"{task}-{version}", task=task, data="notebook", version=version,
+                      modes=tuple(_unique(modes)), seeds=tuple(_unique(int(s) for s in seeds)), params=base)
+        for resolved in study.planned(smoke):
+            notebook = RUNNERS[task][resolved["MODE"]]
+            own = notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")  # papermill gets the notebook's own knobs
+            runs.append(PlannedRun(notebook, {k: v for k, v in resolved.items() if k in own or k == "RESUME"},
+                                   spec_from_parameters(task, resolved)))
     return runs
 
 
