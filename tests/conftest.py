@@ -106,3 +106,22 @@ def http_server():
     server = LocalServer()
     yield server
     server.close()
+
+
+SMOKE_GRID = ["--task", "classification", "--modes", "kd", "ml", "kd_ml", "--seeds", "0", "1", "--smoke",
+              "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
+
+
+@pytest.fixture(scope="session")
+def smoke_grid(tmp_path_factory) -> tuple[list, Path]:
+    """(argv, runs folder) of one small reproduction grid run once, as one job, through the real
+    notebooks (papermill): the runner's test and the --jobs/--shard test both read it. Synthetic
+    tiles, one torch thread per kernel (what each of --jobs 2 gets on 2 cores, so the numbers match)."""
+    from mtml import reproduce
+
+    folder = tmp_path_factory.mktemp("grid")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTML_SHARED_DATA", str(folder / "none"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        assert reproduce.main([*SMOKE_GRID, "--runs-dir", str(folder / "one")]) == 0
+    return SMOKE_GRID, folder / "one"

@@ -199,7 +199,6 @@ def test_a_finished_run_is_tested_again_only_on_new_or_changed_sets(tmp_path, mo
     calls = []
     monkeypatch.setattr(external, "evaluate_run", lambda out, stale, device: calls.append(sorted(Path(f).name for f in stale)))
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # the synthetic frames: no data needed
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     run = reproduce.plan("detection", ["kd"], ["tiny"], [0], {"EXTERNAL_DATA_DIRS": [str(f) for f in folders.values()]})[0]
     record = {"same:items": 3, "same:manifest_sha256": "now-same", "changed:items": 3, "changed:manifest_sha256": "before"}
     reproduce._add_external_sets(run, tmp_path, record)

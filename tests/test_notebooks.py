@@ -91,36 +91,34 @@ def test_the_training_form_comes_after_the_data():
     assert len(order) == 2 and order[0] < order[1]
 
 
-def test_reproduce_grid_runs_once_and_collects(tmp_path, monkeypatch):
-    """A 2 x 2 grid (modes x seeds) in smoke mode: one finite row per run; a second call
+def test_reproduce_grid_runs_once_and_collects(smoke_grid, monkeypatch):
+    """A 3 x 2 grid (modes x seeds) in smoke mode: one finite row per run; a second call
     executes nothing."""
-    monkeypatch.setenv("MTML_SMOKE", "1")
-    argv = ["--task", "classification", "--modes", "kd", "ml", "--seeds", "0", "1",
-            "--runs-dir", str(tmp_path), "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
-    assert reproduce.main(argv) == 0
-    table = pd.read_csv(tmp_path / "classification_results.csv")
-    assert len(table) == 4
-    assert sorted(zip(table["mode"], table["seed"])) == [("kd", 0), ("kd", 1), ("ml", 0), ("ml", 1)]
+    argv, runs_dir = smoke_grid
+    argv = [*argv, "--runs-dir", str(runs_dir)]
+    table = pd.read_csv(runs_dir / "classification_results.csv")
+    assert sorted(zip(table["mode"], table["seed"])) == [(m, s) for m in ("kd", "kd_ml", "ml") for s in (0, 1)]
     cohort_cols = [c for c in table if c.split("/")[0] in ("student_1", "student_2", "ensemble")]
     assert len(cohort_cols) >= 12 and np.isfinite(table[cohort_cols].to_numpy()).all()
     teacher_cols = [c for c in table if c.startswith("teacher/")]
-    uses_teacher = table["mode"] == "kd"  # ml has no teacher: its teacher columns stay empty
+    uses_teacher = table["mode"] != "ml"  # ml has no teacher: its teacher columns stay empty
     assert np.isfinite(table.loc[uses_teacher, teacher_cols].to_numpy()).all()
     assert table.loc[~uses_teacher, teacher_cols].isna().all().all()
-    assert (tmp_path / "classification_comparison.png").stat().st_size > 0
-    paired = pd.read_csv(tmp_path / "classification_paired.csv")  # kd vs ml: seed and test-patient intervals
-    assert len(paired) == 1 and paired["seeds"].item() == 2
-    assert paired["boot_lo"].item() <= paired["mean(ensemble a-b)"].item() <= paired["boot_hi"].item()
-    executed = sorted(tmp_path.rglob("*.ipynb"))
-    assert len(executed) == 4
+    assert (runs_dir / "classification_comparison.png").stat().st_size > 0
+    paired = pd.read_csv(runs_dir / "classification_paired.csv")  # seed and test-patient intervals per pair
+    assert len(paired) == 3 and (paired["seeds"] == 2).all()
+    assert (paired["boot_lo"] <= paired["mean(ensemble a-b)"]).all() and (paired["mean(ensemble a-b)"] <= paired["boot_hi"]).all()
+    executed = sorted(runs_dir.rglob("*.ipynb"))
+    assert len(executed) == 6
     stamps = {p: p.stat().st_mtime_ns for p in executed}
 
     calls = []
     monkeypatch.setattr(reproduce, "execute", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("MTML_SHARED_DATA", str(runs_dir / "none"))
     assert reproduce.main(argv) == 0
     assert calls == [], "finished runs must be skipped"
     assert {p: p.stat().st_mtime_ns for p in executed} == stamps
-    assert len(pd.read_csv(tmp_path / "classification_results.csv")) == 4
+    assert len(pd.read_csv(runs_dir / "classification_results.csv")) == 6
 
 
 def test_reproduce_rejects_bad_grid(tmp_path):

@@ -4,6 +4,7 @@ report collects the shards' folders."""
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pandas as pd
@@ -11,14 +12,10 @@ import pytest
 
 from mtml import reproduce
 
-ARGV = ["--task", "classification", "--modes", "kd", "kd_ml", "--seeds", "0", "1", "--smoke",
-        "--param", "EPOCHS=1", "--param", "TILE_SIZE=16"]
-
 
 @pytest.fixture
 def synthetic_only(tmp_path, monkeypatch):
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernels of one job use what --jobs 2 gives each
 
 
@@ -58,26 +55,40 @@ def _records(folder) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["mode", "seed"]).reset_index(drop=True)
 
 
-def test_two_jobs_give_the_records_of_two_shards_run_one_after_the_other_and_one_report(tmp_path, synthetic_only):
-    """The grid three ways with the same numbers: `--jobs 2` (two processes at once) and `--shard 1/2`
-    then `--shard 2/2` (each one job, in its own folder, like two machines), collected into one report."""
-    for k in (1, 2):
-        assert reproduce.main([*ARGV, "--shard", f"{k}/2", "--runs-dir", str(tmp_path / f"shard{k}")]) == 0
-    sizes = [len(_records(tmp_path / f"shard{k}")) for k in (1, 2)]
-    assert sizes == [2, 2] and not (tmp_path / "shard1" / "classification_results.csv").exists()
-    assert reproduce.main([*ARGV, "--report", "--runs-dir", str(tmp_path / "all"),
+def test_shards_run_their_parts_and_two_jobs_give_the_records_of_one(smoke_grid, tmp_path, synthetic_only, monkeypatch):
+    """The grid three ways with the same numbers: one job (the session's `smoke_grid`), `--jobs 2`
+    (two processes at once, real notebooks) and `--shard 1/2` then `--shard 2/2` (each in its own
+    folder, like two machines; each run is the one job's, copied, so no notebook runs twice),
+    collected into one report."""
+    argv, one_dir = smoke_grid
+    one = _records(one_dir)
+    finished = {json.loads(p.read_text())["spec_hash"]: p.parent for p in one_dir.rglob("metrics.json")}
+
+    def copy_finished(notebook, out_dir, parameters, smoke, resume_hint=""):  # as if a machine ran it
+        shutil.copytree(finished[out_dir.name.rpartition("-")[2]], out_dir)  # <mode>-seed<k>-<spec hash>
+
+    with monkeypatch.context() as mp:
+        mp.setattr(reproduce, "execute", copy_finished)
+        for k in (1, 2):
+            assert reproduce.main([*argv, "--shard", f"{k}/2", "--runs-dir", str(tmp_path / f"shard{k}")]) == 0
+    shards = [_records(tmp_path / f"shard{k}") for k in (1, 2)]
+    assert sorted(map(len, shards)) == [3, 3] and not (tmp_path / "shard1" / "classification_results.csv").exists()
+    for records in shards:  # the runs of one teacher (kd, kd_ml of a seed) in one part
+        teachers = records[records["mode"] != "ml"]
+        assert all(len(group) == 2 for _, group in teachers.groupby("seed"))
+    assert reproduce.main([*argv, "--report", "--runs-dir", str(tmp_path / "all"),
                            "--collect-from", str(tmp_path / "shard1"), str(tmp_path / "shard2")]) == 0
-    one = pd.concat([_records(tmp_path / f"shard{k}") for k in (1, 2)]).sort_values(["mode", "seed"]).reset_index(drop=True)
-    assert reproduce.main([*ARGV, "--jobs", "2", "--runs-dir", str(tmp_path / "two")]) == 0
+    assert reproduce.main([*argv, "--jobs", "2", "--runs-dir", str(tmp_path / "two")]) == 0
     two = _records(tmp_path / "two")
     metrics = [c for c in one if "/" in c]
-    assert len(one) == len(two) == 4 and list(one["spec_hash"]) == list(two["spec_hash"])
+    assert len(one) == len(two) == 6 and list(one["spec_hash"]) == list(two["spec_hash"])
     pd.testing.assert_frame_equal(one[metrics], two[metrics])  # the same runs, the same numbers
-    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (a shard and a job
-    # both keep the two runs of one teacher together)
+    # a version's runs share one store: each kd_ml run replays its seed's kd teacher (one job and
+    # each of two jobs keep the two runs of one teacher together)
     for records in (one, two):
-        assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == {"kd": {False}, "kd_ml": {True}}
-    assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 4
+        assert records.groupby("mode")["teacher_replayed"].agg(set).to_dict() == \
+            {"kd": {False}, "kd_ml": {True}, "ml": {False}}
+    assert len(pd.read_csv(tmp_path / "two" / "classification_results.csv")) == 6
     table = pd.read_csv(tmp_path / "all" / "classification_results.csv")
     assert sorted(table["spec_hash"]) == sorted(one["spec_hash"])
     pd.testing.assert_frame_equal(table.sort_values(["mode", "seed"]).reset_index(drop=True)[metrics], one[metrics])

@@ -70,7 +70,6 @@ def test_spec_hash_is_stable_and_changes_with_config_data_and_task():
 def test_detection_notebook_settings_and_data_change_the_spec(change, tmp_path, monkeypatch):
     """The defect of notebook 05: BOX_LOSS, TRAIN_FRAMES or DATA_DIR changes reused old weights."""
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # synthetic default: fast
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     params = smoke_parameters("detection", notebook_defaults(DETECTION_NOTEBOOK))
     if change.get("DATA_DIR") or "SPLIT_SEED" in change:  # a prepared folder (only its manifest is read)
         (tmp_path / "frames").mkdir()
@@ -87,7 +86,6 @@ def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, mon
     from mtml.runs.parameters import NOT_IDENTITY
 
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     changed = {int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x", bool: lambda v: not v}
     alternatives = {"MODE": "ml", "VERSION": "v1", "BOX_LOSS": "l1", "ENSEMBLE": "wbf",
                     "DISTILL_WEIGHTING": "confidence", "FRAME_SIZE": 128, "TRAIN_FRAMES": 20, "EVAL_FRAMES": 12,
@@ -111,7 +109,6 @@ def test_every_notebook_knob_is_in_the_spec_or_declared_speed_only(tmp_path, mon
 
 
 def test_equal_values_typed_differently_give_one_spec(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     params = notebook_defaults(NOTEBOOKS / "01_kd_only.ipynb")
     base = spec_from_parameters("classification", params).hash
     for key, value in (("TEMPERATURE", 4), ("W_KD", "1.0"), ("EPOCHS", 5.0), ("LR", "5e-2"), ("PRETRAINED", 0)):
@@ -119,7 +116,6 @@ def test_equal_values_typed_differently_give_one_spec(tmp_path, monkeypatch):
 
 
 def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     runs = reproduce.plan("classification", ["kd", "kd"], ["tiny"], [0, 1, 0])
     assert [r.cell for r in runs] == [("tiny", "kd", 0), ("tiny", "kd", 1)]
     with pytest.raises(ValueError, match="unknown parameter.*EPOCH"):
@@ -132,7 +128,6 @@ def test_a_grid_is_planned_as_a_study_and_each_notebook_gets_its_own_knobs(tmp_p
     parameters it declares, and from them computes the run identity the runner planned."""
     from mtml.runs.study import Study
 
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     for task, runners in reproduce.RUNNERS.items():
         runs = reproduce.plan(task, list(runners), ["tiny"], [0, 1], {"W_FEAT": 0.5}, smoke=smoke)
         study = Study(name="grid", task=task, data="notebook", version="tiny", modes=tuple(runners), seeds=(0, 1),
@@ -325,7 +320,6 @@ def write_stray(folder: Path, mode: str, seed: int, value: float):
 def test_runner_reports_only_its_grid_and_reruns_a_changed_parameter(tmp_path, monkeypatch, capsys):
     """The defects: stray smoke/demo records entered the table and were averaged into cells; a
     changed --param was skipped by path and reported the old numbers."""
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     calls = []
     monkeypatch.setattr(reproduce, "execute", fake_execute(calls))
     write_stray(tmp_path / "runs" / "notebooks" / "03_kd_plus_ml", "kd_ml", 0, 0.99)
@@ -351,7 +345,6 @@ def test_runner_reports_only_its_grid_and_reruns_a_changed_parameter(tmp_path, m
 def test_runs_finished_in_the_old_layout_are_found_and_a_grid_baseline_is_refused(tmp_path, monkeypatch):
     """Runs went to <version>/<mode>/seed<k>/<hash>/ before 2026-11-28: a grid moved on to the new
     layout skips and reports them instead of training them again."""
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     calls = []
     monkeypatch.setattr(reproduce, "execute", fake_execute(calls))
     runs = tmp_path / "runs"
@@ -372,7 +365,6 @@ def test_runs_finished_in_the_old_layout_are_found_and_a_grid_baseline_is_refuse
 
 
 def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     calls = []
     good = fake_execute(calls)
 
@@ -391,7 +383,6 @@ def test_runner_keeps_going_after_a_failed_run_and_exits_non_zero(tmp_path, monk
 
 
 def test_runner_refuses_a_notebook_that_disagrees_on_the_spec(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     calls = []
     good = fake_execute(calls)
 
@@ -407,7 +398,6 @@ def test_detection_notebook_box_loss_change_trains_a_new_run(tmp_path, monkeypat
     """Notebook 05 executed twice into one folder, GIoU then L1 box distillation (its own "Things
     to try"): the second run must train new weights, not reload the first."""
     monkeypatch.setenv("MTML_SHARED_DATA", str(tmp_path / "none"))  # synthetic polyps: fast
-    monkeypatch.setenv("MTML_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "nb05"
     records = []
     for box_loss in ("giou", "l1"):
