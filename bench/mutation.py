@@ -30,7 +30,7 @@ MODULES = {
     "losses": ("mtml/core/losses.py", ["tests/test_losses.py"], None),
     "step": ("mtml/core/step.py", ["tests/test_train.py", "tests/test_losses.py", "tests/test_stacking.py",  # + one pass,
              "tests/test_features.py", "tests/test_reliability.py", "tests/test_dense_distill.py"], None),  # AMP, NaN
-    "terms": ("mtml/core/terms.py", ["tests/test_losses.py", "tests/test_train.py"], None),
+    "terms": ("mtml/core/terms.py", ["tests/test_losses.py", "tests/test_train.py", "tests/test_features.py"], None),
     "spec": ("mtml/runs/spec.py", ["tests/test_spec.py", "tests/test_task_registry.py", "-k",  # two trainings of a minute left out
                                    "not box_loss_change_trains and not same_data_order"], None),
     "stats": ("mtml/runs/stats.py", ["tests/test_stats.py", "tests/test_report.py"], None),
