@@ -62,6 +62,19 @@ def test_spec_hash_is_stable_and_changes_with_config_data_and_task():
     assert base.hash == spec_of(CohortConfig(mode="kd", eval_batch_size=7), task, {"manifest_sha256": "abc"}).hash
 
 
+def test_a_spec_holds_paths_as_text_and_names_each_students_teacher_knowledge():
+    """A data description may carry a Path (a prepared folder): the spec stores its text, the same
+    identity as the string. A run where students learn features names each student's teacher
+    knowledge in order, joined by '|' (as the committed learning-styles studies' hashes have it)."""
+    from mtml.runs.spec import RunSpec
+
+    with_path = RunSpec("classification", {"mode": "kd"}, {}, {"folder": Path("/data/kvasir-seg")})
+    assert with_path.data == {"folder": "/data/kvasir-seg"}
+    assert with_path.hash == RunSpec("classification", {"mode": "kd"}, {}, {"folder": "/data/kvasir-seg"}).hash
+    styles = spec_of(CohortConfig(mode="kd_ml_styles", n_students=3), ClassificationTask()).config
+    assert (styles["teacher_knowledge"], styles["peer_knowledge"]) == ("predictions|features|predictions", "both")
+
+
 @pytest.mark.parametrize("change", [{"BOX_LOSS": "l1"}, {"TRAIN_FRAMES": 12}, {"FRAME_SIZE": 64},
                                     {"SCORE_THRESHOLD": 0.5}, {"DATA_DIR": "synthetic"},
                                     {"DISTILL_WEIGHTING": "confidence"}, {"W_DISTILL_BOX": 0.0},
