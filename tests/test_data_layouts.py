@@ -2,7 +2,9 @@
 folders that move, the split seed, and command-line errors in one line (exit code 2)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mtml.cli import run_main
 from mtml.tasks.polyp import load_polyp_dataset, prepare_cvc
 from test_polyp_data import kvasir_files, write_tree
 
@@ -38,9 +41,29 @@ def cvc_tree(root: Path, frames: str, masks: str, suffix: str, numbers=(1, 2, 26
     return root
 
 
+def run_command(*args, script=SCRIPT) -> subprocess.CompletedProcess:
+    """The tool as a user runs it: its own process (`script` a file, or a module for `python -m`)."""
+    command = [sys.executable, "-m", script] if isinstance(script, str) else [sys.executable, str(script)]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
 def run_cli(*args, script=SCRIPT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    """What the tool's `__main__` block does, `run_main(main)`, in this process (no interpreter and
+    torch to start each time); stderr captured. `test_other_clis_fail_in_one_line_too`
+    runs each tool's real command line once."""
+    if isinstance(script, str):  # a module: python -m <script>
+        module, prog = importlib.import_module(script), f"python -m {script}"
+    else:
+        spec = importlib.util.spec_from_file_location(f"_cli_{script.stem}", script)
+        module, prog = importlib.util.module_from_spec(spec), script.name
+        spec.loader.exec_module(module)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = run_main(module.main, [str(a) for a in args], prog=prog)
+        except SystemExit as stop:  # argparse's usage errors exit
+            code = stop.code
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.mark.parametrize("frames, masks, suffix", [("Original", "Ground Truth", ".tif"),
@@ -159,19 +182,16 @@ def test_polyp_cli_errors_are_one_line_with_the_fix(tmp_path, http_server):
 
 
 def test_other_clis_fail_in_one_line_too(tmp_path):
-    _one_line_error(run_cli("--record-url", "http://127.0.0.1:9/api/records/1", "--data-dir", tmp_path,
-                            script=REPO / "data_scripts" / "msi_mss.py"), "cannot reach", "--record-url")
-    module = [sys.executable, "-m"]
-
-    def run_module(*args):
-        return subprocess.run([*module, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-
-    _one_line_error(run_module("mtml.runs.external", tmp_path, "--data", tmp_path), "no readable metrics.json",
-                    "finished run")
+    """Real command lines (each tool's `__main__` block goes through run_main), every tool once."""
+    _one_line_error(run_command("cvc", "--from", tmp_path / "nope"), "does not exist", "give the folder")
+    _one_line_error(run_command("--record-url", "http://127.0.0.1:9/api/records/1", "--data-dir", tmp_path,
+                                script=REPO / "data_scripts" / "msi_mss.py"), "cannot reach", "--record-url")
+    _one_line_error(run_command(tmp_path, "--data", tmp_path, script="mtml.runs.external"),
+                    "no readable metrics.json", "finished run")
     (tmp_path / "bad.yaml").write_text("name: bad\nwhat: 1\n")
-    _one_line_error(run_module("mtml.runs.study", tmp_path / "bad.yaml"), "unknown keys")
-    _one_line_error(run_module("mtml.runs.reproduce", "--task", "detection", "--modes", "kd", "--seeds", "0",
-                               "--param", "NOT_A_KNOB=1", "--runs-dir", tmp_path), "unknown parameter", "NOT_A_KNOB")
+    _one_line_error(run_command(tmp_path / "bad.yaml", script="mtml.runs.study"), "unknown keys")
+    _one_line_error(run_command("--task", "detection", "--modes", "kd", "--seeds", "0", "--param", "NOT_A_KNOB=1",
+                                "--runs-dir", tmp_path, script="mtml.runs.reproduce"), "unknown parameter", "NOT_A_KNOB")
 
 
 def test_kvasir_zip_and_its_extracted_folder_give_one_manifest(tmp_path):
