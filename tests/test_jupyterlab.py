@@ -2,21 +2,24 @@
 
 Covers 00_setup_and_data_tour, every notebook with widgets, and one detection notebook: Run All Cells
 must finish without an error, widgets must be live views (not their text repr), plots real images.
-The server runs on COPIES of the notebooks in a temporary folder with MTML_SMOKE=1; a screenshot of
+The server runs on COPIES of the notebooks in a temporary folder with MTML_SMOKE=1, shrunk further (SHRUNK); a screenshot of
 each notebook goes to a folder outside the checkout (SCREENSHOTS, printed at the end). Without
 /usr/bin/chromium (Debian's `chromium`) or the playwright package the test skips, except in CI (`CI` set), where it fails.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from lab_driver import CHROMIUM, CHROMIUM_ARGS, LabServer, move_first_slider, press_train, run_in_lab
+from mtml.runs.parameters import parameter_cells
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -42,6 +45,21 @@ def notebooks_to_run() -> list[str]:
     if detection and not chosen & set(detection):
         chosen.add(detection[0])
     return sorted(chosen)
+
+
+# smaller than the smoke caps: the browser test checks what the page shows (widgets live, images
+# drawn, no error), which does not depend on the numbers; nbval runs every notebook at smoke size
+SHRUNK = {"EPOCHS": 1, "TILE_SIZE": 16, "FRAME_SIZE": 64, "TRAIN_FRAMES": 8, "EVAL_FRAMES": 8}
+
+
+def shrink(copy: Path) -> None:
+    """Sets the SHRUNK values a notebook copy's knob cells define, at the end of its `parameters`
+    cell (where papermill would inject them)."""
+    nb = nbformat.read(copy, as_version=4)
+    cells = parameter_cells(nb)
+    defined = [k for k in SHRUNK if any(re.search(rf"^{k}\s*=", c.source, re.M) for c in cells)]
+    cells[-1].source += "".join(f"\n{k} = {SHRUNK[k]!r}  # tests/test_jupyterlab.py: shrunk" for k in defined)
+    nbformat.write(nb, copy)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +91,8 @@ def lab(tmp_path_factory, pytestconfig):
     state = tmp_path_factory.mktemp("lab-state")
     # notebooks/ inside root, so the notebooks' "../runs/..." outputs stay in the temporary folder.
     shutil.copytree(NOTEBOOKS, root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for name in notebooks_to_run():
+        shrink(root / "notebooks" / name)
     # mtml finds ../shared/data and data/ from its own location in the repo, not from the cwd.
     env = {"MTML_SMOKE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
