@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-gpu mutation venv clean-runs
+.PHONY: demo test bench bench-gpu mutation promises venv clean-runs
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ bench-gpu: $(STAMP)
 # MODULES="losses stats" picks a subset; about 4 minutes for losses on one core.
 mutation: $(STAMP)
 	$(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES))
+
+# each promise of the README broken on purpose in a scratch copy, and whether its test notices
+# (bench/promises.py; bench/results/promises.md); about 2 minutes
+promises: $(STAMP)
+	$(PY) bench/promises.py
 
 clean-runs:
 	rm -rf runs
