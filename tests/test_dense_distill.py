@@ -118,6 +118,7 @@ def test_ramp_is_zero_at_the_start_full_after_and_increasing():
     assert all(a < b for a, b in zip(values, values[1:]))
     floor = math.exp(-5)  # exp(-5 (1 - t/T)^2), rescaled to [0, 1]
     assert distill_ramp(1.5, 3.0) == pytest.approx((math.exp(-5 * 0.25) - floor) / (1 - floor))
+    assert distill_ramp(0.5, 1.0) == pytest.approx((math.exp(-5 * 0.25) - floor) / (1 - floor))  # one epoch ramps too
 
 
 def test_warmup_gives_distillation_no_weight_at_step_0_and_full_weight_after(one_torch_thread):

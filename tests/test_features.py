@@ -217,7 +217,7 @@ def test_adapter_channels_match_the_maps_of_every_version(version):
 
 
 @pytest.mark.parametrize("kw", [dict(amp=True), dict(channels_last=True), dict(mode="offline"),
-                                dict(n_students=3, feature_levels=2)])
+                                dict(n_students=3, feature_levels=2), dict(amp=True, feature_levels=2)])
 def test_feature_knowledge_with_the_speed_options_offline_and_more_students(kw):
     from mtml.tasks.models import build_network
 

@@ -238,6 +238,15 @@ def test_a_failed_results_write_keeps_the_previous_file_and_no_temporary(tmp_pat
 
 # -- non-finite losses --------------------------------------------------------------------------
 
+def test_the_non_finite_error_names_the_network_the_term_the_step_and_the_fix():
+    loss = NonFiniteLossError("student_1", "kd", 7, float("nan"))
+    assert (loss.network, loss.term, loss.step) == ("student_1", "kd", 7)
+    assert str(loss) == ("non-finite loss at step 7: student_1 kd = nan. Lower the learning rate or the loss "
+                         "weights; the last good checkpoint is kept")
+    assert str(NonFiniteLossError("teacher", "weights", 3, float("inf"))).startswith(
+        "non-finite weights after the update at step 3: teacher weights = inf. Lower the learning rate")
+
+
 class Recorder:
     """An `augment` hook that records the checkpoint's hash before every step and can put a NaN
     into the batch of step `poison`."""

@@ -47,6 +47,29 @@ def test_stacked_students_train_as_one_after_another(mode, monkeypatch):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
+def test_stacked_students_under_amp_match_one_after_another():
+    """bf16 autocast around the one stacked forward, float32 losses: the first step's terms are the
+    unstacked cohort's within bf16 rounding."""
+    def first_terms(stack: bool) -> dict:
+        cohort = Cohort.build(CohortConfig(mode="kd_ml", n_students=3, seed=1, stack_students=stack, amp=True), task=TASK)
+        cohort.train()
+        return cohort_step(cohort, batch(0), TASK, 0)
+
+    plain, stacked = first_terms(False), first_terms(True)
+    assert plain.keys() == stacked.keys()
+    for key in plain:
+        assert stacked[key].dtype == torch.float32, key
+        torch.testing.assert_close(stacked[key], plain[key], rtol=2e-2, atol=2e-2, msg=key)
+
+
+def test_a_stacked_cohort_refuses_a_step_of_a_task_it_cannot_stack():
+    from mtml.tasks.detection import DetectionTask
+
+    cohort = Cohort.build(CohortConfig(mode="ml", stack_students=True), task=TASK)
+    with pytest.raises(ValueError, match="classifiers only, not the detection task"):
+        cohort_step(cohort, batch(), DetectionTask(size=64))
+
+
 def test_the_option_enters_the_run_identity_only_when_on():
     off = spec_of(CohortConfig(mode="kd_ml"), TASK)
     assert "stack_students" not in off.config  # runs from before the option keep their hash
