@@ -42,7 +42,7 @@ def copy_checkout(root: Path) -> Path:
     for part in COPIED:
         source = REPO / part
         if source.is_dir():
-            shutil.copytree(source, repo / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
+            shutil.copytree(source, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, repo / part)
     if (REPO.parent / "shared").is_dir():
@@ -50,25 +50,26 @@ def copy_checkout(root: Path) -> Path:
     return repo
 
 
-def passes(repo: Path, test: str) -> bool:
+def pytest_status(repo: Path, test: str) -> int:
+    """pytest's exit code: 0 passed, 1 a test failed, 2 and up: interrupted, or it did not collect."""
     env = {**os.environ, "PYTHONPATH": str(repo), "MTML_DATA_DIR": str(repo.parent / "data")}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
-                         cwd=repo, env=env, capture_output=True, text=True)
-    return run.returncode == 0
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+                          cwd=repo, env=env, capture_output=True, text=True).returncode
 
 
 def check(promise: tuple, root: Path) -> list[str]:
     name, what, path, text, replacement, test = promise
     repo = copy_checkout(root)
     start = time.perf_counter()
-    if not passes(repo, test):
+    if pytest_status(repo, test) != 0:
         return [name, what, test, "test fails unbroken", f"{time.perf_counter() - start:.0f}"]
     source = (repo / path).read_text()
     if source.count(text) != 1:
         return [name, what, test, f"break not applied: {text!r} found {source.count(text)} times in {path}", "0"]
     (repo / path).write_text(source.replace(text, replacement))
-    caught = not passes(repo, test)
-    return [name, f"{what} (`{path}`)", f"`{test}`", "yes" if caught else "**no**", f"{time.perf_counter() - start:.0f}"]
+    status = pytest_status(repo, test)  # caught: the test ran and failed (a break that stops collection is not)
+    answer = {0: "**no**", 1: "yes"}.get(status, f"pytest exit {status}: the break did not let the test run")
+    return [name, f"{what} (`{path}`)", f"`{test}`", answer, f"{time.perf_counter() - start:.0f}"]
 
 
 def main() -> int:

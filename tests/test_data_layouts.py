@@ -57,13 +57,16 @@ def run_cli(*args, script=SCRIPT) -> subprocess.CompletedProcess:
         spec = importlib.util.spec_from_file_location(f"_cli_{script.stem}", script)
         module, prog = importlib.util.module_from_spec(spec), script.name
         spec.loader.exec_module(module)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(script), *map(str, args)]  # argparse names the program from it
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = run_main(module.main, [str(a) for a in args], prog=prog)
-        except SystemExit as stop:  # argparse's usage errors exit
-            code = stop.code
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+    except SystemExit as stop:  # argparse's usage errors exit
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("frames, masks, suffix", [("Original", "Ground Truth", ".tif"),

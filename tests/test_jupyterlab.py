@@ -52,14 +52,15 @@ def notebooks_to_run() -> list[str]:
 SHRUNK = {"EPOCHS": 1, "TILE_SIZE": 16, "FRAME_SIZE": 64, "TRAIN_FRAMES": 8, "EVAL_FRAMES": 8}
 
 
-def shrink(copy: Path) -> None:
+def shrink(copy: Path) -> list[str]:
     """Sets the SHRUNK values a notebook copy's knob cells define, at the end of its `parameters`
-    cell (where papermill would inject them)."""
+    cell (where papermill would inject them); returns their names."""
     nb = nbformat.read(copy, as_version=4)
     cells = parameter_cells(nb)
     defined = [k for k in SHRUNK if any(re.search(rf"^{k}\s*=", c.source, re.M) for c in cells)]
     cells[-1].source += "".join(f"\n{k} = {SHRUNK[k]!r}  # tests/test_jupyterlab.py: shrunk" for k in defined)
     nbformat.write(nb, copy)
+    return defined
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,8 @@ def lab(tmp_path_factory, pytestconfig):
     state = tmp_path_factory.mktemp("lab-state")
     # notebooks/ inside root, so the notebooks' "../runs/..." outputs stay in the temporary folder.
     shutil.copytree(NOTEBOOKS, root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    for name in notebooks_to_run():
-        shrink(root / "notebooks" / name)
+    for name in notebooks_to_run():  # 00 trains nothing; a knob renamed in another must not go unnoticed
+        assert shrink(root / "notebooks" / name) or name == SETUP_NOTEBOOK, f"{name}: no SHRUNK knob found"
     # mtml finds ../shared/data and data/ from its own location in the repo, not from the cwd.
     env = {"MTML_SMOKE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -20,9 +20,9 @@ def synthetic_only(tmp_path, monkeypatch):
 
 
 def _grid(modes, versions=("tiny", "v1"), seeds=(0, 1, 2)) -> list:
-    """Stand-ins for planned runs, in grid order (version, then mode, then seed)."""
+    """Stand-ins for planned runs, in grid order (version, then seed, then mode: `Study.planned`)."""
     return [SimpleNamespace(cell=(v, mode, seed), spec=SimpleNamespace(task="classification"))
-            for v in versions for mode in modes for seed in seeds]
+            for v in versions for seed in seeds for mode in modes]
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 40])

@@ -136,22 +136,29 @@ def test_grid_repeats_are_one_run_and_unknown_parameters_are_refused(tmp_path, m
 
 
 @pytest.mark.parametrize("smoke", [False, True])
-def test_a_grid_is_planned_as_a_study_and_each_notebook_gets_its_own_knobs(tmp_path, monkeypatch, smoke):
-    """`mtml.runs.reproduce` plans a grid with the study's planner; each notebook gets only the
-    parameters it declares, and from them computes the run identity the runner planned."""
+def test_a_grid_is_planned_as_a_study_and_each_notebook_gets_its_own_knobs(smoke):
+    """`mtml.runs.reproduce` plans a grid with the study's planner (every seed, also in a smoke grid);
+    each notebook gets only the parameters it declares, and from them computes the run identity the
+    runner planned; a knob that one of the grid's notebooks does not declare is refused up front."""
     from mtml.runs.study import Study
 
     for task, runners in reproduce.RUNNERS.items():
-        runs = reproduce.plan(task, list(runners), ["tiny"], [0, 1], {"W_FEAT": 0.5}, smoke=smoke)
-        study = Study(name="grid", task=task, data="notebook", version="tiny", modes=tuple(runners), seeds=(0, 1),
-                      params={**reproduce.task_defaults(task), "BASELINE": False, "W_FEAT": 0.5, "RESUME": True})
-        assert [r.spec.hash for r in runs] == list(study.plan(smoke)), task
+        runs = reproduce.plan(task, list(runners), ["tiny"], [0, 1, 2], {"TEMPERATURE": 2.0}, smoke=smoke)
+        study = Study(name="grid", task=task, data="notebook", version="tiny", modes=tuple(runners), seeds=(0, 1, 2),
+                      params={**reproduce.task_defaults(task), "BASELINE": False, "TEMPERATURE": 2.0, "RESUME": True})
+        assert len(runs) == 3 * len(runners)
+        assert [r.spec.hash for r in runs] == [spec_from_parameters(task, p).hash
+                                               for p in study.planned(smoke, smoke_seeds=None)], task
         for run in runs:
             own = notebook_defaults(NOTEBOOKS / f"{run.notebook}.ipynb")
             assert set(run.parameters) <= set(own), (run.notebook, set(run.parameters) - set(own))
             assert spec_from_parameters(task, run.parameters).hash == run.spec.hash, run.cell
-        styles = [r for r in runs if r.cell[1] == "kd_ml_styles"]
-        assert styles and all(r.spec.config["w_feat"] == 0.5 for r in styles), "the grid's params reach the spec"
+            assert run.spec.config["temperature"] == 2.0
+        for knob in ("W_FEAT", "TEACHER_KNOWLEDGE", "PEER_KNOWLEDGE"):  # read by 03/07 only: refused with kd or ml
+            with pytest.raises(ValueError, match=f"unknown parameter.*{knob}.*for 0[1256]_"):
+                reproduce.plan(task, list(runners), ["tiny"], [0], {knob: "features" if "KNOW" in knob else 0.5})
+        styles = reproduce.plan(task, ["kd_ml", "kd_ml_styles"], ["tiny"], [0], {"W_FEAT": 0.5}, smoke=smoke)
+        assert styles[1].spec.config["w_feat"] == 0.5, "the grid's params reach the spec"
 
 
 def smoke_cell(nb):

@@ -47,15 +47,26 @@ def test_stacked_students_train_as_one_after_another(mode, monkeypatch):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
-def test_stacked_students_under_amp_match_one_after_another():
+def test_stacked_students_under_amp_match_one_after_another(monkeypatch):
     """bf16 autocast around the one stacked forward, float32 losses: the first step's terms are the
     unstacked cohort's within bf16 rounding."""
+    from mtml import stacking
+
+    original, autocast_on = stacking.stacked_forward, []
+
+    def spy(*args):
+        autocast_on.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(*args)
+
+    monkeypatch.setattr(stacking, "stacked_forward", spy)
+
     def first_terms(stack: bool) -> dict:
         cohort = Cohort.build(CohortConfig(mode="kd_ml", n_students=3, seed=1, stack_students=stack, amp=True), task=TASK)
         cohort.train()
         return cohort_step(cohort, batch(0), TASK, 0)
 
     plain, stacked = first_terms(False), first_terms(True)
+    assert autocast_on == [True], "the stacked forward ran once, under bf16 autocast"
     assert plain.keys() == stacked.keys()
     for key in plain:
         assert stacked[key].dtype == torch.float32, key

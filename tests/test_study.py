@@ -131,18 +131,18 @@ def test_classification_diversity_of_equal_and_opposite_students():
 
 
 def test_study_command_smoke_resumes_and_regenerates_identical_tables(tmp_path, monkeypatch):
-    """The synthetic study, shrunk (the four modes of its claims, one epoch of 16 px tiles; the
-    Kvasir smoke study below runs a committed file as it is): two workers finish every planned run
+    """The synthetic study, shrunk (one epoch of 16 px tiles; the Kvasir smoke study below runs a
+    committed file as it is): two workers finish every planned run
     with its units; a second call runs nothing and writes the same tables; a stray row in runs.csv
     never enters them."""
     raw = yaml.safe_load((study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml").read_text())
-    raw.update(name="synthetic_shrunk", modes=["independent", "kd", "ml", "kd_ml"])
+    raw.update(name="synthetic_shrunk")
     raw["params"].update(EPOCHS=1, TILE_SIZE=16)
     path, out = tmp_path / "synthetic_shrunk.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(raw))
     assert study_mod.main([str(path), "--smoke", "--out", str(out), "--workers", "2"]) == 0  # two processes
     runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 8 and runs["spec_hash"].is_unique, "each run once, whichever worker took it"
+    assert len(runs) == 10 and runs["spec_hash"].is_unique, "each run once, whichever worker took it"
     assert not any((out / ".claims").glob("*")), "the invocation's claims are removed"
     assert all((out / "units" / f"{h}.csv.gz").is_file() for h in runs["spec_hash"])
     tables = {name: (out / name).read_bytes() for name in ("results.csv", "verdicts.csv", "RESULTS.md", "costs.csv")}

@@ -93,8 +93,9 @@ def _unique(values) -> list:
 
 
 def task_defaults(task: str) -> dict:
-    """The parameters of the task's notebooks with their defaults (a mode's notebook ignores the
-    knobs only another declares, e.g. W_FEAT in the kd notebook: no run identity of its reads them)."""
+    """The parameters of the task's notebooks with their defaults. A mode's notebook gets only the
+    knobs it declares; the others are at their defaults, which its run identity does not read
+    (W_FEAT, TEACHER_KNOWLEDGE, ... in the kd notebook), so a grid refuses them in `params`."""
     defaults: dict = {}
     for notebook in dict.fromkeys(RUNNERS[task].values()):
         defaults.update(notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"))
@@ -114,9 +115,11 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
     if unknown_modes:
         raise ValueError(f"unknown mode {unknown_modes[0]!r}; choose one of {sorted(RUNNERS[task])}")
     defaults, params = task_defaults(task), dict(params or {})
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for the {task} notebooks; known: {sorted(defaults)}")
+    for notebook in dict.fromkeys(RUNNERS[task][m] for m in modes):  # a knob every notebook of the grid reads
+        known = set(notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")) - {"MODE", "SMOKE", "OUT_DIR"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(known)}")
     if params.get("BASELINE") not in (None, False):
         raise ValueError("BASELINE: a grid has its own independent runs (add the mode 'independent'); "
                          "leave BASELINE out of the grid's parameters")
@@ -126,7 +129,7 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
     for version in _unique(versions):
         study = Study(name=f"{task}-{version}", task=task, data="notebook", version=version,
                       modes=tuple(_unique(modes)), seeds=tuple(_unique(int(s) for s in seeds)), params=base)
-        for resolved in study.planned(smoke):
+        for resolved in study.planned(smoke, smoke_seeds=None):  # a smoke grid keeps every seed
             notebook = RUNNERS[task][resolved["MODE"]]
             own = notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")  # papermill gets the notebook's own knobs
             runs.append(PlannedRun(notebook, {k: v for k, v in resolved.items() if k in own or k == "RESUME"},

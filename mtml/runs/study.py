@@ -54,7 +54,7 @@ SPLIT_KNOBS = {"DATA_DIR", "SPLIT_SEED", "SPLIT_BY", "TRAIN_FRAMES", "EVAL_FRAME
 class Study:
     name: str
     task: str
-    data: str                     # real | synthetic
+    data: str                     # real | synthetic; "notebook" in a grid (mtml.runs.reproduce): its notebooks load the data
     version: str
     modes: tuple
     seeds: tuple
@@ -115,12 +115,13 @@ class Study:
         params = {**self.params, **(change or {}), "VERSION": self.version, "MODE": mode, "SEED": seed}
         return typed(smoke_parameters(self.task, params) if smoke else params)
 
-    def planned(self, smoke: bool = False) -> list[dict]:
+    def planned(self, smoke: bool = False, smoke_seeds: int | None = 2) -> list[dict]:
         """Every run's parameters: each mode and seed at the study's params, then (a study with
         variants) each variant's runs: every mode, but independent only when the change is not
         limited to DISTILLATION_KNOBS. A variant's runs carry its name under the lower-case key
-        "variant", which no run identity reads. See `plan` for one entry per run identity."""
-        seeds = self.seeds[:2] if smoke else self.seeds
+        "variant", which no run identity reads. See `plan` for one entry per run identity.
+        A smoke plan keeps the first `smoke_seeds` seeds (None: all)."""
+        seeds = self.seeds[:smoke_seeds] if smoke else self.seeds
         runs = [self.parameters(mode, seed, smoke) for seed in seeds for mode in self.modes]
         for name, change in self.variants:
             modes = [m for m in self.modes if m != "independent" or not set(change) <= DISTILLATION_KNOBS]
