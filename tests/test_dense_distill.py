@@ -147,6 +147,18 @@ def test_warmup_gives_distillation_no_weight_at_step_0_and_full_weight_after(one
     assert any(not torch.allclose(a, b) for a, b in zip(plain, full))  # distillation does act
 
 
+def test_a_warm_up_of_one_epoch_needs_the_ramp_and_logs_it():
+    """Any warm-up (here one epoch) needs the loop's ramp value, and the step logs the factor it used."""
+    task = ClassificationTask()
+    data = make_separable(16, 8, seed=0)
+    batch = task.collate([data[i] for i in range(16)])
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", seed=1, distill_warmup_epochs=1.0), task=task)
+    with pytest.raises(ValueError, match="distill_warmup_epochs > 0 needs distill_scale"):
+        cohort_step(cohort, batch, task)
+    terms = cohort_step(cohort, batch, task, distill_scale=distill_ramp(0.5, 1.0))
+    assert float(terms["cohort/distill_ramp"]) == pytest.approx(distill_ramp(0.5, 1.0))
+
+
 def test_warmup_is_logged_in_the_history(one_torch_thread):
     from mtml import fit
 

@@ -81,7 +81,8 @@ def detached(out):
 
 @pytest.mark.parametrize("task_name, knowledge", [
     ("classification", dict()), ("classification", dict(teacher_knowledge="both", peer_knowledge="features")),
-    ("classification", dict(teacher_knowledge="features|predictions|both")), ("detection", dict())])
+    ("classification", dict(teacher_knowledge="features|predictions|both")), ("detection", dict()),
+    ("classification", dict(teacher_knowledge="predictions", peer_knowledge="features"))])  # peers' maps only
 def test_every_network_and_adapter_gets_gradient_from_its_own_objective_only(task_name, knowledge):
     if task_name == "detection":
         task = DetectionTask(size=64)
