@@ -273,6 +273,16 @@ def test_the_first_non_finite_term_is_named_and_an_overflowing_sum_of_finite_ter
     assert (err.value.network, err.value.term, err.value.step) == ("cohort", "total", 5)
 
 
+def test_a_step_called_without_its_number_is_step_0():
+    from mtml import cohort_step
+
+    cohort, task, data = tiny_setup(mode="ml")
+    batch = task.collate([data[i] for i in range(4)])
+    batch["image"][0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="at step 0: student_1 sup = nan"):
+        cohort_step(cohort, batch, task)
+
+
 def check_stop(err: NonFiniteLossError, cohort: Cohort, recorder: Recorder):
     message = str(err)
     assert err.network in cohort.networks and err.network in message

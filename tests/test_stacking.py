@@ -73,6 +73,21 @@ def test_stacked_students_under_amp_match_one_after_another(monkeypatch):
         torch.testing.assert_close(stacked[key], plain[key], rtol=2e-2, atol=2e-2, msg=key)
 
 
+def test_amp_runs_each_forward_under_bf16_autocast_and_the_losses_in_float32(monkeypatch):
+    task, under_autocast = ClassificationTask(), []
+    forward = task.outputs
+
+    def spy(model, batch):
+        under_autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(model, batch)
+
+    monkeypatch.setattr(task, "outputs", spy)
+    cohort = Cohort.build(CohortConfig(mode="kd_ml", n_students=2, amp=True), task=task)
+    terms = cohort_step(cohort, batch(0), task)
+    assert under_autocast == [True, True, True], "teacher and two students, each under bf16 autocast"
+    assert all(v.dtype == torch.float32 for v in terms.values())
+
+
 def test_a_stacked_cohort_refuses_a_step_of_a_task_it_cannot_stack():
     from mtml.tasks.detection import DetectionTask
 
