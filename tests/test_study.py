@@ -294,3 +294,52 @@ def test_a_lost_units_file_stops_the_report_instead_of_changing_its_verdicts(tmp
     runs.loc[runs["spec_hash"] == lost.name.split(".")[0], "commit"] = None  # a row from before units existed
     runs.to_csv(out / "runs.csv", index=False)
     assert study_mod.main([str(study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--report", "--out", str(out)]) == 0
+
+
+# -- which runs a study takes: its plan, and the runs it reuses ---------------------------------
+
+def _study(**kw) -> Study:
+    return Study(**{**dict(name="s", task="classification", data="synthetic", version="tiny", modes=("kd",),
+                           seeds=(0, 1, 2)), **kw})
+
+
+def _rows(out, rows, units=()):
+    """A study folder holding `rows` in runs.csv, and test units for the hashes in `units`."""
+    (out / "units").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)
+    for h in units:
+        pd.DataFrame({"unit": ["a"], "network": ["ensemble"], "score": [0.5], "label": [1]}).to_csv(
+            out / "units" / f"{h}.csv.gz", index=False)
+
+
+def test_a_study_reuses_only_runs_tested_on_its_split_and_with_units(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path)
+    study = _study(reuse=("old", "first"), evaluate_on="validation", seeds=(0, 1, 2, 3))
+    h0, h1, h2, h3 = study.plan()
+    row = dict(version="tiny", mode="kd")
+    _rows(tmp_path / "old", [{**row, "seed": 0, "spec_hash": h0, "evaluated_on": "test"},  # another split
+                             {**row, "seed": 2, "spec_hash": h2, "evaluated_on": "validation"},  # no units
+                             {**row, "seed": 1, "spec_hash": h1, "evaluated_on": "validation"}], units=(h0, h1))
+    _rows(tmp_path / "first", [{**row, "seed": 3, "spec_hash": h3, "split_evaluated": "val"}], units=(h3,))  # its column
+    out = tmp_path / "new"
+    out.mkdir()
+    assert study_mod.adopt(study, out) == 2
+    assert list(study_mod.read_runs(out)["spec_hash"]) == [h1, h3] and (out / "units" / f"{h1}.csv.gz").is_file()
+    assert f"not taken from old: run {h2} has no {h2}.csv.gz" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError) as err:
+        study_mod.adopt(_study(reuse=("nope",)), out)
+    assert str(err.value) == (f"study s reuses 'nope', but {tmp_path / 'nope' / 'runs.csv'} does not exist: "
+                              "check the name under reuse:")
+
+
+def test_a_study_reports_exactly_its_planned_runs_labelled_by_variant(tmp_path):
+    study = _study(variants=(("hot", {"TEMPERATURE": 8.0}),), seeds=(0, 1))
+    smoke = study_mod.Study.plan(study, smoke=True)
+    rows = [{"version": "tiny", "mode": p["MODE"], "seed": p["SEED"], "spec_hash": h} for h, p in smoke.items()]
+    _rows(tmp_path / "out", rows + [{"version": "tiny", "mode": "kd", "seed": 9, "spec_hash": "0" * 16}])
+    runs, units, missing = study_mod.study_runs(study, tmp_path / "out", smoke=True)
+    assert list(runs.columns) == ["version", "mode", "seed", "spec_hash", "variant"]  # no stray index column
+    assert list(runs["variant"]) == ["base", "base", "hot", "hot"] and missing == [] and units == {}
+    _rows(tmp_path / "other", [{"version": "tiny", "mode": "kd", "seed": 0, "spec_hash": "0" * 16, "temperature": 2.0}])
+    with pytest.raises(ValueError, match=r"holds 1 runs, none of this study's plan .*\['temperature'\]"):
+        study_mod.study_runs(study, tmp_path / "other")
