@@ -340,6 +340,15 @@ def test_a_study_reports_exactly_its_planned_runs_labelled_by_variant(tmp_path):
     runs, units, missing = study_mod.study_runs(study, tmp_path / "out", smoke=True)
     assert list(runs.columns) == ["version", "mode", "seed", "spec_hash", "variant"]  # no stray index column
     assert list(runs["variant"]) == ["base", "base", "hot", "hot"] and missing == [] and units == {}
-    _rows(tmp_path / "other", [{"version": "tiny", "mode": "kd", "seed": 0, "spec_hash": "0" * 16, "temperature": 2.0}])
-    with pytest.raises(ValueError, match=r"holds 1 runs, none of this study's plan .*\['temperature'\]"):
-        study_mod.study_runs(study, tmp_path / "other")
+    stray = {"version": "tiny", "mode": "kd", "seed": 0, "spec_hash": "0" * 16}
+    changed = dict(temperature=2.0, w_kd=0.5, w_ml=0.5, lr=9.0, epochs=99, batch_size=3)  # six settings differ
+    for rows, differ in (([{**stray, **changed}, {**stray, "spec_hash": "1" * 16}],  # the first row's, five of them
+                          "['batch_size', 'epochs', 'lr', 'temperature', 'w_kd']"),
+                         ([stray], "the data fingerprint")):  # no setting differs
+        other = tmp_path / f"other{len(rows)}"
+        _rows(other, rows)
+        with pytest.raises(ValueError) as err:
+            study_mod.study_runs(study, other)
+        assert str(err.value) == (f"{other / 'runs.csv'} holds {len(rows)} runs, none of this study's plan on this "
+                                  f"machine (first differing settings: {differ}); nothing was overwritten: check the "
+                                  "data and the study file")
