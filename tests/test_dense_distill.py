@@ -148,7 +148,7 @@ def test_warmup_gives_distillation_no_weight_at_step_0_and_full_weight_after(one
 
 
 def test_a_warm_up_of_one_epoch_needs_the_ramp_and_logs_it():
-    """Any warm-up (here one epoch) needs the loop's ramp value, and the step logs the factor it used."""
+    """Any warm-up (here one epoch) needs the loop's ramp value, and the step logs the factor it was given."""
     task = ClassificationTask()
     data = make_separable(16, 8, seed=0)
     batch = task.collate([data[i] for i in range(16)])

@@ -123,9 +123,9 @@ def test_a_feature_only_learner_logs_the_loss_its_terms_add_up_to():
     w_kd x w_feat x its feature term, nothing added (a constant would leave the gradients alone
     and still misreport every loss curve)."""
     cfg = CohortConfig(mode="kd_ml_styles", teacher_knowledge="predictions|features", peer_knowledge="predictions",
-                       w_kd=0.7, w_ml=0.0, w_feat=0.3, w_ce=1.5)
+                       w_kd=0.7, w_ml=0.4, w_feat=0.3, w_ce=1.5)
     log = cohort_step(Cohort.build(cfg, task=TASK), batch(), TASK)
-    expected = 1.5 * log["student_2/sup"] + 0.7 * 0.3 * log["student_2/kd_feat"] + 0.0 * log["student_2/ml"]
+    expected = 1.5 * log["student_2/sup"] + 0.7 * 0.3 * log["student_2/kd_feat"] + 0.4 * log["student_2/ml"]
     assert float(log["student_2/loss"]) == pytest.approx(float(expected), rel=1e-6)
 
 

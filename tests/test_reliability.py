@@ -267,9 +267,9 @@ def test_the_first_non_finite_term_is_named_and_an_overflowing_sum_of_finite_ter
 
     nan, big = torch.tensor(float("nan")), torch.tensor(3e38)
     with pytest.raises(NonFiniteLossError, match=r"at step 2: student_1 kd = nan\."):
-        _check_finite(nan, {"student_1/sup": torch.tensor(0.5), "student_1/kd": nan}, 2)
+        _check_finite(nan, {"student_1/sup": torch.tensor(0.5), "student_1/kd": nan, "student_2/kd": -nan}, 2)
     with pytest.raises(NonFiniteLossError, match=r"at step 5: cohort total = inf\.") as err:
-        _check_finite(big.float() * 2, {"student_1/sup": big, "student_2/sup": big}, 5)  # 6e38 overflows float32
+        _check_finite(big * 2, {"student_1/sup": big, "student_2/sup": big}, 5)  # 6e38 overflows float32
     assert (err.value.network, err.value.term, err.value.step) == ("cohort", "total", 5)
 
 

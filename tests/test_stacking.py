@@ -47,16 +47,30 @@ def test_stacked_students_train_as_one_after_another(mode, monkeypatch):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
-def test_stacked_students_under_amp_match_one_after_another(monkeypatch):
-    """bf16 autocast around the one stacked forward, float32 losses: the first step's terms are the
-    unstacked cohort's within bf16 rounding."""
+@pytest.fixture
+def float16_by_default():
+    """CPU autocast's default dtype is bf16 already: with float16 as the default for the test, only
+    the kit's explicit bf16 makes a forward run in bf16 (on CUDA the default is float16)."""
+    before = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    yield
+    torch.set_autocast_dtype("cpu", before)
+
+
+def _in_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_stacked_students_under_amp_match_one_after_another(monkeypatch, float16_by_default):
+    """bf16 autocast around the one stacked forward: the first step's terms are the unstacked
+    cohort's within bf16 rounding (measured: at most 3e-4 apart)."""
     from mtml import stacking
 
     original, autocast_on = stacking.stacked_forward, []
 
-    def spy(*args):
-        autocast_on.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return original(*args)
+    def spy(*args, **kwargs):
+        autocast_on.append(_in_bf16())
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(stacking, "stacked_forward", spy)
 
@@ -69,22 +83,24 @@ def test_stacked_students_under_amp_match_one_after_another(monkeypatch):
     assert autocast_on == [True], "the stacked forward ran once, under bf16 autocast"
     assert plain.keys() == stacked.keys()
     for key in plain:
-        assert stacked[key].dtype == torch.float32, key
-        torch.testing.assert_close(stacked[key], plain[key], rtol=2e-2, atol=2e-2, msg=key)
+        torch.testing.assert_close(stacked[key], plain[key], rtol=1e-2, atol=2e-3, msg=key)
 
 
-def test_amp_runs_each_forward_under_bf16_autocast_and_the_losses_in_float32(monkeypatch):
+@pytest.mark.parametrize("cfg", [dict(mode="kd_ml"), dict(mode="kd_ml_styles", teacher_knowledge="features")])
+def test_amp_runs_each_forward_under_bf16_autocast_and_the_losses_in_float32(monkeypatch, float16_by_default, cfg):
     task, under_autocast = ClassificationTask(), []
-    forward = task.outputs
 
-    def spy(model, batch):
-        under_autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return forward(model, batch)
+    def spied(forward):
+        def spy(*args, **kwargs):
+            under_autocast.append(_in_bf16())
+            return forward(*args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(task, "outputs", spy)
-    cohort = Cohort.build(CohortConfig(mode="kd_ml", n_students=2, amp=True), task=task)
+    for name in ("outputs", "outputs_and_features"):  # predictions only, or with feature maps
+        monkeypatch.setattr(task, name, spied(getattr(task, name)))
+    cohort = Cohort.build(CohortConfig(n_students=2, amp=True, **cfg), task=task)
     terms = cohort_step(cohort, batch(0), task)
-    assert under_autocast == [True, True, True], "teacher and two students, each under bf16 autocast"
+    assert len(under_autocast) >= 3 and all(under_autocast), "teacher and two students, each under bf16 autocast"
     assert all(v.dtype == torch.float32 for v in terms.values())
 
 
