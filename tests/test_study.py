@@ -355,3 +355,12 @@ def test_a_study_reports_exactly_its_planned_runs_labelled_by_variant(tmp_path):
         assert str(err.value) == (f"{other / 'runs.csv'} holds {len(table)} runs, none of this study's plan on this "
                                   f"machine (first differing settings: {differ}); nothing was overwritten: check the "
                                   "data and the study file")
+
+
+def test_a_smoke_plan_is_capped_and_keeps_two_seeds_variants_too():
+    from mtml.tasks import task_class
+
+    study = _study(params={"EPOCHS": 30, "TILE_SIZE": 224}, variants=(("hot", {"TEMPERATURE": 8.0}),))
+    smoke, caps = study.planned(smoke=True), task_class("classification").smoke_caps
+    assert len(smoke) == 4 and {p["SEED"] for p in smoke} == {0, 1}
+    assert all((p["EPOCHS"], p["TILE_SIZE"]) == (caps["EPOCHS"], caps["TILE_SIZE"]) for p in smoke)
