@@ -99,9 +99,10 @@ def task_defaults(task: str) -> dict:
     defaults: dict = {}
     for notebook in dict.fromkeys(RUNNERS[task].values()):
         defaults.update(notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb"))
-    for key in ("MODE", "SMOKE", "OUT_DIR"):  # the runner sets the mode and the folder, --smoke the caps
-        defaults.pop(key, None)
-    return defaults
+    return {k: v for k, v in defaults.items() if k not in RUNNER_SET}
+
+
+RUNNER_SET = {"MODE", "SMOKE", "OUT_DIR"}  # the runner sets the mode and the folder, --smoke the caps
 
 
 def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: bool = False) -> list[PlannedRun]:
@@ -115,8 +116,9 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
     if unknown_modes:
         raise ValueError(f"unknown mode {unknown_modes[0]!r}; choose one of {sorted(RUNNERS[task])}")
     defaults, params = task_defaults(task), dict(params or {})
-    for notebook in dict.fromkeys(RUNNERS[task][m] for m in modes):  # a knob every notebook of the grid reads
-        known = set(notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")) - {"MODE", "SMOKE", "OUT_DIR"}
+    knobs = {nb: set(notebook_defaults(NOTEBOOKS / f"{nb}.ipynb")) - RUNNER_SET  # each grid notebook's, read once
+             for nb in dict.fromkeys(RUNNERS[task][m] for m in modes)}
+    for notebook, known in knobs.items():  # a knob every notebook of the grid reads
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for {notebook}; known: {sorted(known)}")
@@ -131,9 +133,8 @@ def plan(task: str, modes, versions, seeds, params: dict | None = None, smoke: b
                       modes=tuple(_unique(modes)), seeds=tuple(_unique(int(s) for s in seeds)), params=base)
         for resolved in study.planned(smoke, smoke_seeds=None):  # a smoke grid keeps every seed
             notebook = RUNNERS[task][resolved["MODE"]]
-            own = notebook_defaults(NOTEBOOKS / f"{notebook}.ipynb")  # papermill gets the notebook's own knobs
-            runs.append(PlannedRun(notebook, {k: v for k, v in resolved.items() if k in own or k == "RESUME"},
-                                   spec_from_parameters(task, resolved)))
+            own = {k: v for k, v in resolved.items() if k in knobs[notebook] or k == "MODE"}  # papermill gets these
+            runs.append(PlannedRun(notebook, own, spec_from_parameters(task, resolved)))
     return runs
 
 

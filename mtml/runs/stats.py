@@ -55,12 +55,12 @@ def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.nda
     n_gt = np.asarray(n_gt, float)
     w = np.ones((1, len(scores))) if weights is None else np.atleast_2d(weights)
     gw = np.ones((1, len(n_gt))) if gt_weights is None else np.atleast_2d(gt_weights)
-    order = np.argsort(-scores, kind="mergesort")
-    tp, w = tp[order], w[:, order]
-    cum_tp, cum_fp = np.cumsum(w * tp, axis=1), np.cumsum(w * (1 - tp), axis=1)
     total_gt = gw @ n_gt
     if len(scores) == 0:  # no detection at all: no recall reached
         return np.where(total_gt > 0, 0.0, np.nan)
+    order = np.argsort(-scores, kind="mergesort")
+    tp, w = tp[order], w[:, order]
+    cum_tp, cum_fp = np.cumsum(w * tp, axis=1), np.cumsum(w * (1 - tp), axis=1)
     out = np.full(len(w), np.nan)
     for b in range(len(w)):
         if total_gt[b] <= 0:
