@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,9 +327,8 @@ def test_box_head_cannot_die(batch):
 
 
 def test_detection_metrics_computes_only_what_is_asked_and_map50_alone_is_the_same():
-    """The per-epoch validation asks for map50 only: COCO's matching then runs at IoU 0.5 alone,
-    and map50 must equal the full protocol's to the last bit (random boxes around the gt, many of
-    them near IoU 0.5)."""
+    """The per-epoch validation asks for map50 only; it must equal the full protocol's (random boxes
+    around the gt, many of them near IoU 0.5)."""
     g = torch.Generator().manual_seed(0)
     targets, preds = [], []
     for _ in range(30):
@@ -344,3 +344,63 @@ def test_detection_metrics_computes_only_what_is_asked_and_map50_alone_is_the_sa
     assert detection_metrics(preds, targets, metrics=("recall", "f1")) == {"recall": full["recall"], "f1": full["f1"]}
     with pytest.raises(ValueError, match="unknown detection metrics"):
         detection_metrics(preds, targets, metrics=("map75",))
+
+
+def _random_frames(seed: int, frames: int, most_boxes: int, most_detections: int, score_steps=None):
+    """Random frames with detections jittered around their boxes (some frames without boxes, some
+    with more than COCO's 100 detections); `score_steps` rounds scores to make ties."""
+    g = torch.Generator().manual_seed(seed)
+    preds, targets = [], []
+    for _ in range(frames):
+        k = int(torch.randint(0, most_boxes + 1, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 100
+        gt = torch.cat([xy, xy + 10 + torch.rand(k, 2, generator=g) * 40], 1)
+        n = int(torch.randint(0, most_detections + 1, (1,), generator=g))
+        base = gt[torch.randint(0, k, (n,), generator=g)] if k else torch.rand(n, 4, generator=g) * 60
+        boxes = base + torch.randn(n, 4, generator=g) * 6
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        scores = torch.rand(n, generator=g)
+        scores = (scores * score_steps).round() / score_steps if score_steps else scores
+        preds.append(_dets(boxes.tolist(), scores.tolist()))
+        targets.append({"boxes": gt, "labels": torch.ones(k, dtype=torch.int64)})
+    return preds, targets
+
+
+@pytest.mark.parametrize("seed,frames,most_boxes,most_detections,score_steps", [
+    (0, 40, 2, 6, None), (1, 12, 5, 8, 10), (2, 6, 3, 130, None), (3, 25, 4, 40, 20), (4, 3, 6, 4, None)])
+def test_all_frames_matched_at_once_equal_cocos_loop_and_torchmetrics_map50(seed, frames, most_boxes,
+                                                                          most_detections, score_steps):
+    """The vectorised matcher (one step per score rank, every frame together) gives pycocotools'
+    flags frame by frame, and map50 from it is torchmetrics' mAP@0.5 to float32's last bit: ties in
+    score, frames without boxes or detections, more than 100 detections (COCO keeps the best 100)."""
+    import warnings
+
+    from torchmetrics.detection import MeanAveragePrecision
+    from hand_metrics import coco_greedy_flags
+    from mtml.tasks.detection_eval import map50, match_flags_all
+
+    preds, targets = _random_frames(seed, frames, most_boxes, most_detections, score_steps)
+    for flags, p, t in zip(match_flags_all(preds, targets), preds, targets):
+        assert flags.tolist() == coco_greedy_flags(p["boxes"], p["scores"], t["boxes"]).tolist()
+    reference = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5])
+    reference.warn_on_many_detections = False
+    reference.update(preds, targets)
+    expected = reference.compute()["map_50"]
+    assert 0.05 < float(expected) < 0.95
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.tensor(map50(preds, targets), dtype=torch.float32) == expected
+
+
+def test_map50_reads_recall_thresholds_as_torchmetrics_makes_them():
+    """3 of 5 polyps found with precision 1: recall 0.6 does not reach torchmetrics' (float32) 0.6
+    threshold, so 60 of the 101 points count (not 61, as numpy's float64 grid would give)."""
+    from mtml.tasks.detection_eval import map50
+
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10], [80, 0, 90, 10]])
+    targets = [{"boxes": gt, "labels": torch.ones(5, dtype=torch.int64)}]
+    preds = [_dets(gt[:3].tolist(), [0.9, 0.8, 0.7])]
+    assert map50(preds, targets) == pytest.approx(60 / 101)
+    assert map50([_dets([], [])], targets) == 0.0  # boxes, no detection: nothing found
+    assert np.isnan(map50(preds, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]))
+    assert np.isnan(map50([], []))

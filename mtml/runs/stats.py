@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from ..names import students_in
+from ..tasks.detection_eval import average_precision
 
 N_BOOT = 2000
 BOOTSTRAP_METRICS = ("auroc", "patient_auroc", "map50")
-RECALL_GRID = np.linspace(0, 1, 101)  # COCO's 101 recall thresholds
 
 
 def holm(pvalues) -> np.ndarray:
@@ -45,34 +45,6 @@ def weighted_auroc(scores, labels, weights) -> np.ndarray:
     total = pos.sum(1) * neg.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, (pos * (below + 0.5 * neg)).sum(1) / total, np.nan)
-
-
-def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.ndarray:
-    """COCO-style AP (101-point interpolated precision) of detections with `scores` and true
-    positive flags `tp`, against `n_gt` boxes per frame. Weights (B, n_detections) and
-    (B, n_frames) repeat detections and frames (bootstrap); without them, one row of weight 1."""
-    scores, tp = np.asarray(scores, float), np.asarray(tp, float)
-    n_gt = np.asarray(n_gt, float)
-    w = np.ones((1, len(scores))) if weights is None else np.atleast_2d(weights)
-    gw = np.ones((1, len(n_gt))) if gt_weights is None else np.atleast_2d(gt_weights)
-    total_gt = gw @ n_gt
-    if len(scores) == 0:  # no detection at all: no recall reached
-        return np.where(total_gt > 0, 0.0, np.nan)
-    order = np.argsort(-scores, kind="mergesort")
-    tp, w = tp[order], w[:, order]
-    cum_tp, cum_fp = np.cumsum(w * tp, axis=1), np.cumsum(w * (1 - tp), axis=1)
-    out = np.full(len(w), np.nan)
-    for b in range(len(w)):
-        if total_gt[b] <= 0:
-            continue
-        recall = cum_tp[b] / total_gt[b]
-        seen = cum_tp[b] + cum_fp[b]
-        precision = np.divide(cum_tp[b], seen, out=np.zeros_like(seen), where=seen > 0)
-        envelope = np.maximum.accumulate(precision[::-1])[::-1]
-        idx = np.searchsorted(recall, RECALL_GRID, side="left")
-        reached = idx < len(recall)
-        out[b] = np.where(reached, envelope[np.minimum(idx, len(recall) - 1)], 0.0).mean()
-    return out
 
 
 def unit_ids(units: pd.DataFrame) -> np.ndarray:

@@ -112,12 +112,12 @@ class DetectionTask:
         import numpy as np
 
         from ..names import students_in
-        from .detection_eval import operating_point
+        from .detection_eval import operating_point, predict_detections
         from .diversity import detection_diversity
 
         nets, row = result.cohort.networks, {}
         students = students_in(nets)
-        _, preds, targets = self.evaluate(nets, val, return_predictions=True)
+        preds, targets = predict_detections(nets, val, self)  # the units need no metric
         val_units = self.test_units(preds, targets, data=val)
         for who in [*nets, "ensemble"]:
             for k, v in operating_point(val_units, result.units, who).items():

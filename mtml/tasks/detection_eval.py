@@ -1,5 +1,6 @@
 """Evaluation of detectors: predictions of each network and of the student ensemble, weighted
-box fusion, greedy matching at IoU 0.5, mAP (torchmetrics, COCO protocol), precision / recall / F1
+box fusion, COCO's greedy matching at IoU 0.5 for every frame at once, mAP@0.5 from it (equal to
+torchmetrics'), mAP@[.5:.95] (torchmetrics, COCO protocol), precision / recall / F1
 at a score threshold, and per-frame test units for bootstrap intervals."""
 from __future__ import annotations
 
@@ -38,21 +39,103 @@ def weighted_box_fusion(dets: list[dict], iou: float = 0.55, max_detections: int
             "labels": torch.ones(len(keep), dtype=torch.int64)}
 
 
+# COCO's 101 recall thresholds as torchmetrics makes them (float32 steps: 0.6 is 0.6000000238, so a
+# recall of exactly 3/5 does not reach it); the kit's map50 has always been torchmetrics'
+RECALL_GRID = torch.linspace(0.0, 1.0, 101).double().numpy()
+MAX_DETECTIONS = 100  # COCO's maxDets for mAP: each frame's best 100 detections count
+
+
+def _box_iou_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU (F, D, G) of padded boxes a (F, D, 4) and b (F, G, 4), xyxy, in float64 (as COCO)."""
+    a, b = a.double()[:, :, None], b.double()[:, None]
+    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area - inter).clamp(min=1e-12)
+
+
+def ranked_matches(preds: list[dict], targets: list[dict], iou: float = 0.5):
+    """COCO's greedy matching of every frame at once: by decreasing score (stable), each
+    prediction takes the unmatched ground-truth box of highest IoU >= `iou` (of equal IoUs, the
+    last). One step per score rank, all frames together. Returns (order (F, D): each frame's
+    predictions by rank, padded; tp (F, D) by rank; real (F, D): a prediction, not padding)."""
+    if not preds:
+        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0, dtype=torch.bool)
+    pad = torch.nn.utils.rnn.pad_sequence
+    scores = pad([p["scores"].detach().cpu().float() for p in preds], batch_first=True, padding_value=-float("inf"))
+    counts = torch.tensor([len(p["scores"]) for p in preds])
+    frames, width = scores.shape
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    real = torch.arange(width)[None] < counts[:, None]
+    tp = torch.zeros(frames, width, dtype=torch.bool)
+    gt_counts = torch.tensor([len(t["boxes"]) for t in targets])
+    if not width or not int(gt_counts.sum()):
+        return order, tp, real
+    boxes = pad([p["boxes"].detach().cpu().reshape(-1, 4) for p in preds], batch_first=True)
+    gt = pad([t["boxes"].cpu().reshape(-1, 4) for t in targets], batch_first=True)
+    overlaps = _box_iou_padded(boxes.gather(1, order[..., None].expand(-1, -1, 4)), gt)
+    gt_real = torch.arange(gt.shape[1])[None] < gt_counts[:, None]
+    overlaps = overlaps.masked_fill(~(real[:, :, None] & gt_real[:, None]), -1.0)
+    candidates = (overlaps >= iou).any(2).any(0).nonzero()
+    used = torch.zeros_like(gt_real)
+    for rank in range(int(candidates.max()) + 1 if len(candidates) else 0):
+        row = overlaps[:, rank].masked_fill(used, -1.0).flip(1)  # flipped: argmax finds the last best
+        best, j = row.max(1)
+        hit = best >= iou
+        tp[:, rank] = hit
+        used[hit, gt.shape[1] - 1 - j[hit]] = True
+    return order, tp, real
+
+
+def match_flags_all(preds: list[dict], targets: list[dict], iou: float = 0.5) -> list[torch.Tensor]:
+    """True-positive flag of each prediction of every frame (in the given order), by `ranked_matches`."""
+    order, tp, real = ranked_matches(preds, targets, iou)
+    flags = torch.zeros_like(tp).scatter(1, order, tp)
+    return [f[:n] for f, n in zip(flags, real.sum(1).tolist())]
+
+
 def match_flags(pred: dict, target: dict, iou: float = 0.5) -> torch.Tensor:
-    """True-positive flag of each prediction of one frame (in the given order): by decreasing
-    score, each prediction takes the best unmatched box with IoU >= `iou` (COCO's greedy rule)."""
-    flags = torch.zeros(len(pred["scores"]), dtype=torch.bool)
-    gt = target["boxes"].cpu()
-    if len(flags) == 0 or len(gt) == 0:
-        return flags
-    order = pred["scores"].cpu().argsort(descending=True, stable=True)
-    overlaps, used = box_iou(pred["boxes"].cpu()[order], gt), torch.zeros(len(gt), dtype=torch.bool)
-    for k, row in zip(order.tolist(), overlaps):
-        row = row.masked_fill(used, -1)
-        j = int(row.argmax())
-        if row[j] >= iou:
-            used[j], flags[k] = True, True
-    return flags
+    """True-positive flag of each prediction of one frame (in the given order)."""
+    return match_flags_all([pred], [target], iou)[0]
+
+
+def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.ndarray:
+    """COCO-style AP (101-point interpolated precision) of detections with `scores` and true
+    positive flags `tp`, against `n_gt` boxes per frame. Weights (B, n_detections) and
+    (B, n_frames) repeat detections and frames (bootstrap); without them, one row of weight 1."""
+    scores, tp = np.asarray(scores, float), np.asarray(tp, float)
+    n_gt = np.asarray(n_gt, float)
+    w = np.ones((1, len(scores))) if weights is None else np.atleast_2d(weights)
+    gw = np.ones((1, len(n_gt))) if gt_weights is None else np.atleast_2d(gt_weights)
+    total_gt = gw @ n_gt
+    if len(scores) == 0:  # no detection at all: no recall reached
+        return np.where(total_gt > 0, 0.0, np.nan)
+    order = np.argsort(-scores, kind="mergesort")
+    tp, w = tp[order], w[:, order]
+    cum_tp, cum_fp = np.cumsum(w * tp, axis=1), np.cumsum(w * (1 - tp), axis=1)
+    out = np.full(len(w), np.nan)
+    for b in range(len(w)):
+        if total_gt[b] <= 0:
+            continue
+        recall = cum_tp[b] / total_gt[b]
+        seen = cum_tp[b] + cum_fp[b]
+        precision = np.divide(cum_tp[b], seen, out=np.zeros_like(seen), where=seen > 0)
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]
+        idx = np.searchsorted(recall, RECALL_GRID, side="left")
+        reached = idx < len(recall)
+        out[b] = np.where(reached, envelope[np.minimum(idx, len(recall) - 1)], 0.0).mean()
+    return out
+
+
+def map50(preds: list[dict], targets: list[dict]) -> float:
+    """mAP@0.5 by COCO's protocol (one class, each frame's best 100 detections, 101 recall points),
+    the number torchmetrics gives, from `ranked_matches` and `average_precision`; NaN without boxes."""
+    order, tp, real = ranked_matches(preds, targets, 0.5)
+    keep = real & (torch.arange(order.shape[1]) < MAX_DETECTIONS)[None]
+    scores = [p["scores"].detach().cpu().float() for p in preds]
+    ranked = torch.nn.utils.rnn.pad_sequence(scores, batch_first=True).gather(1, order) if preds else order.float()
+    # frame by frame, each by rank: the order in which COCO concatenates before its stable sort
+    return float(average_precision(ranked[keep].numpy(), tp[keep].numpy(), [len(t["boxes"]) for t in targets])[0])
 
 
 def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 0.5):
@@ -69,10 +152,9 @@ def detection_units(preds: dict, targets: list[dict], iou: float = 0.5, frames=N
     ids = list(frames) if frames is not None else list(range(len(targets)))
     rows = []
     for network, per_frame in preds.items():
-        for f, pred, target in zip(ids, per_frame, targets):
+        for f, pred, target, flags in zip(ids, per_frame, targets, match_flags_all(per_frame, targets, iou)):
             rows.append((f, network, np.nan, 0, len(target["boxes"])))
-            flags = match_flags(pred, target, iou).tolist()
-            rows.extend((f, network, float(sc), int(t), 0) for sc, t in zip(pred["scores"].tolist(), flags))
+            rows.extend((f, network, float(sc), int(t), 0) for sc, t in zip(pred["scores"].tolist(), flags.tolist()))
     return pd.DataFrame(rows, columns=["unit", "network", "score", "tp", "n_gt"])
 
 
@@ -104,24 +186,27 @@ DETECTION_METRICS = ("map50", "map", "precision", "recall", "f1")
 
 def detection_metrics(preds: list[dict], targets: list[dict], score_threshold: float = 0.3,
                       metrics=None) -> dict:
-    """mAP@0.5 and mAP@[.5:.95] (torchmetrics, COCO protocol); precision, recall and F1 of boxes
-    at IoU 0.5 and `score_threshold`, counted per frame and summed over frames. Only `metrics` are
-    computed (None: all): without "map", COCO's matching runs at IoU 0.5 alone (the same map50, 3x faster)."""
-    from torchmetrics.detection import MeanAveragePrecision
-
+    """mAP@0.5 (`map50`, all frames matched at once), mAP@[.5:.95] (torchmetrics, COCO protocol);
+    precision, recall and F1 of boxes at IoU 0.5 and `score_threshold`, summed over frames. Only
+    `metrics` are computed (None: all): the per-epoch validation asks for map50 alone."""
     metrics = DETECTION_METRICS if metrics is None else tuple(metrics)
     unknown = set(metrics) - set(DETECTION_METRICS)
     if unknown:
         raise ValueError(f"unknown detection metrics {sorted(unknown)}; choose from {DETECTION_METRICS}")
     out = {}
-    if {"map50", "map"} & set(metrics):
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
-                                      iou_thresholds=None if "map" in metrics else [0.5])
+    if "map50" in metrics:
+        out["map50"] = map50(preds, targets)
+    if "map" in metrics:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         metric.update(preds, targets)
-        result = metric.compute()
-        out = {"map50": float(result["map_50"]), "map": float(result["map"])}
+        out["map"] = float(metric.compute()["map"])
     if {"precision", "recall", "f1"} & set(metrics):
-        tp, n_pred, n_gt = np.sum([match_counts(p, t, score_threshold) for p, t in zip(preds, targets)], axis=0)
+        kept = [p["scores"].cpu() >= score_threshold for p in preds]
+        flags = match_flags_all(preds, targets)
+        tp, n_pred = sum(int(f[k].sum()) for f, k in zip(flags, kept)), sum(int(k.sum()) for k in kept)
+        n_gt = sum(len(t["boxes"]) for t in targets)
         precision = tp / n_pred if n_pred else 0.0
         recall = tp / n_gt if n_gt else float("nan")
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0

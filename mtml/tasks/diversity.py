@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import torch
 
-from .detection_eval import match_flags
+from .detection_eval import match_flags_all
 from .evaluate import eval_batches
 from ..names import students_in
 
@@ -35,11 +35,13 @@ def classification_diversity(probs: dict) -> dict:
     return {"disagreement": float(np.mean(disagree)), "kl": float(np.mean(kl))}
 
 
-def _box_disagreement(a: dict, b: dict) -> float:
-    if len(a["scores"]) == 0 and len(b["scores"]) == 0:
-        return 0.0
-    matched = int(match_flags(a, b).sum()) if len(b["boxes"]) else 0
-    return 1.0 - 2 * matched / (len(a["scores"]) + len(b["scores"]))
+def _box_disagreements(a: list[dict], b: list[dict]) -> list[float]:
+    """Per frame: 1 - 2 x (a's boxes matching one of b's at IoU 0.5) / (boxes of both); 0 for none."""
+    out = []
+    for da, db, flags in zip(a, b, match_flags_all(a, b)):
+        both = len(da["scores"]) + len(db["scores"])
+        out.append(1.0 - 2 * int(flags.sum()) / both if both else 0.0)
+    return out
 
 
 @torch.no_grad()
@@ -59,7 +61,7 @@ def detection_diversity(networks: dict, data, task, thresholds: dict, batch_size
         for i, j in pairs:
             p, q = probs[i], probs[j]
             kl += float((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum())
-            disagree += [_box_disagreement(a, b) for a, b in zip(dets[i], dets[j])]
+            disagree += _box_disagreements(dets[i], dets[j])
         locations += probs[0].numel()
     return {"disagreement": float(np.mean(disagree)) if boxes_known else float("nan"),
             "kl": kl / (locations * len(pairs))}
