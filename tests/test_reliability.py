@@ -313,3 +313,20 @@ def test_a_nan_in_a_batch_stops_at_that_step_naming_the_first_network_and_its_te
         fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, every=1)], augment=recorder, progress=False)
     assert (err.value.network, err.value.term, err.value.step) == (network, "sup", poisoned_step)
     check_stop(err.value, cohort, recorder)
+
+
+def test_deterministic_cuda_sets_its_flags_inside_and_gives_the_old_ones_back(monkeypatch):
+    """Studies train under `deterministic_cuda` on a GPU (seeds paired across modes there too);
+    a notebook's own settings come back after the run."""
+    from mtml.core.cohort import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with deterministic_cuda():
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.deterministic
+    with deterministic_cuda(False):
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark

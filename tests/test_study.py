@@ -252,6 +252,42 @@ def test_workers_share_one_queue_heaviest_first(tmp_path, monkeypatch):
     assert study_mod.claim(None, "any")  # a single worker claims nothing
 
 
+def test_gpus_get_one_worker_each_and_cpu_workers_one_thread_each(tmp_path, monkeypatch, capsys):
+    """Processes sharing one GPU only take turns on it: `--workers` gives each GPU one worker (the
+    visible ones, in order) and shares the cores among them; on a CPU machine it runs as asked."""
+    import torch
+
+    assert study_mod.worker_gpus(4, 0) is None
+    assert study_mod.worker_gpus(5, 1) == ["0"]
+    assert study_mod.worker_gpus(2, 4) == ["0", "1"]
+    assert study_mod.worker_gpus(8, 2, "3, 5") == ["3", "5"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (study_mod.worker_threads(1), study_mod.worker_threads(4)) == (16, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (study_mod.worker_threads(1), study_mod.worker_threads(2), study_mod.worker_threads(32)) == (16, 8, 1)
+
+    started = []
+
+    class FakeWorker:
+        def __init__(self, cmd, env):
+            started.append((cmd[cmd.index("--worker") + 1], cmd[cmd.index("--workers") + 1], env.get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(study_mod.subprocess, "Popen", FakeWorker)
+    monkeypatch.setattr(study_mod, "measure_costs", lambda *a: None)
+    monkeypatch.setattr(study_mod, "write_results", lambda *a: "report written")
+    monkeypatch.setattr(study_mod, "split_hygiene", lambda *a: None)
+    study = study_mod.REPO / "studies" / "synthetic_tiny_cpu.yaml"
+    assert study_mod.main([str(study), "--workers", "5", "--smoke", "--out", str(tmp_path)]) == 0
+    assert started == [("0", "2", "0"), ("1", "2", "1")]
+    assert "2 worker(s), one per GPU (0, 1)" in capsys.readouterr().out
+
+
 COMMITTED = sorted(p.stem for p in (study_mod.REPO / "studies").glob("*.yaml")
                    if (study_mod.RESULTS / p.stem / "RESULTS.md").is_file())
 

@@ -240,11 +240,20 @@ def test_a_tape_from_other_conditions_is_named_and_not_replayed(tmp_path):
     assert read_tape(path, tape_key(spec(cohort.cfg)), meta)[1] == ""
     other = {**meta, "threads": meta["threads"] + 1}
     assert "threads" in read_tape(path, tape_key(spec(cohort.cfg)), other)[1]
+    tape = torch.load(path, weights_only=True)  # as if recorded on a GPU with another torch
+    tape["meta"].update(device="cuda", torch="2.11.0+cu130")
+    torch.save(tape, path)
+    calls = count_teacher_forwards(cohort)
+    with pytest.warns(UserWarning, match=r"not replayed, recorded under other conditions: device 'cuda' \(tape\) "
+                                         r"vs 'cpu' \(run\); torch '2.11.0\+cu130' \(tape\) vs"):
+        run(cohort, tape_dir=tmp_path)
+    assert calls  # the teacher trained
     torch.manual_seed(0)
     changed = cohort_of("kd_ml")
     changed.teacher.fc.weight.data += 1  # another initial teacher under the same spec: records, never replays
     calls = count_teacher_forwards(changed)
-    run(changed, tape_dir=tmp_path)
+    with pytest.warns(UserWarning, match="teacher_sha256"):
+        run(changed, tape_dir=tmp_path)
     assert calls
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import random
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -165,6 +167,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_cuda(on: bool = True):
+    """Deterministic CUDA kernels inside (on): deterministic algorithms, cuBLAS's fixed workspace,
+    no cuDNN autotuning; the previous settings come back after. Why: GPU kernels that add in
+    arbitrary order make one seed's teacher a different network in kd and in kd_ml, and paired
+    differences between modes would carry that noise. The CPU is deterministic already. An op
+    without a deterministic CUDA kernel warns (warn_only) rather than stopping the run; cuBLAS
+    reads its workspace setting once per process, so a process that used cuBLAS before keeps its own."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 # Paired runs (OURS): for one seed every mode starts from the same students and sees the same data

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 
 from .report import run_record
 from ..io import run_store
 from .spec import RunSpec, differences, spec_of
-from ..core.cohort import Cohort, CohortConfig
+from ..core.cohort import Cohort, CohortConfig, deterministic_cuda
 from ..core.loop import Callback, fit, pretrain_teacher, solo_config
 from .checkpoint import Checkpoint
 from .teacher_tape import TeacherTape
@@ -26,12 +27,14 @@ class RunResult:
     external: dict = field(default_factory=dict)  # record keys of the external sets (mtml.external)
     teacher_replayed: bool = False  # its teacher came from a tape (mtml.teacher_tape): not in its time
     scalars: tuple = ()             # the task's own metric names, recorded beside SCALAR_METRICS
+    run_fields: dict = field(default_factory=dict)  # how it ran, where that can differ (cuda_deterministic)
 
     def record(self, **fields) -> dict:
         """The run record for metrics.json: its spec hash, every setting of its spec, metrics (and
         the external sets' metrics)."""
         return run_record(self.metrics, self.scalars, **{"spec_hash": self.spec.hash, **self.spec.flat(),
-                                           "teacher_replayed": self.teacher_replayed, **fields, **self.external})
+                                           "teacher_replayed": self.teacher_replayed, **self.run_fields, **fields,
+                                           **self.external})
 
     def save(self, out_dir, **fields) -> dict:
         """Writes `metrics.json` (the record) and `test_units.csv.gz` into `out_dir`."""
@@ -84,6 +87,7 @@ class RunOptions:
     progress: bool = True
     callback: Callback | Callable | None = None  # a fit Callback, or a function of the history after each epoch
     external: dict | None = None  # sets of `mtml.external.load_sets`, evaluated too (never trained on)
+    deterministic: bool = True  # on CUDA, deterministic kernels (`deterministic_cuda`): seeds stay paired
 
 
 def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec | None = None,
@@ -96,6 +100,16 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec 
     (trained once per seed, same results; the record's `teacher_replayed` says which, since it
     shortens train_time_s)."""
     options = options or RunOptions()
+    on_cuda = torch.device(options.device).type == "cuda"
+    with deterministic_cuda(on_cuda and options.deterministic):
+        result = _run_cohort(cfg, task, train, val, test, spec, store, options)
+    if on_cuda:  # the CPU has one mode only
+        result.run_fields["cuda_deterministic"] = options.deterministic
+    return result
+
+
+def _run_cohort(cfg: CohortConfig, task, train, val, test, spec: RunSpec | None, store: RunStore | None,
+                options: RunOptions) -> RunResult:
     cfg.validate()
     networks = task.networks
     spec = spec if spec is not None else spec_of(cfg, task, {"train_items": len(train)})

@@ -346,6 +346,27 @@ def claim(claims: Path | None, spec_hash: str) -> bool:
         return False
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of `workers`: on a CPU machine one each (the cores run the runs side by
+    side), or every core a single worker has (taskset-aware); on GPUs, the cores shared out."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    if torch.cuda.is_available():
+        return max(1, cores // workers)
+    return 1 if workers > 1 else cores
+
+
+def worker_gpus(asked: int, gpus: int, visible: str | None = None) -> list[str] | None:
+    """The GPU each worker of an invocation gets (CUDA_VISIBLE_DEVICES), or None on a CPU machine:
+    one worker per GPU, at most `asked`, since processes sharing one GPU only take turns on it
+    (five tiny detection runs on one H200 took 3 to 5 minutes each, no faster than a CPU core)."""
+    if gpus == 0:
+        return None
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(gpus)]
+    return ids[:max(1, min(asked, gpus, len(ids)))]
+
+
 def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, workers: int = 1,
               claims: Path | None = None) -> int:
     """Takes missing runs from the queue until none is left; returns how many failed. The workers
@@ -359,7 +380,7 @@ def run_study(study: Study, out: Path, smoke: bool = False, worker: int = 0, wor
         what = f"[{worker}] {i + 1}/{len(runs)} {params['MODE']} seed {params['SEED']}" + (
             f" ({params['variant']})" if "variant" in params else "")
         try:
-            row, units = run_one(study, params, threads=1 if workers > 1 else len(os.sched_getaffinity(0)))  # taskset-aware
+            row, units = run_one(study, params, threads=worker_threads(workers))
         except Exception as err:  # one failed run never stops the study; it is listed and retried
             failed += 1
             print(f"{what}: FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -753,7 +774,8 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m mtml.runs.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study file, e.g. studies/kvasir_tiny_cpu.yaml")
-    p.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once: on CPUs one torch thread each; with GPUs at most one per GPU")
     p.add_argument("--report", action="store_true", help="write the results only, run nothing")
     p.add_argument("--smoke", action="store_true", help="2 seeds at the notebooks' smoke caps (CI)")
     p.add_argument("--out", help="results folder (default docs/results/<name>; --smoke needs one)")
@@ -773,12 +795,19 @@ def main(argv=None) -> int:
     if not args.report and not args.smoke and study.reuse:
         print(f"taken from {', '.join(study.reuse)}: {adopt(study, out)} finished run(s) of this plan")
     if not args.report:
-        if args.workers > 1:  # this invocation's own claims: a stopped or concurrent one never blocks a run
+        import torch
+
+        gpus = worker_gpus(args.workers, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers = args.workers if gpus is None else len(gpus)
+        if workers < args.workers:
+            print(f"{workers} worker(s), one per GPU ({', '.join(gpus)}): workers sharing a GPU only take turns on it")
+        if workers > 1:  # this invocation's own claims: a stopped or concurrent one never blocks a run
             claims = out / ".claims" / f"{os.getpid()}-{time.time_ns()}"
-            cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(args.workers),
+            cmd = [sys.executable, "-m", "mtml.runs.study", args.study, "--out", str(out), "--workers", str(workers),
                    "--claims", str(claims)]
-            procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []))
-                     for k in range(args.workers)]
+            procs = [subprocess.Popen(cmd + ["--worker", str(k)] + (["--smoke"] if args.smoke else []),
+                                      env={**os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[k]} if gpus else {})})
+                     for k in range(workers)]
             failed = sum(proc.wait() != 0 for proc in procs)
             shutil.rmtree(claims, ignore_errors=True)
         else:

@@ -71,7 +71,8 @@ def _plain(x) -> bool:
 
 def teacher_meta(teacher: torch.nn.Module, device: torch.device, **run) -> dict:
     """What a replay must share with the recording besides the key: the teacher's initial weights
-    (a checksum), what the bits depend on (device, torch and CUDA versions, CPU threads, TF32),
+    (a checksum), what the bits depend on (device, torch and CUDA versions, CPU threads, TF32,
+    deterministic CUDA kernels),
     and `run`'s steps, epochs, validation items and evaluation batch size."""
     digest = hashlib.sha256()
     for name, value in teacher.state_dict().items():
@@ -82,7 +83,8 @@ def teacher_meta(teacher: torch.nn.Module, device: torch.device, **run) -> dict:
                "threads": torch.get_num_threads()}
     if device.type == "cuda":
         machine.update(gpu=torch.cuda.get_device_name(device), cuda=str(torch.version.cuda),
-                       cudnn=torch.backends.cudnn.version(), tf32=torch.backends.cuda.matmul.allow_tf32)
+                       cudnn=torch.backends.cudnn.version(), tf32=torch.backends.cuda.matmul.allow_tf32,
+                       deterministic=torch.are_deterministic_algorithms_enabled())
     return {**run, "teacher_sha256": digest.hexdigest()[:16], **machine}
 
 
@@ -230,8 +232,11 @@ class TeacherTape(Callback):
                                  f"({why or 'recorded again since'}): delete {state.checkpoint} to train the run again")
             return replay
         recorder = TapeRecorder(path, key, meta, getattr(run.task, "distill_target", None))  # notes the file as it is now
-        replay = read_tape(path, key, meta)[0] if self.resume else None  # resume=False retrains: records afresh
+        replay, why = read_tape(path, key, meta) if self.resume else (None, "")  # resume=False retrains: records afresh
         if replay is None:
+            if why and why != "no tape":  # e.g. recorded on another device: its teacher is another network
+                warnings.warn(f"teacher tape {path} not replayed, {why}; this run trains its teacher and records "
+                              "the tape again", stacklevel=2)
             return recorder
         needs_maps = any(uses(k, "features") for k in cfg.knowledge()[0])  # a tape holds no feature maps
         return None if needs_maps else replay  # with maps the teacher trains, and its tape is kept for others
