@@ -6,7 +6,12 @@
 Rows (each: training images/s of the whole cohort step, peak GPU memory):
   * v1 classification cohort (ResNet-50 teacher + 2 ResNet-18 students, kd_ml, 224 px, batch 64) in
     fp32, bf16 AMP, AMP + channels_last, AMP + torch.compile;
-  * the v1 detection cohort (FCOS ResNet-50 -> ResNet-18, 512 px, batch 8), fp32 and AMP;
+  * the v1 detection cohort (FCOS ResNet-50 -> ResNet-18, 512 px, batch 8), fp32, bf16 AMP, and fp32
+    under `deterministic_cuda` (what studies use on a GPU: its cost);
+  * seeds paired: the teacher after a few steps in kd and in kd_ml, the same network or not, with
+    and without deterministic kernels;
+  * one tiny study run: `studies/kvasir_tiny_cpu.yaml`, kd_ml seed 0, with its external sets
+    (real Kvasir-SEG frames needed; --small: its smoke plan);
   * the cohort step against the sum of its networks trained alone (efficiency = sum / cohort);
   * DDP over the GPUs present (NCCL; one rank is a valid run), through `mtml.distributed`;
   * projections: one epoch over the real CRC_DX training tiles (93,408) at the best classification
@@ -29,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtml import ClassificationTask, Cohort, CohortConfig, cohort_step  # noqa: E402
+from mtml.core.cohort import deterministic_cuda  # noqa: E402
 from mtml.tasks.detection import DetectionTask  # noqa: E402
 
 CRC_DX_TRAIN_TILES = 93_408
@@ -95,6 +101,41 @@ def parts_rate(task, cfg, size, n, device, steps, warmup) -> float:
     return n / statistics.median(times)
 
 
+def teachers_paired(task, version, size, n, device, steps, deterministic) -> str:
+    """Whether one seed's teacher is the same network after `steps` in kd and in kd_ml (the
+    teacher learns from its own loss only, so on a deterministic device it must be)."""
+    weights = []
+    with deterministic_cuda(deterministic):
+        for mode in ("kd", "kd_ml"):
+            cohort = Cohort.build(CohortConfig.for_task(task, mode=mode, version=version, seed=0), device, task=task)
+            batch = _batch(task, size, n, device)
+            for step in range(steps):
+                cohort_step(cohort, batch, task, step)
+            weights.append({k: v.detach().cpu() for k, v in cohort.teacher.state_dict().items()})
+    differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    return "the same network" if not differ else f"differ in {len(differ)} of {len(weights[0])} tensors"
+
+
+def study_run(small: bool, external: list) -> str:
+    """Wall time of one tiny study run (data loaded first, as a study worker has it), tested on
+    the `external` prepared folders too (the issue's H200 figure had CVC-ClinicDB's 609 frames)."""
+    from dataclasses import replace
+
+    from mtml.runs import study as study_mod
+    from mtml.tasks.polyp import default_polyp_root
+
+    if default_polyp_root()[0] is None:
+        return "skipped (no Kvasir-SEG frames: python data_scripts/polyp.py kvasir)"
+    study = replace(study_mod.Study.load(REPO / "studies" / "kvasir_tiny_cpu.yaml"), external=tuple(external))
+    params = next(q for q in study.planned(smoke=small) if q["MODE"] == "kd_ml" and q["SEED"] == 0)
+    study_mod.load_data(study, params)
+    study_mod.external_sets(study, study_mod.task_from_parameters(study.task, params), params)  # loaded once, too
+    start = time.perf_counter()
+    row, _ = study_mod.run_one(study, params, threads=study_mod.worker_threads(1))
+    sets = f"{len(external)} external set(s)" if external else "no external set"
+    return f"{time.perf_counter() - start:.0f} s (ensemble map50 {row['ensemble/map50']:.3f}; {sets})"
+
+
 def ddp_check(args, device, version, size, batch) -> str:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if not gpus:
@@ -128,6 +169,7 @@ def main(argv=None) -> str:
     p.add_argument("--small", action="store_true", help="tiny networks, small images, 2 steps: the code path only")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ddp-timeout", type=int, default=180)
+    p.add_argument("--external", nargs="*", default=[], help="prepared folders the study run is tested on too")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_check.md"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -157,8 +199,21 @@ def main(argv=None) -> str:
             add(f"{c}, AMP + channels_last", cls, csize, cbatch, amp=True, channels_last=True),
             add(f"{c}, AMP + compile", cls, csize, cbatch, amp=True, compile=True)]
     d = f"{version} detection kd_ml, {dsize} px, batch {dbatch}"
-    add(f"{d}, fp32", det, dsize, dbatch)
-    add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
+    det_fp32 = add(f"{d}, fp32", det, dsize, dbatch)
+    det_amp = add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
+    if det_fp32 and det_amp:
+        rows.append((f"{d}: bf16 AMP rate / fp32 rate (target >= 1.5)", f"{det_amp / det_fp32:.2f}", ""))
+    with deterministic_cuda(device.type == "cuda"):
+        det_det = add(f"{d}, fp32, deterministic kernels (studies' default on a GPU)", det, dsize, dbatch)
+    if det_fp32 and det_det:
+        rows.append((f"{d}: deterministic rate / default rate", f"{det_det / det_fp32:.2f}", ""))
+    for deterministic in (False, True):
+        rows.append((f"{d}: one seed's teacher after 3 steps in kd and kd_ml, "
+                     f"{'deterministic' if deterministic else 'default'} kernels",
+                     teachers_paired(det, version, dsize, dbatch, device, 3, deterministic), ""))
+    what = "one tiny study run (studies/kvasir_tiny_cpu.yaml, kd_ml seed 0" + (
+        ", smoke plan)" if args.small else "; target on one GPU: at most 60 s)")
+    rows.append((what, study_run(args.small, args.external), ""))
     cfg = CohortConfig.for_task(cls, mode="kd_ml", version=version)
     alone = parts_rate(cls, cfg, csize, cbatch, device, steps, warmup)
     rows.append((f"{c}: networks trained alone, one after another (fp32)", _rate(alone), ""))

@@ -235,6 +235,29 @@ def test_flip_augment_moves_boxes_with_pixels():
         assert out["image"][0, 0, y0:y1, x0:x1].min() == 1 and out["image"][0, 0].sum() == 6 * 14
 
 
+def test_flip_augment_of_a_batch_equals_frame_by_frame_flips_with_the_same_draws():
+    """The batched flips give the frames and boxes of flipping each frame in turn (horizontal, then
+    vertical draw per frame), so runs before and after the change see the same augmentation."""
+    from mtml.tasks.detection import DetectionTask
+
+    batch = DetectionTask(32).collate([make_synthetic_polyps(12, size=32, seed=3)[i] for i in range(12)])
+    g = torch.Generator().manual_seed(5)
+    expected_images, expected_boxes = batch["image"].clone(), []
+    for i, t in enumerate(batch["targets"]):
+        b = t["boxes"].clone()
+        if torch.rand(1, generator=g) < 0.5:
+            expected_images[i] = expected_images[i].flip(-1)
+            b[:, [0, 2]] = 32 - b[:, [2, 0]]
+        if torch.rand(1, generator=g) < 0.5:
+            expected_images[i] = expected_images[i].flip(-2)
+            b[:, [1, 3]] = 32 - b[:, [3, 1]]
+        expected_boxes.append(b)
+    out = flip_augment(batch, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out["image"], expected_images)
+    assert all(torch.equal(a["boxes"], b) for a, b in zip(out["targets"], expected_boxes))
+    assert not torch.equal(out["image"], batch["image"])  # some frames flipped; the batch itself untouched
+
+
 def test_notebook_data_falls_back_to_labelled_synthetic(monkeypatch, tmp_path):
     import mtml.tasks.polyp as polyp
 

@@ -4,6 +4,7 @@ report collects the shards' folders."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -103,7 +104,10 @@ def test_the_gpu_check_runs_its_code_path_on_cpu(tmp_path):
     spec.loader.exec_module(module)
     text = module.main(["--device", "cpu", "--small", "--out", str(tmp_path / "gpu.md")])
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 9 and (tmp_path / "gpu.md").read_text() == text
+    assert len(rows) == 15 and (tmp_path / "gpu.md").read_text() == text
     assert "skipped (compile is CUDA only)" in text and "skipped (no GPU)" in text
     rates = [float(r.split("|")[2].replace(",", "")) for r in rows if "fp32" in r or "AMP |" in r]
     assert rates and all(v > 0 for v in rates)
+    assert text.count("kd and kd_ml") == 2 and text.count("| the same network |") == 2  # the CPU is deterministic
+    study_row = next(r for r in rows if "one tiny study run" in r)
+    assert re.search(r"\| \d+ s \(ensemble map50 \d\.\d{3}; no external set\)", study_row) or "skipped" in study_row

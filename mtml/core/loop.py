@@ -96,8 +96,9 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
                                 distill_scale=distill_ramp(state.global_step / state.steps_per_epoch,
                                                            cfg.distill_warmup_epochs),
                                 before_update=lambda: [cb.before_update(cohort) for cb in callbacks])
-            for k, v in terms.items():
-                state.sums[k] = state.sums.get(k, 0.0) + float(v)
+            values = torch.stack([v.double().reshape(()) for v in terms.values()]).tolist() if terms else []
+            for k, v in zip(terms, values):  # one host sync per step for all terms (a GPU waits at each)
+                state.sums[k] = state.sums.get(k, 0.0) + v
             state.sums["_steps"] = state.sums.get("_steps", 0) + 1
             state.step_in_epoch += 1
             for cb in callbacks:

@@ -539,18 +539,21 @@ def make_synthetic_polyps(n: int = 64, size: int = 128, seed: int = 0, split: in
 
 
 def flip_augment(batch, p: float = 0.5, generator: torch.Generator | None = None):
-    """Random horizontal and vertical flips of a collated detection batch (boxes follow); draws
-    from `generator` (`mtml.fit` passes one per step), or torch's global RNG when None."""
-    images = batch["image"].clone()
+    """Random horizontal and vertical flips of a collated detection batch (boxes follow), the
+    whole batch in a few tensor ops; draws from `generator` (`mtml.fit` passes one per step), or
+    torch's global RNG when None: frame by frame, horizontal then vertical (the draws of every run so far)."""
+    images = batch["image"]
     height, width = images.shape[-2:]
+    flips = torch.rand(len(images), 2, generator=generator) < p  # on the CPU: no device sync
+    horizontal, vertical = (f.to(images.device)[:, None, None, None] for f in flips.unbind(1))
+    images = torch.where(horizontal, images.flip(-1), images)
+    images = torch.where(vertical, images.flip(-2), images)
     targets = []
-    for i, t in enumerate(batch["targets"]):
+    for t, (h, v) in zip(batch["targets"], flips.tolist()):
         b = t["boxes"].clone()
-        if torch.rand(1, generator=generator) < p:
-            images[i] = images[i].flip(-1)
+        if h:
             b[:, [0, 2]] = width - b[:, [2, 0]]
-        if torch.rand(1, generator=generator) < p:
-            images[i] = images[i].flip(-2)
+        if v:
             b[:, [1, 3]] = height - b[:, [3, 1]]
         targets.append({**t, "boxes": b})
     return {**batch, "image": images, "targets": targets}
