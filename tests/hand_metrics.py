@@ -57,22 +57,28 @@ def assert_metrics_match(row, expected: dict, tol: float = 1e-5) -> None:
 
 
 def coco_greedy_flags(boxes, scores, gt, iou: float = 0.5) -> np.ndarray:
-    """One frame's true-positive flags by pycocotools' loop, transcribed: detections by decreasing
-    score (stable); each takes the unmatched ground truth of highest IoU >= `iou`, a later box
-    winning a tie."""
-    boxes, gt = np.asarray(boxes, float).reshape(-1, 4), np.asarray(gt, float).reshape(-1, 4)
+    """One frame's true-positive flags by pycocotools' loop, transcribed: boxes as torchmetrics
+    hands them over (x, y, width, height; widths in float32), IoU in float64 as its C code computes
+    it; detections by decreasing score (stable); each takes the unmatched ground truth of highest
+    IoU >= `iou`, a later box winning a tie."""
+    def xywh(b):
+        b = np.asarray(b, np.float32).reshape(-1, 4)
+        return np.c_[b[:, :2], b[:, 2:] - b[:, :2]].astype(float)
+
+    boxes, gt = xywh(boxes), xywh(gt)
     flags, used = np.zeros(len(boxes), bool), np.zeros(len(gt), bool)
     for d in np.argsort(-np.asarray(scores, float), kind="mergesort"):
         best, match = iou, -1
         for g in range(len(gt)):
             if used[g]:
                 continue
-            w = min(boxes[d, 2], gt[g, 2]) - max(boxes[d, 0], gt[g, 0])
-            h = min(boxes[d, 3], gt[g, 3]) - max(boxes[d, 1], gt[g, 1])
-            inter = max(w, 0) * max(h, 0)
-            union = np.prod(boxes[d, 2:] - boxes[d, :2]) + np.prod(gt[g, 2:] - gt[g, :2]) - inter
-            if inter / union >= best:
-                best, match = inter / union, g
+            w = min(boxes[d, 0] + boxes[d, 2], gt[g, 0] + gt[g, 2]) - max(boxes[d, 0], gt[g, 0])
+            h = min(boxes[d, 1] + boxes[d, 3], gt[g, 1] + gt[g, 3]) - max(boxes[d, 1], gt[g, 1])
+            if w <= 0 or h <= 0:
+                continue
+            overlap = w * h / (boxes[d, 2] * boxes[d, 3] + gt[g, 2] * gt[g, 3] - w * h)
+            if overlap >= best:
+                best, match = overlap, g
         if match >= 0:
             used[match], flags[d] = True, True
     return flags

@@ -340,10 +340,20 @@ def test_detection_metrics_computes_only_what_is_asked_and_map50_alone_is_the_sa
         preds.append(_dets(boxes.tolist(), torch.rand(20, generator=g).tolist()))
     full = detection_metrics(preds, targets)
     assert 0.05 < full["map50"] < 0.95 and full["map"] < full["map50"]
-    assert detection_metrics(preds, targets, metrics=("map50",)) == {"map50": full["map50"]}
+    assert detection_metrics(preds, targets, metrics=("map50",)) == {"map50": torchmetrics_map50(preds, targets)}
     assert detection_metrics(preds, targets, metrics=("recall", "f1")) == {"recall": full["recall"], "f1": full["f1"]}
     with pytest.raises(ValueError, match="unknown detection metrics"):
         detection_metrics(preds, targets, metrics=("map75",))
+
+
+def torchmetrics_map50(preds, targets) -> float:
+    """torchmetrics' mAP@0.5 (pycocotools), as the kit computed it before its own matcher."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5])
+    metric.warn_on_many_detections = False
+    metric.update(preds, targets)
+    return float(metric.compute()["map_50"])
 
 
 def _random_frames(seed: int, frames: int, most_boxes: int, most_detections: int, score_steps=None):
@@ -373,23 +383,48 @@ def test_all_frames_matched_at_once_equal_cocos_loop_and_torchmetrics_map50(seed
     """The vectorised matcher (one step per score rank, every frame together) gives pycocotools'
     flags frame by frame, and map50 from it is torchmetrics' mAP@0.5 to float32's last bit: ties in
     score, frames without boxes or detections, more than 100 detections (COCO keeps the best 100)."""
-    import warnings
-
-    from torchmetrics.detection import MeanAveragePrecision
     from hand_metrics import coco_greedy_flags
     from mtml.tasks.detection_eval import map50, match_flags_all
 
     preds, targets = _random_frames(seed, frames, most_boxes, most_detections, score_steps)
     for flags, p, t in zip(match_flags_all(preds, targets), preds, targets):
         assert flags.tolist() == coco_greedy_flags(p["boxes"], p["scores"], t["boxes"]).tolist()
-    reference = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5])
-    reference.warn_on_many_detections = False
-    reference.update(preds, targets)
-    expected = reference.compute()["map_50"]
-    assert 0.05 < float(expected) < 0.95
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.tensor(map50(preds, targets), dtype=torch.float32) == expected
+    expected = torchmetrics_map50(preds, targets)
+    assert 0.05 < expected < 0.95 and map50(preds, targets) == expected
+
+
+def _frame(boxes):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.ones(len(boxes), dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("case", ["tie", "cap", "iou just below 0.5", "iou just above 0.5"])
+def test_map50_follows_coco_where_a_simpler_matcher_would_not(case):
+    """COCO's corners, each equal to torchmetrics and to the transcribed loop:
+    tie: the first detection overlaps two boxes equally (IoU 9/11) and takes the later one, so the
+        second detection, which overlaps only the first box (IoU 0.54), finds it: 2 of 2 found
+        (the first box winning the tie would find 1);
+    cap: 100 false detections outscore the one true one: COCO keeps a frame's best 100, so nothing is found;
+    IoU near 0.5: COCO's float32 widths put these pairs on the other side of 0.5 than float64 corners do."""
+    from hand_metrics import coco_greedy_flags
+    from mtml.tasks.detection_eval import map50, match_flags_all
+
+    if case == "tie":
+        targets = [_frame([[0, 0, 10, 10], [2, 0, 12, 10]])]
+        preds, found = [_dets([[1, 0, 11, 10], [-3, 0, 7, 10]], [0.9, 0.8])], [True, True]
+    elif case == "cap":
+        targets = [_frame([[0, 0, 10, 10]])]
+        preds = [_dets([[50, 50, 60, 60]] * 100 + [[0, 0, 10, 10]], [0.9] * 100 + [0.1])]
+        found = [False] * 100 + [True]  # a true positive, but after the best 100
+    else:
+        below = case == "iou just below 0.5"  # float64 corners: 0.49999992 (no match); COCO: a match
+        pairs = {True: ([91.27555847167969, 0.0, 128.2755584716797, 163.0], [103.60889434814453, 0.0, 140.60888671875, 163.0]),
+                 False: ([12.428327560424805, 0.0, 94.42832946777344, 8.0], [39.761661529541016, 0.0, 121.76165771484375, 8.0])}
+        gt, box = pairs[below]
+        targets, preds, found = [_frame([gt])], [_dets([box], [0.9])], [below]
+    assert match_flags_all(preds, targets)[0].tolist() == found
+    assert coco_greedy_flags(preds[0]["boxes"], preds[0]["scores"], targets[0]["boxes"]).tolist() == found
+    expected = {"tie": 1.0, "cap": 0.0, "iou just below 0.5": 1.0, "iou just above 0.5": 0.0}[case]
+    assert map50(preds, targets) == torchmetrics_map50(preds, targets) == pytest.approx(expected)
 
 
 def test_map50_reads_recall_thresholds_as_torchmetrics_makes_them():

@@ -328,5 +328,22 @@ def test_deterministic_cuda_sets_its_flags_inside_and_gives_the_old_ones_back(mo
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     assert not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # set for the run only
     with deterministic_cuda(False):
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_checkpoint_trained_in_another_cuda_mode_is_not_resumed(tmp_path, saved):
+    """One run, one mode: a checkpoint trained on a GPU with deterministic kernels on (or off)
+    does not go on here on the CPU, and the error says why and what to do."""
+    cohort, task, data = tiny_setup()
+    fit(cohort, task, data, callbacks=[Checkpoint(tmp_path)], progress=False)
+    ckpt = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(ckpt)
+    assert state["cuda_deterministic"] is None  # trained on the CPU
+    save_checkpoint(ckpt, {**state, "cuda_deterministic": saved})
+    cohort, task, data = tiny_setup()
+    with pytest.raises(ValueError, match=f"trained on a GPU with deterministic kernels {'on' if saved else 'off'}, "
+                                         r"this run trains on the CPU .*RunOptions\(device=..., deterministic=...\)"):
+        fit(cohort, task, data, callbacks=[Checkpoint(tmp_path, resume=True)], progress=False)

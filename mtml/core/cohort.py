@@ -175,14 +175,16 @@ def deterministic_cuda(on: bool = True):
     no cuDNN autotuning; the previous settings come back after. Why: GPU kernels that add in
     arbitrary order make one seed's teacher a different network in kd and in kd_ml, and paired
     differences between modes would carry that noise. The CPU is deterministic already. An op
-    without a deterministic CUDA kernel warns (warn_only) rather than stopping the run; cuBLAS
-    reads its workspace setting once per process, so a process that used cuBLAS before keeps its own."""
+    without a deterministic CUDA kernel warns (warn_only) rather than stopping the run. cuBLAS
+    reads its workspace setting once per process, at its first use: a process that used cuBLAS
+    before keeps its own (studies and the GPU check set it at start)."""
     if not on:
         yield
         return
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    workspace = os.environ.get(CUBLAS_WORKSPACE[0])
+    os.environ.setdefault(*CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
@@ -190,6 +192,16 @@ def deterministic_cuda(on: bool = True):
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+        if workspace is None:
+            os.environ.pop(CUBLAS_WORKSPACE[0], None)
+
+
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs; a study sets it at start
+
+
+def cuda_mode(device) -> bool | None:
+    """Whether a run on `device` trains with deterministic CUDA kernels now; None on the CPU."""
+    return torch.are_deterministic_algorithms_enabled() if torch.device(device).type == "cuda" else None
 
 
 # Paired runs (OURS): for one seed every mode starts from the same students and sees the same data

@@ -96,8 +96,7 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
                                 distill_scale=distill_ramp(state.global_step / state.steps_per_epoch,
                                                            cfg.distill_warmup_epochs),
                                 before_update=lambda: [cb.before_update(cohort) for cb in callbacks])
-            values = torch.stack([v.double().reshape(()) for v in terms.values()]).tolist() if terms else []
-            for k, v in zip(terms, values):  # one host sync per step for all terms (a GPU waits at each)
+            for k, v in _host_values(terms).items():
                 state.sums[k] = state.sums.get(k, 0.0) + v
             state.sums["_steps"] = state.sums.get("_steps", 0) + 1
             state.step_in_epoch += 1
@@ -114,6 +113,16 @@ def fit(cohort: Cohort, task, train_data, val_data=None, *, augment=None, callba
     for cb in callbacks:
         cb.on_fit_end(cohort, state)
     return pd.DataFrame(state.history)
+
+
+def _host_values(terms: dict) -> dict:
+    """{name: float} of a step's loss terms, one transfer per device they are on (a GPU's host waits
+    at each transfer; most terms are on the cohort's device, a warm-up ramp or a replayed tape's on the CPU)."""
+    out = {}
+    for device in {v.device for v in terms.values()}:
+        names = [k for k, v in terms.items() if v.device == device]
+        out.update(zip(names, torch.stack([terms[k].double().reshape(()) for k in names]).tolist()))
+    return {k: out[k] for k in terms}
 
 
 def _check_data(cohort: Cohort, task, train_data, val_data) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.cohort import cuda_mode
 from ..core.loop import Callback
 from ..core.step import NonFiniteLossError
 from ..io import load_checkpoint, save_checkpoint
@@ -58,6 +59,18 @@ def check_checkpoint(state, spec: RunSpec, path: Path) -> None:
                          f"differences checkpoint vs now: {diff}); resuming would mix two runs; {hint}")
 
 
+def check_cuda_mode(saved: bool | None, now: bool | None, path: Path) -> None:
+    """ValueError when a checkpoint trained with deterministic CUDA kernels on (or off, or on
+    another device: None is the CPU) and this run has them otherwise: one run, one mode."""
+    if saved != now:
+        def name(mode):
+            return ("on the CPU (or before checkpoints recorded it)" if mode is None
+                    else f"on a GPU with deterministic kernels {'on' if mode else 'off'}")
+
+        raise ValueError(f"{path} trained {name(saved)}, this run trains {name(now)}; resuming would mix the two "
+                         "in one run: run it as it began (RunOptions(device=..., deterministic=...)) or delete the checkpoint")
+
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes
 
@@ -81,6 +94,7 @@ class Checkpoint(Callback):
             return
         saved = load_checkpoint(self.path)
         check_checkpoint(saved, self.spec, self.path)
+        check_cuda_mode(saved.get("cuda_deterministic"), cuda_mode(cohort.device), self.path)
         cohort.load_state_dict(saved["cohort"])
         set_rng_state(saved["rng"])
         state.epoch, state.step_in_epoch, state.history = saved["epoch"], saved["step_in_epoch"], saved["history"]
@@ -100,4 +114,5 @@ class Checkpoint(Callback):
         save_checkpoint(self.path, {"format": CHECKPOINT_FORMAT, "spec": self.spec.as_dict(), "spec_hash": self.spec.hash,
                                     "config": asdict(cohort.cfg), "cohort": cohort.state_dict(), "rng": rng_state(),
                                     "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                                    "history": state.history, "sums": state.sums, "teacher_tape": state.teacher_source})
+                                    "history": state.history, "sums": state.sums, "teacher_tape": state.teacher_source,
+                                    "cuda_deterministic": cuda_mode(cohort.device)})

@@ -206,6 +206,7 @@ def run_one(study: Study, params: dict, threads: int = 1) -> tuple[dict, pd.Data
 def _train_and_record(study: Study, params: dict, threads: int) -> tuple[dict, pd.DataFrame]:
     import torch
 
+    from ..core.cohort import deterministic_cuda
     from .experiment import RunOptions, run_cohort
 
     train, val, test, label, augment = load_data(study, params)
@@ -223,7 +224,8 @@ def _train_and_record(study: Study, params: dict, threads: int) -> tuple[dict, p
         row["variant"] = params.get("variant", BASE)
     if study.split != "test":
         row["evaluated_on"] = study.split
-    extra, units = task.study_record(result, val, test if test is not None else val)
+    with deterministic_cuda(device == "cuda"):  # its forwards, as the run's
+        extra, units = task.study_record(result, val, test if test is not None else val)
     row.update(extra)
     row["ensemble_gain"] = row[f"ensemble/{study.metric}"] - row[f"students_mean/{study.metric}"]
     return row, units
@@ -797,6 +799,9 @@ def main(argv=None) -> int:
     if not args.report:
         import torch
 
+        from ..core.cohort import CUBLAS_WORKSPACE
+
+        os.environ.setdefault(*CUBLAS_WORKSPACE)  # before any cuBLAS use, here and in the workers it starts
         gpus = worker_gpus(args.workers, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         workers = args.workers if gpus is None else len(gpus)
         if workers < args.workers:

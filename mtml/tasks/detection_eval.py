@@ -45,13 +45,19 @@ RECALL_GRID = torch.linspace(0.0, 1.0, 101).double().numpy()
 MAX_DETECTIONS = 100  # COCO's maxDets for mAP: each frame's best 100 detections count
 
 
-def _box_iou_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU (F, D, G) of padded boxes a (F, D, 4) and b (F, G, 4), xyxy, in float64 (as COCO)."""
-    a, b = a.double()[:, :, None], b.double()[:, None]
-    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / (area - inter).clamp(min=1e-12)
+def _coco_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU (F, D, G) of padded xyxy boxes a (F, D, 4) and b (F, G, 4) as COCO computes it through
+    torchmetrics: widths and heights in float32 (its xyxy -> xywh), the rest in float64, so a
+    match at exactly IoU 0.5 goes the same way."""
+    def xywh(t):
+        t = t.float()
+        return torch.cat([t[..., :2], t[..., 2:] - t[..., :2]], -1).double()
+
+    a, b = xywh(a)[:, :, None], xywh(b)[:, None]
+    wh = (torch.minimum(a[..., :2] + a[..., 2:], b[..., :2] + b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2]))
+    inter = wh.clamp(min=0).prod(-1)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return torch.where(inter > 0, inter / union.clamp(min=1e-300), 0.0)
 
 
 def ranked_matches(preds: list[dict], targets: list[dict], iou: float = 0.5):
@@ -73,7 +79,7 @@ def ranked_matches(preds: list[dict], targets: list[dict], iou: float = 0.5):
         return order, tp, real
     boxes = pad([p["boxes"].detach().cpu().reshape(-1, 4) for p in preds], batch_first=True)
     gt = pad([t["boxes"].cpu().reshape(-1, 4) for t in targets], batch_first=True)
-    overlaps = _box_iou_padded(boxes.gather(1, order[..., None].expand(-1, -1, 4)), gt)
+    overlaps = _coco_iou(boxes.gather(1, order[..., None].expand(-1, -1, 4)), gt)
     gt_real = torch.arange(gt.shape[1])[None] < gt_counts[:, None]
     overlaps = overlaps.masked_fill(~(real[:, :, None] & gt_real[:, None]), -1.0)
     candidates = (overlaps >= iou).any(2).any(0).nonzero()
@@ -128,14 +134,16 @@ def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.nda
 
 
 def map50(preds: list[dict], targets: list[dict]) -> float:
-    """mAP@0.5 by COCO's protocol (one class, each frame's best 100 detections, 101 recall points),
-    the number torchmetrics gives, from `ranked_matches` and `average_precision`; NaN without boxes."""
+    """mAP@0.5 by COCO's protocol for one class (the polyps; labels are not read): each frame's
+    best 100 detections, 101 recall points. The number torchmetrics gives, from `ranked_matches`
+    and `average_precision`; NaN without ground-truth boxes (torchmetrics: -1)."""
     order, tp, real = ranked_matches(preds, targets, 0.5)
     keep = real & (torch.arange(order.shape[1]) < MAX_DETECTIONS)[None]
     scores = [p["scores"].detach().cpu().float() for p in preds]
     ranked = torch.nn.utils.rnn.pad_sequence(scores, batch_first=True).gather(1, order) if preds else order.float()
     # frame by frame, each by rank: the order in which COCO concatenates before its stable sort
-    return float(average_precision(ranked[keep].numpy(), tp[keep].numpy(), [len(t["boxes"]) for t in targets])[0])
+    ap = average_precision(ranked[keep].numpy(), tp[keep].numpy(), [len(t["boxes"]) for t in targets])[0]
+    return float(np.float32(ap))  # as torchmetrics reports it: records stay comparable with earlier ones
 
 
 def match_counts(pred: dict, target: dict, score_threshold: float, iou: float = 0.5):
