@@ -15,15 +15,21 @@ cached), trained and tested by `mtml.runs.study.run_one` under cProfile. The par
 - other: spec, record, bookkeeping.
 
 Prints a table and writes it to bench/results/profile_<study>_<mode>.md. The wall times include
-cProfile's overhead (a few percent); the shares are what the targets read.
+cProfile's overhead (a few percent); the shares are what the targets read. On a GPU, kernels run
+asynchronously and cProfile would charge their time to wherever the host waits: the script sets
+CUDA_LAUNCH_BLOCKING=1 (each kernel finishes before the next call returns), so the split is right
+and the total a little longer than a normal run's.
 """
 import argparse
 import cProfile
+import os
 import platform
 import pstats
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # before torch starts CUDA: time lands where it is spent
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,6 +60,14 @@ def parts(stats: pstats.Stats) -> dict:
             "other": total - run_cohort - extras, "total": total}
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING')})"
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study", help="a study file, e.g. studies/kvasir_tiny_cpu.yaml")
@@ -62,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the study's EPOCHS (a shorter profile)")
     p.add_argument("--smoke", action="store_true", help="the study's smoke plan (tiny sizes)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="the table's file (default bench/results/profile_<study>_<mode>.md)")
     args = p.parse_args(argv)
     study = study_mod.Study.load(args.study)
     params = next((q for q in study.planned(smoke=args.smoke) if q["MODE"] == args.mode and q["SEED"] == args.seed), None)
@@ -77,14 +92,14 @@ def main(argv=None) -> int:
     wall, split = time.perf_counter() - start, parts(pstats.Stats(profile))
     rows = [f"| {name} | {seconds:.1f} | {100 * seconds / split['total']:.0f}% |" for name, seconds in split.items()]
     what = (f"{study.name}, {args.mode} seed {args.seed}, EPOCHS {params['EPOCHS']}{', smoke' if args.smoke else ''}; "
-            f"{args.threads} torch threads, {platform.processor() or platform.machine()}; wall {wall:.0f} s under cProfile")
+            f"{args.threads} torch threads, {device_name()}; wall {wall:.0f} s under cProfile")
     text = "\n".join(["# where one run's time goes (bench/profile_run.py)", "", what, "",
                       "| part | seconds | share |", "|---|---|---|", *rows, "",
                       f"not training (everything but the steps): {100 * (1 - split['steps'] / split['total']):.0f}%", ""])
-    out = REPO / "bench" / "results" / f"profile_{study.name}_{args.mode}.md"
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"profile_{study.name}_{args.mode}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(text + f"\nwritten to {out.relative_to(REPO)}")
+    print(text + f"\nwritten to {out}")
     return 0
 
 

@@ -111,3 +111,21 @@ def test_the_gpu_check_runs_its_code_path_on_cpu(tmp_path):
     assert text.count("kd and kd_ml") == 2 and text.count("| the same network |") == 2  # the CPU is deterministic
     study_row = next(r for r in rows if "one tiny study run" in r)
     assert re.search(r"\| \d+ s \(ensemble map50 \d\.\d{3}; no external set\)", study_row) or "skipped" in study_row
+
+
+def test_the_run_profile_splits_a_study_run_into_parts_that_add_up(tmp_path):
+    """bench/profile_run.py: one smoke run of a study under cProfile, split into disjoint parts
+    (steps, data, per-epoch validation, test sets, extras, other) that sum to the run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_run", reproduce.REPO / "bench" / "profile_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.md"
+    assert module.main([str(reproduce.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--mode", "kd_ml", "--smoke",
+                        "--threads", "1", "--out", str(out)]) == 0
+    rows = dict(re.findall(r"^\| (\S[^|]*?) \| ([\d.]+) \|", out.read_text(), re.M))
+    parts = ["steps", "data", "per-epoch validation", "test and external sets", "study extras", "other"]
+    assert set(parts) <= set(rows) and float(rows["steps"]) > 0 and float(rows["per-epoch validation"]) > 0
+    assert sum(float(rows[k]) for k in parts) == pytest.approx(float(rows["total"]), abs=0.3)
+    assert "not training (everything but the steps)" in out.read_text()
