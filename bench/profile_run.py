@@ -1,30 +1,30 @@
-"""Where one study run's time goes (issue 31, item 1): one run of a study file, profiled, split into
-training steps and what is not training.
+"""Where one study run's time goes (issue 31, item 1): one run of a study file, timed part by part,
+split into training steps and what is not training.
 
     python bench/profile_run.py studies/kvasir_tiny_cpu.yaml --mode kd_ml --seed 0 [--epochs N] [--smoke]
 
 The run is the study's own (its parameters, its data loaded first, as a study worker has them
-cached), trained and tested by `mtml.runs.study.run_one` under cProfile. The parts are disjoint:
+cached), trained and tested by `mtml.runs.study.run_one` with clocks around the functions below
+(no profiler: cProfile's per-call overhead inflates Python-heavy parts, the loops the targets are
+about). The parts are disjoint:
 
 - steps: `cohort_step` (forwards, backwards, updates), with, inside it, the detection loss's target
   assignment (torchvision's FCOS `compute_loss`) and the distillation terms (`task.distill_loss`);
 - data: the rest of `fit` outside its steps and per-epoch rows (batches, augmentation, collation);
 - per-epoch validation: `fit`'s epoch rows (validation metrics);
-- test and external sets: `run_cohort` after `fit`;
+- test and external sets: `run_cohort` after `fit` (and, for offline, the teacher's pre-training
+  outside its steps);
 - study extras: the task's `study_record` (operating point on validation, diversity);
 - other: spec, record, bookkeeping.
 
-Prints a table and writes it to bench/results/profile_<study>_<mode>.md. The wall times include
-cProfile's overhead (a few percent); the shares are what the targets read. On a GPU, kernels run
-asynchronously and cProfile would charge their time to wherever the host waits: the script sets
+Prints a table and writes it to bench/results/profile_<study>_<mode>.md. On a GPU, kernels run
+asynchronously and a clock would charge their time to wherever the host waits: the script sets
 CUDA_LAUNCH_BLOCKING=1 (each kernel finishes before the next call returns), so the split is right
 and the total a little longer than a normal run's.
 """
 import argparse
-import cProfile
 import os
 import platform
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -36,28 +36,57 @@ sys.path.insert(0, str(REPO))
 
 from mtml.runs import study as study_mod  # noqa: E402
 
-# (file suffix, function name) of the functions whose cumulative time makes each part
-FIT, STEP, EPOCH_ROW = ("core/loop.py", "fit"), ("core/step.py", "cohort_step"), ("core/loop.py", "_epoch_row")
-RUN_COHORT, TRAIN_AND_RECORD = ("runs/experiment.py", "run_cohort"), ("runs/study.py", "_train_and_record")
-STUDY_RECORD, DISTILL = ("tasks/detection.py", "study_record"), ("tasks/detection.py", "distill_loss")
-TARGETS = ("models/detection/fcos.py", "compute_loss")  # torchvision: FCOS head and whole-model losses
+
+class Clocks:
+    """Seconds spent inside each wrapped function (outermost calls only: a recursive or nested
+    call of the same function is not counted twice)."""
+
+    def __init__(self):
+        self.seconds, self._depth = {}, {}
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        inner = getattr(owner, name)
+        self.seconds.setdefault(part, 0.0)
+
+        def timed(*args, **kwargs):
+            self._depth[part] = self._depth.get(part, 0) + 1
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._depth[part] -= 1
+                if not self._depth[part]:
+                    self.seconds[part] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
 
 
-def cumulative(stats: pstats.Stats, where: tuple) -> float:
-    """Seconds spent in (and under) the outermost function named `where` (FCOS's model-level
-    compute_loss calls its head's: the larger cumulative time holds the other)."""
-    suffix, name = where
-    return max((ct for (f, _, n), (_, _, _, ct, _) in stats.stats.items() if n == name and f.endswith(suffix)), default=0.0)
+def clocked_run(study, params: dict, threads: int) -> dict:
+    """{part: seconds} of one `run_one`, the functions wrapped while it runs and restored after."""
+    from torchvision.models.detection.fcos import FCOS
 
+    from mtml.core import loop
+    from mtml.runs import experiment
+    from mtml.tasks import task_class as registered
 
-def parts(stats: pstats.Stats) -> dict:
-    total, fit, steps = cumulative(stats, TRAIN_AND_RECORD), cumulative(stats, FIT), cumulative(stats, STEP)
-    epoch_rows, run_cohort, extras = cumulative(stats, EPOCH_ROW), cumulative(stats, RUN_COHORT), cumulative(stats, STUDY_RECORD)
-    return {"steps": steps, "  of which target assignment": cumulative(stats, TARGETS),
-            "  of which distillation terms": cumulative(stats, DISTILL),
-            "data": fit - steps - epoch_rows, "per-epoch validation": epoch_rows,
-            "test and external sets": run_cohort - fit, "study extras": extras,
-            "other": total - run_cohort - extras, "total": total}
+    clocks, wrapped = Clocks(), []
+    task_class = registered(study.task)
+    for owner, name, part in [(study_mod, "_train_and_record", "total"), (experiment, "run_cohort", "run_cohort"),
+                              (loop, "fit", "fit"), (experiment, "fit", "fit"), (loop, "cohort_step", "steps"),
+                              (loop, "_epoch_row", "epoch rows"), (FCOS, "compute_loss", "targets"),
+                              (task_class, "distill_loss", "distill"), (task_class, "study_record", "extras")]:
+        if hasattr(owner, name):
+            wrapped.append((owner, name, owner.__dict__.get(name)))  # None: inherited
+            clocks.wrap(owner, name, part)
+    try:
+        study_mod.run_one(study, params, threads=threads)
+    finally:
+        for owner, name, original in reversed(wrapped):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+    return clocks.seconds
 
 
 def device_name() -> str:
@@ -66,6 +95,13 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING')})"
     return platform.processor() or platform.machine()
+
+
+def parts(t: dict) -> dict:
+    return {"steps": t["steps"], "  of which target assignment": t["targets"], "  of which distillation terms": t["distill"],
+            "data": t["fit"] - t["steps"] - t["epoch rows"], "per-epoch validation": t["epoch rows"],
+            "test and external sets": t["run_cohort"] - t["fit"], "study extras": t["extras"],
+            "other": t["total"] - t["run_cohort"] - t["extras"], "total": t["total"]}
 
 
 def main(argv=None) -> int:
@@ -85,14 +121,12 @@ def main(argv=None) -> int:
     if args.epochs is not None:
         params = {**params, "EPOCHS": args.epochs}
     study_mod.load_data(study, params)  # cached, as in a study worker: loading is not part of a run
-    profile, start = cProfile.Profile(), time.perf_counter()
-    profile.enable()
-    study_mod.run_one(study, params, threads=args.threads)
-    profile.disable()
-    wall, split = time.perf_counter() - start, parts(pstats.Stats(profile))
+    start = time.perf_counter()
+    split = parts(clocked_run(study, params, args.threads))
+    wall = time.perf_counter() - start
     rows = [f"| {name} | {seconds:.1f} | {100 * seconds / split['total']:.0f}% |" for name, seconds in split.items()]
     what = (f"{study.name}, {args.mode} seed {args.seed}, EPOCHS {params['EPOCHS']}{', smoke' if args.smoke else ''}; "
-            f"{args.threads} torch threads, {device_name()}; wall {wall:.0f} s under cProfile")
+            f"{args.threads} torch threads, {device_name()}; wall {wall:.0f} s")
     text = "\n".join(["# where one run's time goes (bench/profile_run.py)", "", what, "",
                       "| part | seconds | share |", "|---|---|---|", *rows, "",
                       f"not training (everything but the steps): {100 * (1 - split['steps'] / split['total']):.0f}%", ""])
