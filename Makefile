@@ -40,7 +40,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-# one table of GPU figures in about 8 minutes on one H100/H200 (bench/results/gpu_check.md)
+# one table of GPU figures in about 10-15 minutes on one H100/H200 (an estimate) (bench/results/gpu_check.md)
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu_check.py
 

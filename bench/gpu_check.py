@@ -1,4 +1,4 @@
-"""A ready GPU check: one table of what the kit does on one GPU, in about 8 minutes on an H100/H200.
+"""A ready GPU check: one table of what the kit does on one GPU, in about 10-15 minutes on an H100/H200 (an estimate).
 
     python bench/gpu_check.py                 # or: make bench-gpu
     python bench/gpu_check.py --device cpu --small   # the same code path in seconds (CI)

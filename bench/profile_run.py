@@ -12,29 +12,32 @@ about). The parts are disjoint:
   assignment (torchvision's FCOS `compute_loss`) and the distillation terms (`task.distill_loss`);
 - data: the rest of `fit` outside its steps and per-epoch rows (batches, augmentation, collation);
 - per-epoch validation: `fit`'s epoch rows (validation metrics);
-- test and external sets: `run_cohort` after `fit` (and, for offline, the teacher's pre-training
-  outside its steps);
+- test and external sets: `run_cohort` after `fit` (offline: the teacher's pre-training is a `fit`
+  too, so its time lands in the parts above);
 - study extras: the task's `study_record` (operating point on validation, diversity);
 - other: spec, record, bookkeeping.
 
 Prints a table and writes it to bench/results/profile_<study>_<mode>.md. On a GPU, kernels run
-asynchronously and a clock would charge their time to wherever the host waits: the script sets
-CUDA_LAUNCH_BLOCKING=1 (each kernel finishes before the next call returns), so the split is right
-and the total a little longer than a normal run's.
+asynchronously: each clock waits for the GPU (`torch.cuda.synchronize`) when it starts and stops,
+so a part's kernels count in that part.
 """
 import argparse
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # before torch starts CUDA: time lands where it is spent
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtml.runs import study as study_mod  # noqa: E402
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class Clocks:
@@ -50,12 +53,14 @@ class Clocks:
 
         def timed(*args, **kwargs):
             self._depth[part] = self._depth.get(part, 0) + 1
+            sync()
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._depth[part] -= 1
                 if not self._depth[part]:
+                    sync()
                     self.seconds[part] += time.perf_counter() - start
 
         setattr(owner, name, timed)
@@ -93,7 +98,7 @@ def device_name() -> str:
     import torch
 
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING')})"
+        return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
 
 

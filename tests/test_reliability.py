@@ -334,15 +334,21 @@ def test_deterministic_cuda_sets_its_flags_inside_and_gives_the_old_ones_back(mo
 
 
 @pytest.mark.parametrize("saved", [True, False])
-def test_a_checkpoint_trained_in_another_cuda_mode_is_not_resumed(tmp_path, saved):
-    """One run, one mode: a checkpoint trained on a GPU with deterministic kernels on (or off)
-    does not go on here on the CPU, and the error says why and what to do."""
+def test_a_checkpoint_trained_in_another_cuda_mode_is_not_resumed_but_a_finished_run_reloads(tmp_path, saved):
+    """One run, one mode: an unfinished checkpoint trained on a GPU with deterministic kernels on
+    (or off) does not go on here on the CPU, and the error says why and what to do; a finished one
+    only reloads (nothing trains), and keeps the mode it trained in."""
     cohort, task, data = tiny_setup()
     fit(cohort, task, data, callbacks=[Checkpoint(tmp_path)], progress=False)
     ckpt = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(ckpt)
     assert state["cuda_deterministic"] is None  # trained on the CPU
     save_checkpoint(ckpt, {**state, "cuda_deterministic": saved})
+    cohort, task, data = tiny_setup()
+    reload = Checkpoint(tmp_path, resume=True)
+    fit(cohort, task, data, callbacks=[reload], progress=False)
+    assert reload.cuda_mode is saved
+    save_checkpoint(ckpt, {**state, "cuda_deterministic": saved, "epoch": state["epoch"] - 1})  # unfinished
     cohort, task, data = tiny_setup()
     with pytest.raises(ValueError, match=f"trained on a GPU with deterministic kernels {'on' if saved else 'off'}, "
                                          r"this run trains on the CPU .*RunOptions\(device=..., deterministic=...\)"):

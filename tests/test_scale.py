@@ -114,8 +114,9 @@ def test_the_gpu_check_runs_its_code_path_on_cpu(tmp_path):
 
 
 def test_the_run_profile_splits_a_study_run_into_parts_that_add_up(tmp_path):
-    """bench/profile_run.py: one smoke run of a study under cProfile, split into disjoint parts
-    (steps, data, per-epoch validation, test sets, extras, other) that sum to the run."""
+    """bench/profile_run.py: one smoke run of a study timed part by part, split into parts (steps,
+    data, per-epoch validation, test sets, extras, other) none of which is negative (a part whose
+    clock missed time, or counted it twice, would make another one negative)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("profile_run", reproduce.REPO / "bench" / "profile_run.py")
@@ -124,8 +125,10 @@ def test_the_run_profile_splits_a_study_run_into_parts_that_add_up(tmp_path):
     out = tmp_path / "profile.md"
     assert module.main([str(reproduce.REPO / "studies" / "synthetic_tiny_cpu.yaml"), "--mode", "kd_ml", "--smoke",
                         "--threads", "1", "--out", str(out)]) == 0
-    rows = dict(re.findall(r"^\| (\S[^|]*?) \| ([\d.]+) \|", out.read_text(), re.M))
+    rows = {k: float(v) for k, v in re.findall(r"^\| (\S[^|]*?) \| (-?[\d.]+) \|", out.read_text(), re.M)}
     parts = ["steps", "data", "per-epoch validation", "test and external sets", "study extras", "other"]
-    assert set(parts) <= set(rows) and float(rows["steps"]) > 0 and float(rows["per-epoch validation"]) > 0
-    assert sum(float(rows[k]) for k in parts) == pytest.approx(float(rows["total"]), abs=0.3)
+    assert set(parts) <= set(rows) and rows["steps"] > 0 and rows["per-epoch validation"] > 0
+    assert all(rows[k] >= 0 for k in parts) and rows["total"] > rows["steps"]
+    wall = float(re.search(r"wall (\d+) s", out.read_text()).group(1))
+    assert rows["total"] <= wall + 0.5  # the run is inside the timed call
     assert "not training (everything but the steps)" in out.read_text()

@@ -85,16 +85,20 @@ class Checkpoint(Callback):
     def __init__(self, folder, spec: RunSpec | None = None, resume: bool = False, every: int | None = None):
         self.path, self.given, self.resume, self.every = Path(folder) / CHECKPOINT_NAME, spec, resume, every
         self.spec, self.write = spec, True
+        self.cuda_mode = None  # how the run trained: deterministic CUDA kernels on/off, None on the CPU
 
     def on_fit_start(self, cohort, state, run) -> None:
         self.spec = self.given if self.given is not None else spec_of(cohort.cfg, run.task, {"train_items": run.train_items})
         self.write = run.shard is None or run.shard[0] == 0
         state.checkpoint = str(self.path)
+        self.cuda_mode = cuda_mode(cohort.device)
         if not (self.resume and self.path.exists()):
             return
         saved = load_checkpoint(self.path)
         check_checkpoint(saved, self.spec, self.path)
-        check_cuda_mode(saved.get("cuda_deterministic"), cuda_mode(cohort.device), self.path)
+        if saved["epoch"] < cohort.cfg.epochs:  # a finished run only reloads: nothing trains in this mode
+            check_cuda_mode(saved.get("cuda_deterministic"), self.cuda_mode, self.path)
+        self.cuda_mode = saved.get("cuda_deterministic")
         cohort.load_state_dict(saved["cohort"])
         set_rng_state(saved["rng"])
         state.epoch, state.step_in_epoch, state.history = saved["epoch"], saved["step_in_epoch"], saved["history"]
@@ -115,4 +119,4 @@ class Checkpoint(Callback):
                                     "config": asdict(cohort.cfg), "cohort": cohort.state_dict(), "rng": rng_state(),
                                     "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                                     "history": state.history, "sums": state.sums, "teacher_tape": state.teacher_source,
-                                    "cuda_deterministic": cuda_mode(cohort.device)})
+                                    "cuda_deterministic": self.cuda_mode})

@@ -11,7 +11,7 @@ import torch
 from .report import run_record
 from ..io import run_store
 from .spec import RunSpec, differences, spec_of
-from ..core.cohort import Cohort, CohortConfig, deterministic_cuda
+from ..core.cohort import Cohort, CohortConfig, cuda_mode, deterministic_cuda
 from ..core.loop import Callback, fit, pretrain_teacher, solo_config
 from .checkpoint import Checkpoint
 from .teacher_tape import TeacherTape
@@ -100,12 +100,8 @@ def run_cohort(cfg: CohortConfig, task, train, val, test=None, *, spec: RunSpec 
     (trained once per seed, same results; the record's `teacher_replayed` says which, since it
     shortens train_time_s)."""
     options = options or RunOptions()
-    on_cuda = torch.device(options.device).type == "cuda"
-    with deterministic_cuda(on_cuda and options.deterministic):
-        result = _run_cohort(cfg, task, train, val, test, spec, store, options)
-    if on_cuda:  # the CPU has one mode only
-        result.run_fields["cuda_deterministic"] = options.deterministic
-    return result
+    with deterministic_cuda(torch.device(options.device).type == "cuda" and options.deterministic):
+        return _run_cohort(cfg, task, train, val, test, spec, store, options)
 
 
 def _run_cohort(cfg: CohortConfig, task, train, val, test, spec: RunSpec | None, store: RunStore | None,
@@ -126,14 +122,17 @@ def _run_cohort(cfg: CohortConfig, task, train, val, test, spec: RunSpec | None,
     callback = options.callback
     if callback is not None and not isinstance(callback, Callback):  # a function of the history so far
         callback = EachEpoch(callback)
-    callbacks = [cb for cb in (Checkpoint(checkpoint_dir, spec, store.resume) if store is not None else None,
-                               tape, callback) if cb is not None]
+    checkpoint = Checkpoint(checkpoint_dir, spec, store.resume) if store is not None else None
+    callbacks = [cb for cb in (checkpoint, tape, callback) if cb is not None]
     history = fit(cohort, task, train, val, augment=options.augment, progress=options.progress, callbacks=callbacks)
     eval_data = test if test is not None else val
     metrics, *predictions = task.evaluate(cohort.networks, eval_data, return_predictions=True)
     result = RunResult(cohort, history, metrics, spec, task.test_units(*predictions, data=eval_data),
                        teacher_replayed=tape is not None and tape.replayed,
                        scalars=tuple(dict.fromkeys((*task.history_metrics, getattr(task, "metric", task.history_metrics[0])))))
+    mode = checkpoint.cuda_mode if checkpoint is not None else cuda_mode(options.device)  # as it trained
+    if mode is not None:  # the CPU has one mode only
+        result.run_fields["cuda_deterministic"] = mode
     if options.external:
         from .external import external_record
 

@@ -801,7 +801,8 @@ def main(argv=None) -> int:
 
         from ..core.cohort import CUBLAS_WORKSPACE
 
-        os.environ.setdefault(*CUBLAS_WORKSPACE)  # before any cuBLAS use, here and in the workers it starts
+        if torch.cuda.device_count():  # before any cuBLAS use, here and in the workers it starts
+            os.environ.setdefault(*CUBLAS_WORKSPACE)
         gpus = worker_gpus(args.workers, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         workers = args.workers if gpus is None else len(gpus)
         if workers < args.workers:
