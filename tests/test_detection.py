@@ -199,7 +199,12 @@ def test_detection_metrics_perfect_and_empty():
     assert m["map50"] == pytest.approx(1.0) and m["precision"] == m["recall"] == m["f1"] == 1.0
     wrong = [{**p, "boxes": p["boxes"] + 25} for p in perfect]
     m = detection_metrics(wrong, targets)
-    assert m["map50"] == 0.0 and m["recall"] == 0.0 and m["precision"] == 0.0
+    assert m["map50"] == 0.0 and m["recall"] == 0.0 and m["precision"] == 0.0 and m["f1"] == 0.0
+    m = detection_metrics(perfect, targets, score_threshold=0.9)  # a score at the threshold is kept
+    assert m["precision"] == m["recall"] == 1.0
+    m = detection_metrics(perfect, targets, score_threshold=0.95, metrics=("precision",))  # nothing kept
+    assert m == {"precision": 0.0}
+    assert np.isnan(detection_metrics(perfect[1:], targets[1:], metrics=("recall",))["recall"])  # no polyp to find
 
 
 def _dets(boxes, scores):
@@ -397,7 +402,18 @@ def _frame(boxes):
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.ones(len(boxes), dtype=torch.int64)}
 
 
-@pytest.mark.parametrize("case", ["tie", "cap", "iou just below 0.5", "iou just above 0.5"])
+def test_coco_iou_of_disjoint_touching_overlapping_and_sub_pixel_boxes():
+    from mtml.tasks.detection_eval import _coco_iou
+
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10], [0.25, 0.25, 0.75, 0.75]]])
+    gt = torch.tensor([[[20.0, 20, 30, 30], [10, 0, 20, 10], [1, 0, 11, 10], [0.25, 0.25, 0.75, 0.75], [0, 0, 10, 20]]])
+    iou = _coco_iou(boxes, gt)[0]
+    assert iou[0, :3].tolist() == [0.0, 0.0, pytest.approx(90 / 110)]  # disjoint, touching, overlapping
+    assert iou[2, 3] == 1.0 and iou[2, 0] == 0.0  # a quarter-pixel box on itself, and far away
+    assert iou[0, 4] == 0.5  # exactly one half
+
+
+@pytest.mark.parametrize("case", ["tie", "cap", "iou just below 0.5", "iou just above 0.5", "iou exactly 0.5"])
 def test_map50_follows_coco_where_a_simpler_matcher_would_not(case):
     """COCO's corners, each equal to torchmetrics and to the transcribed loop:
     tie: the first detection overlaps two boxes equally (IoU 9/11) and takes the later one, so the
@@ -411,6 +427,8 @@ def test_map50_follows_coco_where_a_simpler_matcher_would_not(case):
     if case == "tie":
         targets = [_frame([[0, 0, 10, 10], [2, 0, 12, 10]])]
         preds, found = [_dets([[1, 0, 11, 10], [-3, 0, 7, 10]], [0.9, 0.8])], [True, True]
+    elif case == "iou exactly 0.5":  # COCO matches at IoU >= 0.5
+        targets, preds, found = [_frame([[0, 0, 10, 20]])], [_dets([[0, 0, 10, 10]], [0.9])], [True]
     elif case == "cap":
         targets = [_frame([[0, 0, 10, 10]])]
         preds = [_dets([[50, 50, 60, 60]] * 100 + [[0, 0, 10, 10]], [0.9] * 100 + [0.1])]
@@ -423,7 +441,7 @@ def test_map50_follows_coco_where_a_simpler_matcher_would_not(case):
         targets, preds, found = [_frame([gt])], [_dets([box], [0.9])], [below]  # above: 0.50000002, COCO no match
     assert match_flags_all(preds, targets)[0].tolist() == found
     assert coco_greedy_flags(preds[0]["boxes"], preds[0]["scores"], targets[0]["boxes"]).tolist() == found
-    expected = {"tie": 1.0, "cap": 0.0, "iou just below 0.5": 1.0, "iou just above 0.5": 0.0}[case]
+    expected = {"tie": 1.0, "cap": 0.0, "iou just below 0.5": 1.0, "iou just above 0.5": 0.0, "iou exactly 0.5": 1.0}[case]
     assert map50(preds, targets) == torchmetrics_map50(preds, targets) == pytest.approx(expected)
 
 

@@ -186,6 +186,9 @@ def test_unit_metric_in_chunks_equals_one_pass_and_students_mean_is_their_mean()
 def test_average_precision_without_boxes_is_undefined_and_a_weightless_detection_is_absent():
     assert np.isnan(stats.average_precision([0.9, 0.5], [0, 0], [0, 0])).all()
     assert stats.average_precision([], [], [1, 2]).tolist() == [0.0]  # boxes, no detection: nothing found
+    assert stats.average_precision([], [], [1]).tolist() == [0.0]
+    rows = stats.average_precision([0.9], [1], [1], weights=[[1], [1]], gt_weights=[[0], [1]])  # a row without boxes first
+    assert np.isnan(rows[0]) and rows[1] == 1.0
     assert np.isnan(stats.average_precision([], [], [0, 0])).all()
     scores, tp, n_gt = [0.95, 0.9, 0.6, 0.3], [0, 1, 1, 0], [1, 1]
     dropped = stats.average_precision(scores[1:], tp[1:], n_gt)

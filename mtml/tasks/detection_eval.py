@@ -60,7 +60,7 @@ def _coco_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(inter > 0, inter / union.clamp(min=1e-300), 0.0)
 
 
-def ranked_matches(preds: list[dict], targets: list[dict], iou: float = 0.5):
+def ranked_matches(preds: list[dict], targets: list[dict], iou: float):
     """COCO's greedy matching of every frame at once: by decreasing score (stable), each
     prediction takes the unmatched ground-truth box of highest IoU >= `iou` (of equal IoUs, the
     last). One step per score rank, all frames together. Returns (order (F, D): each frame's
