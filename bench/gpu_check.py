@@ -178,21 +178,33 @@ def main(argv=None) -> str:
     version, csize, cbatch, dsize, dbatch = ("tiny", 32, 8, 64, 2) if args.small else ("v1", 224, 64, 512, 8)
     steps, warmup = (2, 1) if args.small else (args.steps, 3)
     cls, det = ClassificationTask(2), DetectionTask(size=dsize)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    head = [f"GPU check on {name}, torch {torch.__version__} ({'small: code path only' if args.small else 'full'})",
+            "", "| what | images/s (or value) | peak GiB |", "|---|---|---|"]
     rows = []
+
+    def table() -> str:
+        return "\n".join(head + [f"| {what} | {value} | {peak} |" for what, value, peak in rows]) + "\n"
+
+    def emit(what, value, peak=""):
+        """One row, printed and written at once: a check stopped by a timeout keeps what it measured."""
+        rows.append((what, value, peak))
+        print(f"| {what} | {value} | {peak} |", flush=True)
+        Path(args.out).write_text(table())
 
     def add(what, task, size, n, **speed):
         channels_last = speed.pop("channels_last", False)
         task = ClassificationTask(2, channels_last=channels_last) if task.name == "classification" else task
         cfg = CohortConfig.for_task(task, mode="kd_ml", version=version, channels_last=channels_last, **speed)
         if cfg.compile and device.type != "cuda":
-            rows.append((what, "skipped (compile is CUDA only)", ""))
+            emit(what, "skipped (compile is CUDA only)")
             return None
         try:
             images, peak = rate(task, cfg, size, n, device, steps, warmup)
         except torch.OutOfMemoryError:
-            rows.append((what, "out of memory", ""))
+            emit(what, "out of memory")
             return None
-        rows.append((what, _rate(images), f"{peak:.1f}" if peak == peak else "-"))
+        emit(what, _rate(images), f"{peak:.1f}" if peak == peak else "-")
         return images
 
     c = f"{version} classification kd_ml, {csize} px, batch {cbatch}"
@@ -203,38 +215,31 @@ def main(argv=None) -> str:
     det_fp32 = add(f"{d}, fp32", det, dsize, dbatch)
     det_amp = add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
     if det_fp32 and det_amp:
-        rows.append((f"{d}: bf16 AMP rate / fp32 rate (target >= 1.5)", f"{det_amp / det_fp32:.2f}", ""))
+        emit(f"{d}: bf16 AMP rate / fp32 rate (target >= 1.5)", f"{det_amp / det_fp32:.2f}")
     with deterministic_cuda(device.type == "cuda"):
         det_det = add(f"{d}, fp32, deterministic kernels (studies' default on a GPU)", det, dsize, dbatch)
     if det_fp32 and det_det:
-        rows.append((f"{d}: deterministic rate / default rate", f"{det_det / det_fp32:.2f}", ""))
+        emit(f"{d}: deterministic rate / default rate", f"{det_det / det_fp32:.2f}")
     for deterministic in (False, True):
-        rows.append((f"{d}: one seed's teacher after 3 steps in kd and kd_ml, "
-                     f"{'deterministic' if deterministic else 'default'} kernels",
-                     teachers_paired(det, version, dsize, dbatch, device, 3, deterministic), ""))
-    what = "one tiny study run (studies/kvasir_tiny_cpu.yaml, kd_ml seed 0" + (
-        ", smoke plan)" if args.small else "; target on one GPU: at most 60 s)")
-    rows.append((what, study_run(args.small, args.external), ""))
+        emit(f"{d}: one seed's teacher after 3 steps in kd and kd_ml, {'deterministic' if deterministic else 'default'} kernels",
+             teachers_paired(det, version, dsize, dbatch, device, 3, deterministic))
     cfg = CohortConfig.for_task(cls, mode="kd_ml", version=version)
     alone = parts_rate(cls, cfg, csize, cbatch, device, steps, warmup)
-    rows.append((f"{c}: networks trained alone, one after another (fp32)", _rate(alone), ""))
+    emit(f"{c}: networks trained alone, one after another (fp32)", _rate(alone))
     if best[0]:
-        rows.append(("cohort step efficiency (alone time / cohort time)", f"{best[0] / alone:.2f}", ""))
-    rows.append(("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device, version, csize, cbatch), ""))
+        emit("cohort step efficiency (alone time / cohort time)", f"{best[0] / alone:.2f}")
+    emit("DDP over the GPUs present (mtml.distributed)", ddp_check(args, device, version, csize, cbatch))
     top = max((b for b in best if b), default=None)
     if top and not args.small:
         epoch_min = CRC_DX_TRAIN_TILES / top / 60
-        rows.append((f"projected: one epoch over the {CRC_DX_TRAIN_TILES:,} CRC_DX training tiles (best rate)",
-                     f"{epoch_min:.1f} min", ""))
-        rows.append((f"projected: the docs/runs.md grid ({GRID_RUNS} runs x {GRID_EPOCHS} epochs, v1's rate for all)",
-                     f"{GRID_RUNS * GRID_EPOCHS * epoch_min / 60:.0f} GPU-hours", ""))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    lines = [f"GPU check on {name}, torch {torch.__version__} ({'small: code path only' if args.small else 'full'})",
-             "", "| what | images/s (or value) | peak GiB |", "|---|---|---|"]
-    lines += [f"| {what} | {value} | {peak} |" for what, value, peak in rows]
-    text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
-    print(text)
+        emit(f"projected: one epoch over the {CRC_DX_TRAIN_TILES:,} CRC_DX training tiles (best rate)", f"{epoch_min:.1f} min")
+        emit(f"projected: the docs/runs.md grid ({GRID_RUNS} runs x {GRID_EPOCHS} epochs, v1's rate for all)",
+             f"{GRID_RUNS * GRID_EPOCHS * epoch_min / 60:.0f} GPU-hours")
+    what = "one tiny study run (studies/kvasir_tiny_cpu.yaml, kd_ml seed 0" + (
+        ", smoke plan)" if args.small else "; target on one GPU: at most 60 s)")
+    emit(what, study_run(args.small, args.external))  # last: the longest and least known
+    text = table()
+    print("\n" + text)
     return text
 
 
