@@ -37,7 +37,7 @@ MODULES = {
                                    "not box_loss_change_trains and not same_data_order"], None),
     "stats": ("mtml/runs/stats.py", ["tests/test_stats.py", "tests/test_report.py"], None),
     "detection_eval": ("mtml/tasks/detection_eval.py", ["tests/test_detection.py", "tests/test_stats.py"],
-                       ["_coco_iou", "ranked_matches", "match_flags_all", "average_precision", "map50", "detection_metrics"]),
+                       ["_coco_iou", "ranked_matches", "Matches.flags", "average_precision", "map50", "detection_metrics"]),
     # the smoke studies in test_study.py take minutes each: -k leaves them out
     "study": ("mtml/runs/study.py", ["tests/test_study.py", "tests/test_task_registry.py", "-k", "not smoke and not regenerates"],
               ["study_runs", "Study.planned", "done_hashes", "adopt"]),

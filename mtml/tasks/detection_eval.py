@@ -4,6 +4,8 @@ torchmetrics'), mAP@[.5:.95] (torchmetrics, COCO protocol), precision / recall /
 at a score threshold, and per-frame test units for bootstrap intervals."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 import torch
@@ -60,13 +62,27 @@ def _coco_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(inter > 0, inter / union.clamp(min=1e-300), 0.0)
 
 
-def ranked_matches(preds: list[dict], targets: list[dict], iou: float):
+class Matches(NamedTuple):
+    """Every frame's predictions by rank (padded to the widest frame): `order` their positions in
+    the frame, `scores` theirs, `tp` matched or not, `real` a prediction, not padding."""
+    order: torch.Tensor
+    scores: torch.Tensor
+    tp: torch.Tensor
+    real: torch.Tensor
+
+    def flags(self) -> list[torch.Tensor]:
+        """Each frame's true-positive flags in the frame's own order."""
+        flags = torch.zeros_like(self.tp).scatter(1, self.order, self.tp)
+        return [f[:n] for f, n in zip(flags, self.real.sum(1).tolist())]
+
+
+def ranked_matches(preds: list[dict], targets: list[dict], iou: float) -> Matches:
     """COCO's greedy matching of every frame at once: by decreasing score (stable), each
     prediction takes the unmatched ground-truth box of highest IoU >= `iou` (of equal IoUs, the
-    last). One step per score rank, all frames together. Returns (order (F, D): each frame's
-    predictions by rank, padded; tp (F, D) by rank; real (F, D): a prediction, not padding)."""
+    last). One step per score rank, all frames together."""
     if not preds:
-        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0, dtype=torch.bool)
+        empty = torch.zeros(0, 0, dtype=torch.bool)
+        return Matches(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0), empty, empty)
     pad = torch.nn.utils.rnn.pad_sequence
     scores = pad([p["scores"].detach().cpu().float() for p in preds], batch_first=True, padding_value=-float("inf"))
     counts = torch.tensor([len(p["scores"]) for p in preds])
@@ -74,9 +90,10 @@ def ranked_matches(preds: list[dict], targets: list[dict], iou: float):
     order = scores.argsort(dim=1, descending=True, stable=True)
     real = torch.arange(width)[None] < counts[:, None]
     tp = torch.zeros(frames, width, dtype=torch.bool)
+    matches = Matches(order, scores.gather(1, order), tp, real)
     gt_counts = torch.tensor([len(t["boxes"]) for t in targets])
     if not width or not int(gt_counts.sum()):
-        return order, tp, real
+        return matches
     boxes = pad([p["boxes"].detach().cpu().reshape(-1, 4) for p in preds], batch_first=True)
     gt = pad([t["boxes"].cpu().reshape(-1, 4) for t in targets], batch_first=True)
     overlaps = _coco_iou(boxes.gather(1, order[..., None].expand(-1, -1, 4)), gt)
@@ -90,14 +107,12 @@ def ranked_matches(preds: list[dict], targets: list[dict], iou: float):
         hit = best >= iou
         tp[:, rank] = hit
         used[hit, gt.shape[1] - 1 - j[hit]] = True
-    return order, tp, real
+    return matches
 
 
 def match_flags_all(preds: list[dict], targets: list[dict], iou: float = 0.5) -> list[torch.Tensor]:
     """True-positive flag of each prediction of every frame (in the given order), by `ranked_matches`."""
-    order, tp, real = ranked_matches(preds, targets, iou)
-    flags = torch.zeros_like(tp).scatter(1, order, tp)
-    return [f[:n] for f, n in zip(flags, real.sum(1).tolist())]
+    return ranked_matches(preds, targets, iou).flags()
 
 
 def match_flags(pred: dict, target: dict, iou: float = 0.5) -> torch.Tensor:
@@ -133,16 +148,15 @@ def average_precision(scores, tp, n_gt, weights=None, gt_weights=None) -> np.nda
     return out
 
 
-def map50(preds: list[dict], targets: list[dict]) -> float:
+def map50(preds: list[dict], targets: list[dict], matches: Matches | None = None) -> float:
     """mAP@0.5 by COCO's protocol for one class (the polyps; labels are not read): each frame's
     best 100 detections, 101 recall points. The number torchmetrics gives, from `ranked_matches`
-    and `average_precision`; NaN without ground-truth boxes (torchmetrics: -1)."""
-    order, tp, real = ranked_matches(preds, targets, 0.5)
-    keep = real & (torch.arange(order.shape[1]) < MAX_DETECTIONS)[None]
-    scores = [p["scores"].detach().cpu().float() for p in preds]
-    ranked = torch.nn.utils.rnn.pad_sequence(scores, batch_first=True).gather(1, order) if preds else order.float()
+    (or `matches`, theirs at IoU 0.5) and `average_precision`; NaN without ground-truth boxes
+    (torchmetrics: -1)."""
+    m = matches if matches is not None else ranked_matches(preds, targets, 0.5)
+    keep = m.real & (torch.arange(m.order.shape[1]) < MAX_DETECTIONS)[None]
     # frame by frame, each by rank: the order in which COCO concatenates before its stable sort
-    ap = average_precision(ranked[keep].numpy(), tp[keep].numpy(), [len(t["boxes"]) for t in targets])[0]
+    ap = average_precision(m.scores[keep].numpy(), m.tp[keep].numpy(), [len(t["boxes"]) for t in targets])[0]
     return float(np.float32(ap))  # as torchmetrics reports it: records stay comparable with earlier ones
 
 
@@ -202,8 +216,10 @@ def detection_metrics(preds: list[dict], targets: list[dict], score_threshold: f
     if unknown:
         raise ValueError(f"unknown detection metrics {sorted(unknown)}; choose from {DETECTION_METRICS}")
     out = {}
+    matched = {"map50", "precision", "recall", "f1"} & set(metrics)
+    matches = ranked_matches(preds, targets, 0.5) if matched else None  # once, for all of them
     if "map50" in metrics:
-        out["map50"] = map50(preds, targets)
+        out["map50"] = map50(preds, targets, matches)
     if "map" in metrics:
         from torchmetrics.detection import MeanAveragePrecision
 
@@ -212,7 +228,7 @@ def detection_metrics(preds: list[dict], targets: list[dict], score_threshold: f
         out["map"] = float(metric.compute()["map"])
     if {"precision", "recall", "f1"} & set(metrics):
         kept = [p["scores"].cpu() >= score_threshold for p in preds]
-        flags = match_flags_all(preds, targets)
+        flags = matches.flags()
         tp, n_pred = sum(int(f[k].sum()) for f, k in zip(flags, kept)), sum(int(k.sum()) for k in kept)
         n_gt = sum(len(t["boxes"]) for t in targets)
         precision = tp / n_pred if n_pred else 0.0
