@@ -8,8 +8,8 @@ cached), trained and tested by `mtml.runs.study.run_one` with clocks around the 
 (no profiler: cProfile's per-call overhead inflates Python-heavy parts, the loops the targets are
 about). The parts are disjoint:
 
-- steps: `cohort_step` (forwards, backwards, updates), with, inside it, the detection loss's target
-  assignment (torchvision's FCOS `compute_loss`) and the distillation terms (`task.distill_loss`);
+- steps: `cohort_step` (forwards, backwards, updates), with, inside it, the detection loss (target
+  assignment and FCOS's losses, `DenseFCOS.compute_loss`) and the distillation terms (`task.distill_loss`);
 - data: the rest of `fit` outside its steps and per-epoch rows (batches, augmentation, collation);
 - per-epoch validation: `fit`'s epoch rows (validation metrics);
 - test and external sets: `run_cohort` after `fit` (offline: the teacher's pre-training is a `fit`
@@ -68,17 +68,16 @@ class Clocks:
 
 def clocked_run(study, params: dict, threads: int) -> dict:
     """{part: seconds} of one `run_one`, the functions wrapped while it runs and restored after."""
-    from torchvision.models.detection.fcos import FCOS
-
     from mtml.core import loop
     from mtml.runs import experiment
     from mtml.tasks import task_class as registered
+    from mtml.tasks.detectors import DenseFCOS
 
     clocks, wrapped = Clocks(), []
     task_class = registered(study.task)
     for owner, name, part in [(study_mod, "_train_and_record", "total"), (experiment, "run_cohort", "run_cohort"),
                               (loop, "fit", "fit"), (experiment, "fit", "fit"), (loop, "cohort_step", "steps"),
-                              (loop, "_epoch_row", "epoch rows"), (FCOS, "compute_loss", "targets"),
+                              (loop, "_epoch_row", "epoch rows"), (DenseFCOS, "compute_loss", "targets"),
                               (task_class, "distill_loss", "distill"), (task_class, "study_record", "extras")]:
         if hasattr(owner, name):
             wrapped.append((owner, name, owner.__dict__.get(name)))  # None: inherited
@@ -103,7 +102,7 @@ def device_name() -> str:
 
 
 def parts(t: dict) -> dict:
-    return {"steps": t["steps"], "  of which target assignment": t["targets"], "  of which distillation terms": t["distill"],
+    return {"steps": t["steps"], "  of which FCOS targets and losses": t["targets"], "  of which distillation terms": t["distill"],
             "data": t["fit"] - t["steps"] - t["epoch rows"], "per-epoch validation": t["epoch rows"],
             "test and external sets": t["run_cohort"] - t["fit"], "study extras": t["extras"],
             "other": t["total"] - t["run_cohort"] - t["extras"], "total": t["total"]}

@@ -28,10 +28,11 @@ def outputs():
 
 
 def test_foreground_marks_locations_inside_the_boxes():
-    anchors = torch.tensor([[0, 0, 8, 8], [8, 8, 24, 24], [40, 40, 56, 56]], dtype=torch.float32)  # centres 4, 16, 48
-    out = {"anchors": [anchors, anchors], "targets": [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]])},
-                                                      {"boxes": torch.zeros(0, 4)}]}
-    assert foreground(out).tolist() == [[False, True, False], [False, False, False]]
+    anchors = torch.tensor([[-4, -4, 4, 4], [8, 8, 24, 24], [40, 40, 56, 56]], dtype=torch.float32)  # centres 0, 16, 48
+    out = {"anchors": [anchors, anchors], "targets": [
+        {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 4.0, 4.0]]), "labels": torch.ones(2, dtype=torch.int64)},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]}  # padded with zero boxes, which hold centre 0
+    assert foreground(out).tolist() == [[True, True, False], [False, False, False]]  # edges count
 
 
 def test_foreground_weighting_puts_the_box_weight_inside_the_boxes(outputs):

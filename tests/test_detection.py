@@ -458,3 +458,66 @@ def test_map50_reads_recall_thresholds_as_torchmetrics_makes_them():
     assert map50([_dets([], [])], targets) == 0.0  # boxes, no detection: nothing found
     assert np.isnan(map50(preds, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]))
     assert np.isnan(map50([], []))
+
+
+def torchvision_fcos_losses(detector, targets, out):
+    """(matched indices, losses) as torchvision computes them: its FCOS loop over frames, then its
+    head's loss; the reference for the kit's batched `DenseFCOS.compute_loss`."""
+    from types import SimpleNamespace
+
+    from torchvision.models.detection.fcos import FCOS, FCOSHead
+
+    capture = SimpleNamespace(center_sampling_radius=detector.center_sampling_radius,
+                              head=SimpleNamespace(compute_loss=lambda targets, outputs, anchors, matched: matched))
+    matched = FCOS.compute_loss(capture, targets, out, out["anchors"], out["per_level"])
+    return torch.stack(matched), FCOSHead.compute_loss(detector.head, targets, out, out["anchors"], matched)
+
+
+def random_targets(generator, frames, size, most_boxes, on_grid):
+    """Boxes per frame (some frames without any); `on_grid`: corners on multiples of 4 pixels, so
+    that location centres (multiples of the stride) fall exactly on edges and scale bounds; every
+    third frame repeats a box (a tie of areas, broken by the first box)."""
+    targets = []
+    for i in range(frames):
+        k = int(torch.randint(0, most_boxes + 1, (1,), generator=generator))
+        if on_grid:
+            corners = torch.randint(0, size // 4 + 1, (k, 2, 2), generator=generator).float() * 4
+            boxes = torch.cat([corners.amin(1), corners.amax(1)], 1)
+            boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 4)
+        else:
+            xy = torch.rand(k, 2, generator=generator) * size * 0.8
+            boxes = torch.cat([xy, (xy + torch.rand(k, 2, generator=generator) * size * 0.7 + 1).clamp(max=size)], 1)
+        if k >= 2 and i % 3 == 0:
+            boxes[1] = boxes[0]
+        targets.append({"boxes": boxes, "labels": torch.ones(k, dtype=torch.int64)})
+    return targets
+
+
+@pytest.mark.parametrize("levels,size", [(3, 160), (5, 128)])
+@pytest.mark.parametrize("on_grid", [False, True])
+def test_batched_fcos_targets_and_losses_equal_torchvisions_loop(levels, size, on_grid):
+    """The kit assigns FCOS targets and computes FCOS's losses for the whole batch at once (no loop
+    over frames, no `.item()`): the same indices, the same loss bits and the same gradients as
+    torchvision, with frames without boxes, batches without any, ties and boxes on the grid."""
+    from mtml.tasks.detectors import VERSIONS, build_detector, fcos_matches, padded_targets
+
+    torch.manual_seed(0)
+    detector = build_detector(VERSIONS["tiny"][1], size=size, levels=levels)
+    generator = torch.Generator().manual_seed(levels + 2 * on_grid)
+    positives = 0
+    for trial in range(12):
+        targets = random_targets(generator, 5, size, 0 if trial == 0 else 4, on_grid)
+        out = detector(torch.rand(5, 3, size, size, generator=generator))
+        matched, expected = torchvision_fcos_losses(detector, targets, out)
+        ours = fcos_matches(torch.stack(out["anchors"]), padded_targets(targets)[0], out["per_level"])
+        assert torch.equal(ours, matched), trial
+        got = detector.compute_loss(targets, out, out["anchors"], out["per_level"])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (trial, key, got[key], expected[key])
+        maps = [out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]]
+        for a, b in zip(torch.autograd.grad(sum(got.values()), maps, retain_graph=True),
+                        torch.autograd.grad(sum(expected.values()), maps)):
+            assert torch.equal(a, b), trial
+        positives += int((matched >= 0).sum())
+    assert positives > 100  # the comparison saw many positive locations, not only background

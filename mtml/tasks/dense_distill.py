@@ -123,15 +123,14 @@ def _global_share(local_weight: torch.Tensor) -> float:
 
 
 def foreground(out: dict) -> torch.Tensor:
-    """(B, L) True at locations whose centre lies inside a ground-truth box of their image."""
-    masks = []
-    for anchors, target in zip(out["anchors"], out["targets"]):
-        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-        boxes = target["boxes"].to(centres.dtype)
-        if len(boxes) == 0:
-            masks.append(torch.zeros(len(centres), dtype=torch.bool, device=centres.device))
-            continue
-        x, y = centres[:, None, 0], centres[:, None, 1]
-        inside = (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
-        masks.append(inside.any(1))
-    return torch.stack(masks)
+    """(B, L) True at locations whose centre lies inside (or on the edge of) a ground-truth box of
+    their image, for the whole batch at once."""
+    from .detectors import padded_targets
+
+    anchors = torch.stack(list(out["anchors"]))
+    centres = (anchors[..., :2] + anchors[..., 2:]) / 2
+    boxes, labels = padded_targets(out["targets"])
+    x, y = centres[..., 0, None], centres[..., 1, None]                              # (B, L, 1)
+    x0, y0, x1, y1 = boxes.to(centres.dtype)[:, None].unbind(-1)                     # (B, 1, M)
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1) & (labels[:, None] >= 0)  # padding is outside
+    return inside.any(2)

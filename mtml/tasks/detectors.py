@@ -27,11 +27,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .models import build_network, check_version, count_parameters
@@ -99,24 +101,72 @@ def _trunk(name: str, pretrained: bool):
     return trunk, [128 * expansion, 256 * expansion, 512 * expansion]
 
 
+def padded_targets(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every frame's boxes (B, M + 1, 4) and labels (B, M + 1) as one tensor each, M the most boxes
+    of a frame: zero boxes with label -1 pad them, one column more than needed so that a frame
+    without boxes still has a column 0 to gather (zeros, the targets torchvision gives it)."""
+    boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True)
+    labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
+    return F.pad(boxes, (0, 0, 0, 1)), F.pad(labels, (0, 1), value=-1)
+
+
+def fcos_matches(anchors: torch.Tensor, boxes: torch.Tensor, per_level: list[int], radius: float = 1.5) -> torch.Tensor:
+    """(B, L) index of the box each location learns, -1 for background: torchvision FCOS's rule
+    (centre sampling within `radius` strides, inside the box, the level's size range, the smallest
+    box on ties) for the whole batch at once, from `anchors` (B, L, 4) and the boxes of `padded_targets`. The
+    same float operations on the same values as torchvision's loop over frames, so the indices are
+    the same; padding columns (zero boxes) never match: no centre lies strictly inside."""
+    centres = (anchors[..., :2] + anchors[..., 2:]) / 2                              # (B, L, 2)
+    sizes = anchors[..., 2] - anchors[..., 0]                                        # (B, L)
+    box_centres = (boxes[..., :2] + boxes[..., 2:]) / 2                              # (B, M, 2)
+    match = (centres[:, :, None] - box_centres[:, None]).abs_().amax(3) < radius * sizes[..., None]
+    x, y = centres[..., 0, None], centres[..., 1, None]                              # (B, L, 1)
+    x0, y0, x1, y1 = boxes[:, None].unbind(-1)                                       # (B, 1, M)
+    sides = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=3)                     # (B, L, M, 4)
+    lower, upper = sizes * 4, sizes * 8  # each level learns boxes of its own scale
+    lower[:, :per_level[0]], upper[:, -per_level[-1]:] = 0, float("inf")
+    farthest = sides.amax(3)
+    match &= (sides.amin(3) > 0) & (farthest > lower[..., None]) & (farthest < upper[..., None])
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    best, index = (match.to(torch.float32) * (1e8 - areas[:, None])).max(2)  # first of equal areas
+    return index.masked_fill(best < 1e-5, -1)
+
+
 class GlobalCountFCOSHead(FCOSHead):
-    """torchvision's FCOS head whose losses are normalised by the number of positive locations of
-    the GLOBAL batch: FCOS divides by the count of its batch, and under DDP each rank would divide
-    by its own count, so K processes would not compute what one process computes. With a process
-    group of K > 1 ranks the count is summed over the ranks (and the loss scaled by K, since DDP
-    averages gradients); otherwise it is torchvision's loss unchanged."""
+    """torchvision's FCOS head losses (focal classification, GIoU boxes, centerness BCE) computed
+    for the whole batch at once (no loop over frames, no `.item()`; the same numbers on the CPU),
+    normalised by the number of positive locations of the GLOBAL batch: FCOS divides by the count
+    of its batch, and under DDP each rank would divide by its own count, so K processes would not
+    compute what one process computes. With a process group of K > 1 ranks the count is summed
+    over the ranks and the loss scaled by K, since DDP averages gradients."""
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        """`matched_idxs`: (B, L) from `fcos_matches`, or torchvision's list of (L,) per frame."""
+        matched = torch.stack(list(matched_idxs)) if isinstance(matched_idxs, (list, tuple)) else matched_idxs
+        anchors = torch.stack(list(anchors)) if isinstance(anchors, (list, tuple)) else anchors
+        boxes, labels = padded_targets(targets)
+        index = matched.clamp(min=0)
+        gt_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        gt_classes = labels.gather(1, index).masked_fill(matched < 0, -1)
+        positive = gt_classes >= 0
+        cls_logits = head_outputs["cls_logits"]
+        cls_targets = torch.zeros_like(cls_logits)
+        cls_targets[positive, gt_classes[positive]] = 1.0
+        pred_boxes = self.box_coder.decode(head_outputs["bbox_regression"], anchors)
+        distances = self.box_coder.encode(anchors, gt_boxes)
+        left_right, top_bottom = distances[..., [0, 2]], distances[..., [1, 3]]
+        ctr_targets = torch.sqrt((left_right.amin(-1) / left_right.amax(-1)) * (top_bottom.amin(-1) / top_bottom.amax(-1)))
+        sums = {"classification": sigmoid_focal_loss(cls_logits, cls_targets, reduction="sum"),
+                "bbox_regression": generalized_box_iou_loss(pred_boxes[positive], gt_boxes[positive], reduction="sum"),
+                "bbox_ctrness": F.binary_cross_entropy_with_logits(head_outputs["bbox_ctrness"].squeeze(2)[positive],
+                                                                   ctr_targets[positive], reduction="sum")}
+        count = positive.sum().clamp(min=1)  # a tensor: no wait for the device
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return losses
-        local = sum(int((m >= 0).sum()) for m in matched_idxs)
-        device = head_outputs["cls_logits"].device
-        total = torch.tensor([float(local)], device=device)
-        dist.all_reduce(total)
-        scale = max(1.0, local) * dist.get_world_size() / max(1.0, float(total))
-        return {k: v * scale for k, v in losses.items()}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = positive.sum().to(cls_logits.dtype).reshape(1)
+            dist.all_reduce(total)
+            count = total[0].clamp(min=1) / dist.get_world_size()
+        return {k: v / count for k, v in sums.items()}
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -130,6 +180,12 @@ class DenseFCOS(FCOS):
     `bbox_ctrness` (B, L, 1), `anchors` (B x (L, 4)), `per_level` (locations per level),
     `image_sizes` and the FPN maps `features` (for feature distillation). Images are
     (B, 3, S, S) floats in [0, 1], already S x S (no resizing). Its parameters and state_dict keys are FCOS's."""
+
+    def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
+        """FCOS's losses with the batch's targets assigned in one pass (`fcos_matches`)."""
+        anchors = torch.stack(list(anchors))
+        matched = fcos_matches(anchors, padded_targets(targets)[0], num_anchors_per_level, self.center_sampling_radius)
+        return self.head.compute_loss(targets, head_outputs, anchors, matched)
 
     def forward(self, images):
         images = self.transform.normalize(images)
