@@ -473,10 +473,12 @@ def torchvision_fcos_losses(detector, targets, out):
     return torch.stack(matched), FCOSHead.compute_loss(detector.head, targets, out, out["anchors"], matched)
 
 
-def random_targets(generator, frames, size, most_boxes, on_grid):
-    """Boxes per frame (some frames without any); `on_grid`: corners on multiples of 4 pixels, so
-    that location centres (multiples of the stride) fall exactly on edges and scale bounds; every
-    third frame repeats a box (a tie of areas, broken by the first box)."""
+def random_targets(generator, frames, size, most_boxes, on_grid, classes=2):
+    """Boxes and labels (in [0, classes)) per frame, some frames without any; `on_grid`: corners on
+    multiples of 4 pixels, so that location centres (multiples of the stride) fall exactly on edges
+    and scale bounds; every third frame repeats a box (a tie of areas, broken by the first box), and
+    every other third shrinks a copy a little (areas a few px^2 apart, equal once 1e8 - area is a
+    float32, so torchvision takes the first, larger box)."""
     targets = []
     for i in range(frames):
         k = int(torch.randint(0, most_boxes + 1, (1,), generator=generator))
@@ -489,7 +491,9 @@ def random_targets(generator, frames, size, most_boxes, on_grid):
             boxes = torch.cat([xy, (xy + torch.rand(k, 2, generator=generator) * size * 0.7 + 1).clamp(max=size)], 1)
         if k >= 2 and i % 3 == 0:
             boxes[1] = boxes[0]
-        targets.append({"boxes": boxes, "labels": torch.ones(k, dtype=torch.int64)})
+        if k >= 2 and i % 3 == 1:
+            boxes[1] = boxes[0] - torch.tensor([0.0, 0.0, 0.01, 0.01])  # smaller, but second
+        targets.append({"boxes": boxes, "labels": torch.randint(0, classes, (k,), generator=generator)})
     return targets
 
 
@@ -498,15 +502,15 @@ def random_targets(generator, frames, size, most_boxes, on_grid):
 def test_batched_fcos_targets_and_losses_equal_torchvisions_loop(levels, size, on_grid):
     """The kit assigns FCOS targets and computes FCOS's losses for the whole batch at once (no loop
     over frames, no `.item()`): the same indices, the same loss bits and the same gradients as
-    torchvision, with frames without boxes, batches without any, ties and boxes on the grid."""
+    torchvision, with frames without boxes, batches without any, ties, several classes and boxes on the grid."""
     from mtml.tasks.detectors import VERSIONS, build_detector, fcos_matches, padded_targets
 
     torch.manual_seed(0)
-    detector = build_detector(VERSIONS["tiny"][1], size=size, levels=levels)
+    detector = build_detector(VERSIONS["tiny"][1], num_classes=4, size=size, levels=levels)
     generator = torch.Generator().manual_seed(levels + 2 * on_grid)
     positives = 0
     for trial in range(12):
-        targets = random_targets(generator, 5, size, 0 if trial == 0 else 4, on_grid)
+        targets = random_targets(generator, 5, size, 0 if trial == 0 else 4, on_grid, classes=4)
         out = detector(torch.rand(5, 3, size, size, generator=generator))
         matched, expected = torchvision_fcos_losses(detector, targets, out)
         ours = fcos_matches(torch.stack(out["anchors"]), padded_targets(targets)[0], out["per_level"])
@@ -521,3 +525,84 @@ def test_batched_fcos_targets_and_losses_equal_torchvisions_loop(levels, size, o
             assert torch.equal(a, b), trial
         positives += int((matched >= 0).sum())
     assert positives > 100  # the comparison saw many positive locations, not only background
+
+
+def test_batched_fcos_loss_has_no_loop_over_frames_and_no_item():
+    """What a GPU waits on: the kit's FCOS loss (forward and backward) never reads a value back to
+    Python (`.item()`), and a frame more adds a few tensor operations (padding its boxes), where
+    torchvision's loop over frames adds dozens; counted as ATen operations on the CPU."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtml.tasks.detectors import VERSIONS, build_detector
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    detector = build_detector(VERSIONS["tiny"][1], size=96, levels=3)
+
+    def counted(frames, reference):
+        targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 60.0]]), "labels": torch.ones(1, dtype=torch.int64)}] * frames
+        out = detector(torch.rand(frames, 3, 96, 96))
+        maps = {k: out[k].detach().requires_grad_() for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
+        out = {**out, **maps}
+        with CountOps() as count:
+            losses = (torchvision_fcos_losses(detector, targets, out)[1] if reference
+                      else detector.compute_loss(targets, out, out["anchors"], out["per_level"]))
+            sum(losses.values()).backward()
+        return count.ops
+
+    ours = [counted(n, reference=False) for n in (2, 8)]
+    theirs = [counted(n, reference=True) for n in (2, 8)]
+    assert all(ops["aten._local_scalar_dense"] == 0 for ops in ours)
+    assert all(ops["aten._local_scalar_dense"] >= 1 for ops in theirs)  # the counter sees .item()
+    per_frame = [(sum(b.values()) - sum(a.values())) / 6 for a, b in (ours, theirs)]
+    assert per_frame[0] <= 12 and per_frame[1] >= 40, per_frame
+
+
+@pytest.mark.parametrize("case", ["boxes everywhere", "one rank without positives", "no positives at all"])
+def test_fcos_losses_under_ddp_average_to_one_process(case, monkeypatch):
+    """Under DDP with K ranks, each rank normalises by the GLOBAL positive count and scales by K:
+    the rank-averaged gradient (what DDP applies) is the gradient of one process with the whole
+    batch, also when a rank, or every rank, has no positive location. The process group is
+    simulated here (its all-reduce returns the count over all ranks); tests/test_distributed.py
+    runs a real one."""
+    from mtml.tasks.detectors import VERSIONS, build_detector
+
+    ranks, per_rank = 2, 3
+    torch.manual_seed(0)
+    detector = build_detector(VERSIONS["tiny"][1], size=96, levels=3)
+    generator = torch.Generator().manual_seed(5)
+    targets = random_targets(generator, ranks * per_rank, 96, 3, False)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    if case != "boxes everywhere":
+        targets[:per_rank] = [empty] * per_rank
+    if case == "no positives at all":
+        targets = [empty] * (ranks * per_rank)
+    out = detector(torch.rand(ranks * per_rank, 3, 96, 96, generator=generator))
+    maps = [out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]]
+    whole = torch.autograd.grad(sum(detector.compute_loss(targets, out, out["anchors"], out["per_level"]).values()),
+                                maps, retain_graph=True)
+    positives = int((torchvision_fcos_losses(detector, targets, out)[0] >= 0).sum())
+    assert (positives > 0) == (case != "no positives at all")
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: ranks)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: tensor.fill_(positives))
+    averaged = [torch.zeros_like(m) for m in maps]
+    for rank in range(ranks):
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        shard = {k: out[k][part] for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
+        losses = detector.compute_loss(targets[part], shard, out["anchors"][part], out["per_level"])
+        for total, grad in zip(averaged, torch.autograd.grad(sum(losses.values()), maps, retain_graph=True)):
+            total += grad / ranks
+    for got, expected in zip(averaged, whole):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)

@@ -103,8 +103,9 @@ def _trunk(name: str, pretrained: bool):
 
 def padded_targets(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every frame's boxes (B, M + 1, 4) and labels (B, M + 1) as one tensor each, M the most boxes
-    of a frame: zero boxes with label -1 pad them, one column more than needed so that a frame
-    without boxes still has a column 0 to gather (zeros, the targets torchvision gives it)."""
+    of a frame: zero boxes with label -1 pad them (real labels, torchvision's classes, are >= 0),
+    one column more than needed so that a frame without boxes still has a column 0 to gather
+    (zeros, the targets torchvision gives it)."""
     boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True)
     labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
     return F.pad(boxes, (0, 0, 0, 1)), F.pad(labels, (0, 1), value=-1)
@@ -134,24 +135,27 @@ def fcos_matches(anchors: torch.Tensor, boxes: torch.Tensor, per_level: list[int
 
 class GlobalCountFCOSHead(FCOSHead):
     """torchvision's FCOS head losses (focal classification, GIoU boxes, centerness BCE) computed
-    for the whole batch at once (no loop over frames, no `.item()`; the same numbers on the CPU),
-    normalised by the number of positive locations of the GLOBAL batch: FCOS divides by the count
-    of its batch, and under DDP each rank would divide by its own count, so K processes would not
-    compute what one process computes. With a process group of K > 1 ranks the count is summed
-    over the ranks and the loss scaled by K, since DDP averages gradients."""
+    for the whole batch at once: no loop over frames and no `.item()`, bit-equal to torchvision's on
+    the CPU (`tests/test_detection.py`); the positive locations' box and centerness selections still
+    wait for a GPU, as torchvision's do. Normalised by the number of positive locations of the
+    GLOBAL batch: FCOS divides by the count of its batch, and under DDP each rank would divide by
+    its own count, so K processes would not compute what one process computes. With a process group
+    of K > 1 ranks the count is summed over the ranks and the loss scaled by K, since DDP averages
+    gradients."""
 
-    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        """`matched_idxs`: (B, L) from `fcos_matches`, or torchvision's list of (L,) per frame."""
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs, padded=None):
+        """`matched_idxs`: (B, L) from `fcos_matches`, or torchvision's list of (L,) per frame;
+        `padded`: `padded_targets(targets)` when the caller has them already."""
         matched = torch.stack(list(matched_idxs)) if isinstance(matched_idxs, (list, tuple)) else matched_idxs
         anchors = torch.stack(list(anchors)) if isinstance(anchors, (list, tuple)) else anchors
-        boxes, labels = padded_targets(targets)
+        boxes, labels = padded if padded is not None else padded_targets(targets)
         index = matched.clamp(min=0)
         gt_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
         gt_classes = labels.gather(1, index).masked_fill(matched < 0, -1)
         positive = gt_classes >= 0
         cls_logits = head_outputs["cls_logits"]
-        cls_targets = torch.zeros_like(cls_logits)
-        cls_targets[positive, gt_classes[positive]] = 1.0
+        cls_targets = torch.zeros_like(cls_logits).scatter_(  # one-hot at positives, without a boolean selection
+            2, gt_classes.clamp(min=0)[..., None], positive[..., None].to(cls_logits.dtype))
         pred_boxes = self.box_coder.decode(head_outputs["bbox_regression"], anchors)
         distances = self.box_coder.encode(anchors, gt_boxes)
         left_right, top_bottom = distances[..., [0, 2]], distances[..., [1, 3]]
@@ -160,10 +164,10 @@ class GlobalCountFCOSHead(FCOSHead):
                 "bbox_regression": generalized_box_iou_loss(pred_boxes[positive], gt_boxes[positive], reduction="sum"),
                 "bbox_ctrness": F.binary_cross_entropy_with_logits(head_outputs["bbox_ctrness"].squeeze(2)[positive],
                                                                    ctr_targets[positive], reduction="sum")}
-        count = positive.sum().clamp(min=1)  # a tensor: no wait for the device
+        count = positive.sum().clamp(min=1)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            total = positive.sum().to(cls_logits.dtype).reshape(1)
+            total = positive.sum().float().reshape(1)
             dist.all_reduce(total)
             count = total[0].clamp(min=1) / dist.get_world_size()
         return {k: v / count for k, v in sums.items()}
@@ -183,9 +187,9 @@ class DenseFCOS(FCOS):
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         """FCOS's losses with the batch's targets assigned in one pass (`fcos_matches`)."""
-        anchors = torch.stack(list(anchors))
-        matched = fcos_matches(anchors, padded_targets(targets)[0], num_anchors_per_level, self.center_sampling_radius)
-        return self.head.compute_loss(targets, head_outputs, anchors, matched)
+        anchors, padded = torch.stack(list(anchors)), padded_targets(targets)
+        matched = fcos_matches(anchors, padded[0], num_anchors_per_level, self.center_sampling_radius)
+        return self.head.compute_loss(targets, head_outputs, anchors, matched, padded)
 
     def forward(self, images):
         images = self.transform.normalize(images)
