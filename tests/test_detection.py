@@ -606,3 +606,35 @@ def test_fcos_losses_under_ddp_average_to_one_process(case, monkeypatch):
     for got, expected in zip(averaged, whole):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_giou_loss_equals_torchvisions_without_boolean_selections():
+    """`giou_loss` (no boolean selection, which waits for a GPU) gives torchvision's
+    generalized_box_iou_loss bit for bit, with its gradients: overlapping, nested, identical,
+    touching, disjoint and zero-area boxes, in float32 and float64, and integer boxes upcast."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from mtml.tasks.detectors import giou_loss
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(400, 2, 2, generator=generator) * 100
+    boxes = torch.cat([corners.amin(1), corners.amax(1)], 1)
+    targets = boxes[torch.randperm(400, generator=generator)] + torch.randn(400, 4, generator=generator)
+    targets = torch.cat([targets[:, :2], torch.maximum(targets[:, 2:], targets[:, :2])], 1)
+    special = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10],    # identical
+                            [0, 0, 10, 10], [10, 0, 20, 10],     # touching: no overlap
+                            [0, 0, 10, 10], [2, 2, 5, 5],        # nested
+                            [0, 0, 10, 10], [30, 30, 40, 40],    # disjoint
+                            [5, 5, 5, 5], [0, 0, 10, 10]])       # zero area
+    boxes, targets = torch.cat([boxes, special[0::2]]), torch.cat([targets, special[1::2]])
+    for dtype in (torch.float32, torch.float64):
+        a, b = boxes.to(dtype).requires_grad_(), targets.to(dtype).requires_grad_()
+        ours, theirs = giou_loss(a, b), generalized_box_iou_loss(a, b, reduction="none")
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+        weights = torch.rand(len(ours), generator=generator, dtype=dtype)
+        for x, y in zip(torch.autograd.grad((weights * ours).sum(), [a, b]),
+                        torch.autograd.grad((weights * theirs).sum(), [a, b])):
+            assert torch.equal(x, y)
+    assert (giou_loss(boxes, targets)[-5:] - torch.tensor([0.0, 1.0, 1 - 9 / 100, 1 + (1600 - 200) / 1600, 1.0])).abs().max() < 1e-6
+    as_int = boxes.round().to(torch.int64)
+    assert torch.equal(giou_loss(as_int, as_int), generalized_box_iou_loss(as_int, as_int, reduction="none"))

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torchvision.ops import generalized_box_iou_loss
 
 from ..core.losses import soft_kl
+from .detectors import giou_loss, padded_targets
 
 WEIGHTINGS = ("foreground", "confidence")
 BOX_LOSSES = ("giou", "l1")
@@ -103,8 +103,7 @@ class DenseDistillation:
             anchors = torch.stack(out["anchors"])
             coder = out["model"].box_coder
             t_box = coder.decode(t_reg, anchors).reshape(-1, 4)
-            per_loc = generalized_box_iou_loss(coder.decode(s_reg, anchors).reshape(-1, 4), t_box,
-                                               reduction="none")
+            per_loc = giou_loss(coder.decode(s_reg, anchors).reshape(-1, 4), t_box)
             weight = weight * ((t_box[:, 2] > t_box[:, 0]) & (t_box[:, 3] > t_box[:, 1]))
         return _global_share(weight.sum()) * (weight * per_loc).sum() / weight.sum().clamp_min(1e-6)
 
@@ -125,8 +124,6 @@ def _global_share(local_weight: torch.Tensor) -> float:
 def foreground(out: dict) -> torch.Tensor:
     """(B, L) True at locations whose centre lies inside (or on the edge of) a ground-truth box of
     their image, for the whole batch at once."""
-    from .detectors import padded_targets
-
     anchors = torch.stack(list(out["anchors"]))
     centres = (anchors[..., :2] + anchors[..., 2:]) / 2
     boxes, labels = padded_targets(out["targets"])
