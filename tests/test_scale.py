@@ -132,3 +132,26 @@ def test_the_run_profile_splits_a_study_run_into_parts_that_add_up(tmp_path):
     wall = float(re.search(r"wall (\d+) s", out.read_text()).group(1))
     assert rows["total"] <= wall + 0.5  # the run is inside the timed call
     assert "not training (everything but the steps)" in out.read_text()
+
+
+def test_a_detection_step_waits_for_the_device_only_where_it_must():
+    """bench/step_ops.py counts what a kd_ml detection step dispatches. Distillation makes the host
+    wait for the device nowhere; the FCOS loss only at its 4 selections of positive locations per
+    network (3 networks); the whole step 20 times (those 12, their 6 backward selections, the 2
+    finiteness checks that stop a diverged run before its update). Torchvision's own FCOS and GIoU
+    losses made it 144 (e4da140). A wait that creeps back (a boolean selection, an `.item()`) fails."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("step_ops", reproduce.REPO / "bench" / "step_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        ops, waits = module.count_step("tiny", "kd_ml", size=64, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert waits["distillation terms (forward)"] == 0 and ops["distillation terms (forward)"] > 100
+    assert waits["FCOS targets and losses"] == 12 and waits["optimizer step"] == 0
+    assert sum(waits.values()) == 20

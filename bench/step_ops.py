@@ -1,0 +1,120 @@
+"""What one detection cohort step asks of a GPU, counted on any machine: the ATen operations it
+dispatches (each at most one kernel launch; views launch none) and the ones that make the host
+wait for the device (a value read back, `.item()`; a boolean selection, whose size the host
+needs), by part of the step.
+
+    python bench/step_ops.py --version v1 --mode kd_ml [--size 128] [--batch 8]
+
+Counted with a `TorchDispatchMode` on the CPU, so the numbers need no GPU; the frame size changes
+no count. Parts: the detection loss (FCOS's targets and losses), the distillation terms forward,
+the optimizer step, and the rest (the networks' forwards and every backward). Writes
+bench/results/step_ops_<version>_<mode>.md. On a GPU, a small network's step is bound by how
+fast the host launches kernels, and each wait stops the host from running ahead of the device.
+"""
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+OTHER = "networks' forwards and every backward"
+PARTS = (("tasks.detectors", "DenseFCOS", "compute_loss", "FCOS targets and losses"),
+         ("tasks.detection", "DetectionTask", "distill_loss", "distillation terms (forward)"))
+
+
+def waits(func, args) -> bool:
+    """Whether this operation makes the host wait for the device."""
+    name = str(func.overloadpacket)
+    if name in ("aten._local_scalar_dense", "aten.nonzero"):
+        return True
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return name.startswith("aten.index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                 for i in indices)
+
+
+class CountOps(TorchDispatchMode):
+    """ATen operations and waits, by the part of the step that dispatched them."""
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.ops, self.waits = [OTHER], Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[self.part[-1]] += 1
+        self.waits[self.part[-1]] += waits(func, args)
+        return func(*args, **(kwargs or {}))
+
+    def within(self, owner, name: str, part: str) -> None:
+        """Counts what `owner.name` dispatches as `part` (until `restore`)."""
+        inner = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.part.append(part)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.part.pop()
+
+        setattr(owner, name, counted)
+
+
+def count_step(version: str, mode: str, size: int, batch_size: int, n_students: int = 2) -> tuple[Counter, Counter]:
+    """({part: ATen operations}, {part: waits}) of one `cohort_step` after a first, uncounted one."""
+    import importlib
+
+    from mtml import Cohort, CohortConfig, cohort_step
+    from mtml.tasks.detection import DetectionTask
+    from mtml.tasks.polyp import make_synthetic_polyps
+
+    task = DetectionTask(size=size)
+    cohort = Cohort.build(CohortConfig(mode=mode, version=version, n_students=n_students, batch_size=batch_size),
+                          networks=task.networks)
+    frames = make_synthetic_polyps(batch_size, size=size, seed=0)
+    batch = task.collate([frames[i] for i in range(batch_size)])
+    cohort_step(cohort, batch, task, 0)
+    counter, saved = CountOps(), []
+    owners = [(getattr(importlib.import_module(f"mtml.{module}"), cls), name, part) for module, cls, name, part in PARTS]
+    for owner, name, part in [*owners, (cohort.optimizer, "step", "optimizer step")]:
+        saved.append((owner, name, owner.__dict__.get(name)))
+        counter.within(owner, name, part)
+    try:
+        with counter:
+            cohort_step(cohort, batch, task, 1)
+    finally:
+        for owner, name, original in reversed(saved):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+    return counter.ops, counter.waits
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--version", default="v1")
+    p.add_argument("--mode", default="kd_ml")
+    p.add_argument("--size", type=int, default=128, help="frame size (changes no count; small is quick)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    ops, waited = count_step(args.version, args.mode, args.size, args.batch)
+    parts = [part for _, _, _, part in PARTS] + ["optimizer step", OTHER]
+    rows = [f"| {part} | {ops[part]} | {waited[part]} |" for part in parts]
+    text = "\n".join([f"# one detection cohort step: {args.version} {args.mode}, 2 students, batch {args.batch} "
+                      "(bench/step_ops.py)", "", f"torch {torch.__version__}", "",
+                      "| part | ATen operations | waits for the device |", "|---|---|---|", *rows,
+                      f"| total | {sum(ops.values())} | {sum(waited.values())} |", ""])
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"step_ops_{args.version}_{args.mode}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text + f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
