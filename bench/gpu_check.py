@@ -7,7 +7,8 @@ Rows (each: training images/s of the whole cohort step, peak GPU memory):
   * v1 classification cohort (ResNet-50 teacher + 2 ResNet-18 students, kd_ml, 224 px, batch 64) in
     fp32, bf16 AMP, AMP + channels_last, AMP + torch.compile;
   * the v1 detection cohort (FCOS ResNet-50 -> ResNet-18, 512 px, batch 8), fp32, bf16 AMP, and fp32
-    under `deterministic_cuda` (what studies use on a GPU: its cost);
+    under `deterministic_cuda` (what studies use on a GPU: its cost), and how often one of its steps
+    makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`);
   * seeds paired: the teacher after a few steps in kd and in kd_ml, the same network or not, with
     and without deterministic kernels;
   * one tiny study run: `studies/kvasir_tiny_cpu.yaml`, kd_ml seed 0, with its external sets
@@ -76,6 +77,31 @@ def rate(task, cfg, size, n, device, steps, warmup) -> tuple[float, float]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return steps * n / elapsed, peak
+
+
+def host_waits(task, cfg, size, n, device) -> str:
+    """How often one cohort step (after a first) makes the host wait for the GPU, as
+    `torch.cuda.set_sync_debug_mode("warn")` reports it (bench/step_ops.py counts the waits a
+    CPU can see: 20 for a detection kd_ml step)."""
+    if device.type != "cuda":
+        return "n/a on CPU (bench/step_ops.py counts what a CPU sees)"
+    import warnings
+
+    cohort = Cohort.build(cfg, device, task=task)
+    batch = _batch(task, size, n, device)
+    cohort_step(cohort, batch, task)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:  # a row that fails says so; the rows after it still run
+            torch.cuda.set_sync_debug_mode("warn")
+            cohort_step(cohort, batch, task, 1)
+        except Exception as err:  # noqa: BLE001
+            return f"failed ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    del cohort
+    torch.cuda.empty_cache()
+    return str(sum("synchroniz" in str(w.message) for w in caught))
 
 
 def parts_rate(task, cfg, size, n, device, steps, warmup) -> float:
@@ -214,6 +240,8 @@ def main(argv=None) -> str:
     d = f"{version} detection kd_ml, {dsize} px, batch {dbatch}"
     det_fp32 = add(f"{d}, fp32", det, dsize, dbatch)
     det_amp = add(f"{d}, bf16 AMP", det, dsize, dbatch, amp=True)
+    emit(f"{d}: host waits for the GPU in one step",
+         host_waits(det, CohortConfig.for_task(det, mode="kd_ml", version=version), dsize, dbatch, device))
     if det_fp32 and det_amp:
         emit(f"{d}: bf16 AMP rate / fp32 rate (target >= 1.5)", f"{det_amp / det_fp32:.2f}")
     with deterministic_cuda(device.type == "cuda"):

@@ -611,7 +611,8 @@ def test_fcos_losses_under_ddp_average_to_one_process(case, monkeypatch):
 def test_giou_loss_equals_torchvisions_without_boolean_selections():
     """`giou_loss` (no boolean selection, which waits for a GPU) gives torchvision's
     generalized_box_iou_loss bit for bit, with its gradients: overlapping, nested, identical,
-    touching, disjoint and zero-area boxes, in float32 and float64, and integer boxes upcast."""
+    touching, disjoint and zero-area boxes, boxes sharing a coordinate, boxes decoded from distances
+    of which some are 0, in float32 and float64, and integer boxes upcast."""
     from torchvision.ops import generalized_box_iou_loss
 
     from mtml.tasks.detectors import giou_loss
@@ -621,6 +622,12 @@ def test_giou_loss_equals_torchvisions_without_boolean_selections():
     boxes = torch.cat([corners.amin(1), corners.amax(1)], 1)
     targets = boxes[torch.randperm(400, generator=generator)] + torch.randn(400, 4, generator=generator)
     targets = torch.cat([targets[:, :2], torch.maximum(targets[:, 2:], targets[:, :2])], 1)
+    for k in range(4):  # a coordinate shared: min and max split its gradient, summed in torchvision's order
+        targets[100 * k:100 * k + 50, k] = boxes[100 * k:100 * k + 50, k]
+    centres = torch.rand(200, 2, generator=generator) * 100  # decoded like FCOS, some distances exactly 0
+    reach = [torch.relu(torch.randn(200, 4, generator=generator)) * 10 for _ in range(2)]
+    boxes = torch.cat([boxes, torch.cat([centres - reach[0][:, :2], centres + reach[0][:, 2:]], 1)])
+    targets = torch.cat([targets, torch.cat([centres - reach[1][:, :2], centres + reach[1][:, 2:]], 1)])
     special = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10],    # identical
                             [0, 0, 10, 10], [10, 0, 20, 10],     # touching: no overlap
                             [0, 0, 10, 10], [2, 2, 5, 5],        # nested

@@ -111,18 +111,26 @@ def padded_targets(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return F.pad(boxes, (0, 0, 0, 1)), F.pad(labels, (0, 1), value=-1)
 
 
-def giou_loss(boxes: torch.Tensor, targets: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """1 - generalized IoU (Rezatofighi et al., CVPR 2019) of each row's xyxy boxes, (..., 4) ->
-    (...): torchvision's `generalized_box_iou_loss(reduction="none")`, with the intersection kept
-    where the boxes overlap by `torch.where` instead of boolean selections, each of which waits for
-    a GPU. Bit-equal to torchvision's on the CPU (`tests/test_detection.py`)."""
-    boxes, targets = (b if b.dtype in (torch.float32, torch.float64) else b.float() for b in (boxes, targets))
+def _intersection_union(boxes: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x1, y1, x2, y2 = boxes.unbind(-1)
     x1g, y1g, x2g, y2g = targets.unbind(-1)
     left, top, right, bottom = torch.max(x1, x1g), torch.max(y1, y1g), torch.min(x2, x2g), torch.min(y2, y2g)
     overlap = (bottom > top) & (right > left)
     intersection = torch.where(overlap, (right - left) * (bottom - top), 0.0)
-    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intersection
+    return intersection, (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intersection
+
+
+def giou_loss(boxes: torch.Tensor, targets: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - generalized IoU (Rezatofighi et al., CVPR 2019) of each row's xyxy boxes, (..., 4) ->
+    (...): torchvision's `generalized_box_iou_loss(reduction="none")`, with the intersection kept
+    where the boxes overlap by `torch.where` instead of boolean selections, each of which waits for
+    a GPU. Bit-equal to torchvision's on the CPU, gradients included (`tests/test_detection.py`):
+    the coordinates are unpacked twice, as torchvision does, so that a coordinate's gradient parts
+    are added in the same order."""
+    boxes, targets = (b if b.dtype in (torch.float32, torch.float64) else b.float() for b in (boxes, targets))
+    intersection, union = _intersection_union(boxes, targets)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    x1g, y1g, x2g, y2g = targets.unbind(-1)
     enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
     return 1 - (intersection / (union + eps) - (enclosing - union) / (enclosing + eps))
 
@@ -174,7 +182,7 @@ class GlobalCountFCOSHead(FCOSHead):
             2, gt_classes.clamp(min=0)[..., None], positive[..., None].to(cls_logits.dtype))
         pred_boxes = self.box_coder.decode(head_outputs["bbox_regression"], anchors)
         distances = self.box_coder.encode(anchors, gt_boxes)
-        left_right, top_bottom = distances[..., [0, 2]], distances[..., [1, 3]]
+        left_right, top_bottom = distances[..., 0::2], distances[..., 1::2]  # views: a list index copies to the device
         ctr_targets = torch.sqrt((left_right.amin(-1) / left_right.amax(-1)) * (top_bottom.amin(-1) / top_bottom.amax(-1)))
         sums = {"classification": sigmoid_focal_loss(cls_logits, cls_targets, reduction="sum"),
                 "bbox_regression": giou_loss(pred_boxes[positive], gt_boxes[positive]).sum(),
@@ -201,6 +209,13 @@ class DenseFCOS(FCOS):
     `image_sizes` and the FPN maps `features` (for feature distillation). Images are
     (B, 3, S, S) floats in [0, 1], already S x S (no resizing). Its parameters and state_dict keys are FCOS's."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # torchvision's normalize builds mean and std from Python lists at every forward: a copy to
+        # the device that waits for it; as buffers they move with the network (not in its state_dict)
+        for name, values in (("pixel_mean", self.transform.image_mean), ("pixel_std", self.transform.image_std)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float64)[:, None, None], persistent=False)
+
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         """FCOS's losses with the batch's targets assigned in one pass (`fcos_matches`)."""
         anchors, padded = torch.stack(list(anchors)), padded_targets(targets)
@@ -208,7 +223,9 @@ class DenseFCOS(FCOS):
         return self.head.compute_loss(targets, head_outputs, anchors, matched, padded)
 
     def forward(self, images):
-        images = self.transform.normalize(images)
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floats in [0, 1], got {images.dtype}")
+        images = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)  # torchvision's normalize
         features = list(self.backbone(images).values())
         head = self.head(features)
         image_list = ImageList(images, [tuple(images.shape[-2:])] * len(images))
