@@ -87,20 +87,23 @@ def host_waits(task, cfg, size, n, device) -> str:
         return "n/a on CPU (bench/step_ops.py counts what a CPU sees)"
     import warnings
 
-    cohort = Cohort.build(cfg, device, task=task)
-    batch = _batch(task, size, n, device)
-    cohort_step(cohort, batch, task)
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:  # a row that fails says so; the rows after it still run
+        try:  # a row that fails (out of memory, say) says so; the rows after it still run
+            cohort = Cohort.build(cfg, device, task=task)
+            batch = _batch(task, size, n, device)
+            cohort_step(cohort, batch, task)
+            torch.cuda.synchronize(device)
+            caught.clear()
             torch.cuda.set_sync_debug_mode("warn")
             cohort_step(cohort, batch, task, 1)
         except Exception as err:  # noqa: BLE001
             return f"failed ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    del cohort
-    torch.cuda.empty_cache()
+            torch.cuda.set_sync_debug_mode(before)
+            cohort = batch = None
+            torch.cuda.empty_cache()
     return str(sum("synchroniz" in str(w.message) for w in caught))
 
 

@@ -9,7 +9,7 @@ read back (`.item()`), a boolean-mask selection, and the operations whose output
 the data (`nonzero`, `masked_select`, `unique`, `repeat_interleave`). What a CPU dispatches
 nothing for is not seen: `.tolist()`, and a Python list or scalar copied to the device (an index
 `x[..., [0, 2]]`, `torch.tensor(values, device=...)`); on a GPU,
-`torch.cuda.set_sync_debug_mode("warn")` names every wait. The synthetic frames' boxes depend on
+`torch.cuda.set_sync_debug_mode("warn")` names most waits (the GPU check counts them). The synthetic frames' boxes depend on
 the frame size, so the counts of code that loops over boxes do too: compare counts at one size.
 Parts: the detection loss (FCOS's targets and losses), the distillation terms forward, the
 optimizer step, and the rest (the networks' forwards and every backward). Writes

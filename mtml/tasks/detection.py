@@ -228,7 +228,7 @@ class DetectionTask:
 
     def to_device(self, batch, device):
         return {"image": batch["image"].to(device, non_blocking=True), "index": batch["index"],
-                "targets": [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]}
+                "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]}
 
     # training -----------------------------------------------------------------------------
     def outputs(self, model, batch):

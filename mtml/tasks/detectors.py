@@ -212,9 +212,10 @@ class DenseFCOS(FCOS):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # torchvision's normalize builds mean and std from Python lists at every forward: a copy to
-        # the device that waits for it; as buffers they move with the network (not in its state_dict)
+        # the device that waits for it. As float32 buffers (the kit's images are float32) they move
+        # with the network, outside its state_dict, and are the constants used from here on.
         for name, values in (("pixel_mean", self.transform.image_mean), ("pixel_std", self.transform.image_std)):
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float64)[:, None, None], persistent=False)
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32)[:, None, None], persistent=False)
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         """FCOS's losses with the batch's targets assigned in one pass (`fcos_matches`)."""

@@ -544,16 +544,16 @@ def flip_augment(batch, p: float = 0.5, generator: torch.Generator | None = None
     torch's global RNG when None: frame by frame, horizontal then vertical (the draws of every run so far)."""
     images = batch["image"]
     height, width = images.shape[-2:]
-    flips = torch.rand(len(images), 2, generator=generator) < p  # on the CPU: no device sync
-    horizontal, vertical = (f.to(images.device)[:, None, None, None] for f in flips.unbind(1))
+    flips = torch.rand(len(images), 2, generator=generator) < p  # drawn on the CPU, read there
+    horizontal, vertical = (f.to(images.device, non_blocking=True)[:, None, None, None] for f in flips.unbind(1))
     images = torch.where(horizontal, images.flip(-1), images)
     images = torch.where(vertical, images.flip(-2), images)
     targets = []
     for t, (h, v) in zip(batch["targets"], flips.tolist()):
-        b = t["boxes"].clone()
+        b = t["boxes"].clone()  # slices, not list indices (a list index is copied to the device)
         if h:
-            b[:, [0, 2]] = width - b[:, [2, 0]]
+            b[:, 0::2] = width - b[:, 0::2].flip(-1)
         if v:
-            b[:, [1, 3]] = height - b[:, [3, 1]]
+            b[:, 1::2] = height - b[:, 1::2].flip(-1)
         targets.append({**t, "boxes": b})
     return {**batch, "image": images, "targets": targets}
