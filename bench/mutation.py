@@ -38,6 +38,10 @@ MODULES = {
     "stats": ("mtml/runs/stats.py", ["tests/test_stats.py", "tests/test_report.py"], None),
     "detection_eval": ("mtml/tasks/detection_eval.py", ["tests/test_detection.py", "tests/test_stats.py"],
                        ["_coco_iou", "ranked_matches", "Matches.flags", "average_precision", "map50", "detection_metrics"]),
+    "detectors": ("mtml/tasks/detectors.py", ["tests/test_detection.py", "tests/test_dense_distill.py", "-k",
+                                              "batched or giou or ddp or foreground"],
+                  ["padded_targets", "_intersection_union", "giou_loss", "fcos_matches",
+                   "GlobalCountFCOSHead.compute_loss", "DenseFCOS.compute_loss"]),
     # the smoke studies in test_study.py take minutes each: -k leaves them out
     "study": ("mtml/runs/study.py", ["tests/test_study.py", "tests/test_task_registry.py", "-k", "not smoke and not regenerates"],
               ["study_runs", "Study.planned", "done_hashes", "adopt"]),

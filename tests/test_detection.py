@@ -476,9 +476,10 @@ def torchvision_fcos_losses(detector, targets, out):
 def random_targets(generator, frames, size, most_boxes, on_grid, classes=2):
     """Boxes and labels (in [0, classes)) per frame, some frames without any; `on_grid`: corners on
     multiples of 4 pixels, so that location centres (multiples of the stride) fall exactly on edges
-    and scale bounds; every third frame repeats a box (a tie of areas, broken by the first box), and
+    and scale bounds; every third frame repeats a box (a tie of areas, broken by the first box),
     every other third shrinks a copy a little (areas a few px^2 apart, equal once 1e8 - area is a
-    float32, so torchvision takes the first, larger box)."""
+    float32, so torchvision takes the first, larger box), and on the grid the last third has a 1 px
+    box around a location centre."""
     targets = []
     for i in range(frames):
         k = int(torch.randint(0, most_boxes + 1, (1,), generator=generator))
@@ -493,6 +494,8 @@ def random_targets(generator, frames, size, most_boxes, on_grid, classes=2):
             boxes[1] = boxes[0]
         if k >= 2 and i % 3 == 1:
             boxes[1] = boxes[0] - torch.tensor([0.0, 0.0, 0.01, 0.01])  # smaller, but second
+        if k >= 1 and on_grid and i % 3 == 2:  # 1 px around a location centre: learnt by the first level only
+            boxes[0] = torch.tensor([-0.5, -0.5, 0.5, 0.5]) + 8 * torch.randint(1, size // 8, (1,), generator=generator)
         targets.append({"boxes": boxes, "labels": torch.randint(0, classes, (k,), generator=generator)})
     return targets
 
@@ -523,6 +526,8 @@ def test_batched_fcos_targets_and_losses_equal_torchvisions_loop(levels, size, o
         for a, b in zip(torch.autograd.grad(sum(got.values()), maps, retain_graph=True),
                         torch.autograd.grad(sum(expected.values()), maps)):
             assert torch.equal(a, b), trial
+        as_torchvision_calls = detector.head.compute_loss(targets, out, list(out["anchors"]), list(matched))
+        assert all(torch.equal(as_torchvision_calls[k], expected[k]) for k in expected)
         positives += int((matched >= 0).sum())
     assert positives > 100  # the comparison saw many positive locations, not only background
 
@@ -643,5 +648,7 @@ def test_giou_loss_equals_torchvisions_without_boolean_selections():
                         torch.autograd.grad((weights * theirs).sum(), [a, b])):
             assert torch.equal(x, y)
     assert (giou_loss(boxes, targets)[-5:] - torch.tensor([0.0, 1.0, 1 - 9 / 100, 1 + (1600 - 200) / 1600, 1.0])).abs().max() < 1e-6
+    stacked = giou_loss(boxes[:400].reshape(4, 100, 4), targets[:400].reshape(4, 100, 4))  # (..., 4) rows
+    assert torch.equal(stacked, giou_loss(boxes[:400], targets[:400]).reshape(4, 100))
     as_int = boxes.round().to(torch.int64)
     assert torch.equal(giou_loss(as_int, as_int), generalized_box_iou_loss(as_int, as_int, reduction="none"))
