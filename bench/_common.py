@@ -1,10 +1,12 @@
-"""Shared helpers of the bench scripts: thread setting, timing, markdown tables and results."""
+"""Shared helpers of the bench scripts: thread setting, timing, markdown tables and results, and
+functions replaced by measuring wrappers for one run."""
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,3 +69,27 @@ def save(name: str, title: str, notes: str, rows: list[dict]) -> str:
     section = f"## {title}\n\n{notes}\n\n{markdown(rows) if rows else '(no rows)'}\n"
     print(section, flush=True)
     return section
+
+
+def write_result(text: str, out: Path) -> None:
+    """Writes one bench result (markdown) to `out` and prints it with where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text + f"\nwritten to {out}")
+
+
+@contextmanager
+def replaced(patches):
+    """Inside: each (owner, name, replacement) of `patches` set; after: the originals back (one the
+    owner only inherited, from its class or a base class, is deleted again)."""
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+from _common import replaced, write_result  # noqa: E402
 from mtml.runs import study as study_mod  # noqa: E402
 
 
@@ -47,8 +48,8 @@ class Clocks:
     def __init__(self):
         self.seconds, self._depth = {}, {}
 
-    def wrap(self, owner, name: str, part: str) -> None:
-        inner = getattr(owner, name)
+    def timed(self, inner, part: str):
+        """`inner` with its time added to `part`."""
         self.seconds.setdefault(part, 0.0)
 
         def timed(*args, **kwargs):
@@ -63,7 +64,7 @@ class Clocks:
                     sync()
                     self.seconds[part] += time.perf_counter() - start
 
-        setattr(owner, name, timed)
+        return timed
 
 
 def clocked_run(study, params: dict, threads: int) -> dict:
@@ -73,23 +74,14 @@ def clocked_run(study, params: dict, threads: int) -> dict:
     from mtml.tasks import task_class as registered
     from mtml.tasks.detectors import DenseFCOS
 
-    clocks, wrapped = Clocks(), []
-    task_class = registered(study.task)
-    for owner, name, part in [(study_mod, "_train_and_record", "total"), (experiment, "run_cohort", "run_cohort"),
-                              (loop, "fit", "fit"), (experiment, "fit", "fit"), (loop, "cohort_step", "steps"),
-                              (loop, "_epoch_row", "epoch rows"), (DenseFCOS, "compute_loss", "targets"),
-                              (task_class, "distill_loss", "distill"), (task_class, "study_record", "extras")]:
-        if hasattr(owner, name):
-            wrapped.append((owner, name, owner.__dict__.get(name)))  # None: inherited
-            clocks.wrap(owner, name, part)
-    try:
+    clocks, task_class = Clocks(), registered(study.task)
+    parts = [(study_mod, "_train_and_record", "total"), (experiment, "run_cohort", "run_cohort"),
+             (loop, "fit", "fit"), (experiment, "fit", "fit"), (loop, "cohort_step", "steps"),
+             (loop, "_epoch_row", "epoch rows"), (DenseFCOS, "compute_loss", "targets"),
+             (task_class, "distill_loss", "distill"), (task_class, "study_record", "extras")]
+    with replaced([(owner, name, clocks.timed(getattr(owner, name), part))
+                   for owner, name, part in parts if hasattr(owner, name)]):
         study_mod.run_one(study, params, threads=threads)
-    finally:
-        for owner, name, original in reversed(wrapped):
-            if original is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
     return clocks.seconds
 
 
@@ -134,10 +126,7 @@ def main(argv=None) -> int:
     text = "\n".join(["# where one run's time goes (bench/profile_run.py)", "", what, "",
                       "| part | seconds | share |", "|---|---|---|", *rows, "",
                       f"not training (everything but the steps): {100 * (1 - split['steps'] / split['total']):.0f}%", ""])
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"profile_{study.name}_{args.mode}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text + f"\nwritten to {out}")
+    write_result(text, Path(args.out) if args.out else REPO / "bench" / "results" / f"profile_{study.name}_{args.mode}.md")
     return 0
 
 

@@ -22,9 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
+from _common import replaced, write_result  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 OTHER = "networks' forwards and every backward"
@@ -60,10 +61,8 @@ class CountOps(TorchDispatchMode):
         self.waits[self.part[-1]] += waits(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
-    def within(self, owner, name: str, part: str) -> None:
-        """Counts what `owner.name` dispatches as `part` (until `restore`)."""
-        inner = getattr(owner, name)
-
+    def counted(self, inner, part: str):
+        """`inner` with what it dispatches counted as `part`."""
         def counted(*args, **kwargs):
             self.part.append(part)
             try:
@@ -71,7 +70,7 @@ class CountOps(TorchDispatchMode):
             finally:
                 self.part.pop()
 
-        setattr(owner, name, counted)
+        return counted
 
 
 def count_step(version: str, mode: str, size: int, batch_size: int, n_students: int = 2) -> tuple[Counter, Counter]:
@@ -88,20 +87,11 @@ def count_step(version: str, mode: str, size: int, batch_size: int, n_students: 
     frames = make_synthetic_polyps(batch_size, size=size, seed=0)
     batch = task.collate([frames[i] for i in range(batch_size)])
     cohort_step(cohort, batch, task, 0)
-    counter, saved = CountOps(), []
+    counter = CountOps()
     owners = [(getattr(importlib.import_module(f"mtml.{module}"), cls), name, part) for module, cls, name, part in PARTS]
-    for owner, name, part in [*owners, (cohort.optimizer, "step", "optimizer step")]:
-        saved.append((owner, name, owner.__dict__.get(name)))
-        counter.within(owner, name, part)
-    try:
-        with counter:
-            cohort_step(cohort, batch, task, 1)
-    finally:
-        for owner, name, original in reversed(saved):
-            if original is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+    with replaced([(owner, name, counter.counted(getattr(owner, name), part))
+                   for owner, name, part in [*owners, (cohort.optimizer, "step", "optimizer step")]]), counter:
+        cohort_step(cohort, batch, task, 1)
     return counter.ops, counter.waits
 
 
@@ -120,10 +110,7 @@ def main(argv=None) -> int:
                       f"{args.size} px (bench/step_ops.py)", "", f"torch {torch.__version__}", "",
                       "| part | ATen operations | waits for the device |", "|---|---|---|", *rows,
                       f"| total | {sum(ops.values())} | {sum(waited.values())} |", ""])
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"step_ops_{args.version}_{args.mode}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text + f"\nwritten to {out}")
+    write_result(text, Path(args.out) if args.out else REPO / "bench" / "results" / f"step_ops_{args.version}_{args.mode}.md")
     return 0
 
 

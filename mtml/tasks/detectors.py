@@ -188,13 +188,15 @@ class GlobalCountFCOSHead(FCOSHead):
                 "bbox_regression": giou_loss(pred_boxes[positive], gt_boxes[positive]).sum(),
                 "bbox_ctrness": F.binary_cross_entropy_with_logits(head_outputs["bbox_ctrness"].squeeze(2)[positive],
                                                                    ctr_targets[positive], reduction="sum")}
-        count = positive.sum().clamp(min=1)
+        count = positive.sum()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            total = positive.sum().float().reshape(1)
+            total = count.float().reshape(1)
             dist.all_reduce(total)
-            count = total[0].clamp(min=1) / dist.get_world_size()
-        return {k: v / count for k, v in sums.items()}
+            normaliser = total[0].clamp(min=1) / dist.get_world_size()
+        else:
+            normaliser = count.clamp(min=1)
+        return {k: v / normaliser for k, v in sums.items()}
 
 
 def is_detector(model: nn.Module) -> bool:
